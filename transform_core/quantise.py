@@ -1,0 +1,621 @@
+"""Rounding, quantisation and dropout transforms: pure tensor functions.
+
+Every function here takes a tensor and returns a new tensor of the same shape; none has
+state, touches a module or does I/O. Randomness comes in through an optional keyword-only
+``generator`` (a :class:`torch.Generator` on the tensor's device), so results can be
+reproduced from a seed.
+
+Gradients are straight-through: rounding is treated as the identity in the backward pass,
+and only the affine rescaling from the input to the output space scales the gradient
+(``output_quantum / input_quantum``, which is 1 when the output range is the input range).
+:func:`dropout` passes the gradient through its mask.
+
+Levels and ranges follow the reference API:
+
+- ``num_levels`` equally spaced levels span the output range.
+- The input range defaults to the data's range, or to ``max|x| * [-1, 1]`` when
+  ``maintain_zero`` is true. The output range defaults to the input range.
+- An explicit ``input_range`` or ``output_range`` is used as given.
+
+Where the reference misbehaves, these functions define the result instead:
+
+- Ranges are computed over finite values only. ``NaN`` stays ``NaN`` where it was, and
+  ``-inf``/``+inf`` map to the ends of the output range.
+- Values outside an explicit input range saturate at the ends of the output range.
+- A zero-width input range (an all-zero tensor, or a constant one with
+  ``maintain_zero=False``) gives finite values: with the default output range the values
+  are returned unchanged (zeros stay zeros, a constant stays itself); with an explicit
+  output range they map to its level nearest zero (``maintain_zero``) or to its start.
+- Integer tensors are promoted to the default floating-point dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "class_calc_q_decay",
+    "deterministic_rounding",
+    "dropout",
+    "identity",
+    "int_quant",
+    "make_backward_passthrough",
+    "stochastic_channel_rounding",
+    "stochastic_rounding",
+    "t_decay",
+]
+
+Range = Sequence[float] | Tensor
+Bound = float | Tensor
+
+
+# --------------------------------------------------------------------------------------
+# Straight-through gradients
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward computes ``compute(value)``; backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, value: Tensor, compute: Callable[[Tensor], Tensor], scale: Bound | None
+    ) -> Tensor:
+        ctx.scale = scale
+        return compute(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        scale = ctx.scale
+        grad = grad_output if scale is None else grad_output * scale
+        return grad, None, None
+
+
+def _straight_through(
+    value: Tensor, compute: Callable[[Tensor], Tensor], scale: Bound | None = None
+) -> Tensor:
+    """Run ``compute`` without recording a graph, passing the gradient straight through."""
+    if value.requires_grad and torch.is_grad_enabled():
+        out = _StraightThrough.apply(value, compute, scale)  # type: ignore[no-untyped-call]
+        if out.shape != value.shape:
+            raise ValueError(
+                f"a straight-through function must keep the shape: got {tuple(value.shape)} "
+                f"in and {tuple(out.shape)} out"
+            )
+        return out  # type: ignore[no-any-return]
+    with torch.no_grad():
+        return compute(value)
+
+
+def make_backward_passthrough(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Wrap ``function`` so that its forward pass is unchanged and its backward pass is the identity.
+
+    The wrapped function takes the tensor to transform first; any further positional or
+    keyword arguments are passed on unchanged and receive no gradient.
+
+    Args:
+        function: ``f(x, *args, **kwargs) -> y`` with ``y`` shaped like ``x``.
+
+    Returns:
+        A function computing ``f`` whose gradient with respect to ``x`` is passed through.
+
+    Raises:
+        ValueError: If ``f`` changes the shape of a tensor that needs a gradient.
+
+    Example:
+        >>> floor = make_backward_passthrough(torch.floor)
+        >>> x = torch.tensor([0.4, 1.7], requires_grad=True)
+        >>> floor(x).sum().backward()
+        >>> x.grad
+        tensor([1., 1.])
+    """
+
+    @functools.wraps(function)
+    def passthrough(value: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return _straight_through(value, lambda v: function(v, *args, **kwargs))
+
+    return passthrough
+
+
+def identity(value: Tensor) -> Tensor:
+    """Return ``value`` unchanged: the transform that does nothing.
+
+    Example:
+        >>> identity(torch.tensor([0.3]))
+        tensor([0.3000])
+    """
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks and ranges
+
+
+def _check_num_levels(num_levels: Any, name: str = "num_levels") -> int:
+    if isinstance(num_levels, bool) or not isinstance(num_levels, int):
+        if isinstance(num_levels, float) and num_levels.is_integer():
+            return _check_num_levels(int(num_levels), name)
+        raise ValueError(f"{name} must be an integer >= 2, got {num_levels!r}")
+    if num_levels < 2:
+        raise ValueError(f"{name} must be an integer >= 2, got {num_levels}")
+    return num_levels
+
+
+def _check_range(bounds: Range | None, name: str) -> tuple[Bound, Bound] | None:
+    """Validate a ``[min, max]`` pair; tensors are checked only when that needs no device sync."""
+    if bounds is None:
+        return None
+    if isinstance(bounds, Tensor):
+        if bounds.numel() != 2:
+            raise ValueError(f"{name} must be [min, max], got a tensor of {bounds.numel()} values")
+        lo_t, hi_t = bounds.reshape(2)[0], bounds.reshape(2)[1]
+        if bounds.device.type == "cpu" and not bool(torch.isfinite(bounds).all() and lo_t <= hi_t):
+            raise ValueError(
+                f"{name} must be finite [min, max] with min <= max, got {bounds.tolist()}"
+            )
+        return lo_t, hi_t
+    if isinstance(bounds, (str, bytes)) or len(bounds) != 2:
+        raise ValueError(f"{name} must be a pair [min, max], got {bounds!r}")
+    lo, hi = bounds
+    pair: list[Bound] = []
+    for bound in (lo, hi):
+        if isinstance(bound, Tensor):
+            pair.append(bound)
+            continue
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+            raise ValueError(f"{name} must hold two numbers, got {bounds!r}")
+        if not math.isfinite(bound):
+            raise ValueError(f"{name} must be finite, got {bounds!r}")
+        pair.append(float(bound))
+    if not any(isinstance(b, Tensor) for b in pair) and pair[0] > pair[1]:
+        raise ValueError(
+            f"{name} is reversed: got [{lo}, {hi}]; give it as [min, max], e.g. [{hi}, {lo}]"
+        )
+    return pair[0], pair[1]
+
+
+def _as_float(value: Tensor) -> Tensor:
+    return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+
+
+def _finite_range(
+    value: Tensor, maintain_zero: bool, reduce_dims: tuple[int, ...] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The data's range over finite values, over all elements or over ``reduce_dims``.
+
+    With ``maintain_zero`` the range is symmetric: ``max|x| * [-1, 1]``. A slice with no
+    finite value gets the range ``[0, 0]``.
+    """
+    dims = reduce_dims if reduce_dims is not None else tuple(range(value.dim()))
+    keep = reduce_dims is not None
+    if maintain_zero:
+        peak = value.abs().amax(dim=dims, keepdim=keep) if value.dim() else value.abs()
+        if not bool(torch.isfinite(peak).all()):
+            masked = torch.where(torch.isfinite(value), value.abs(), 0.0)
+            peak = masked.amax(dim=dims, keepdim=keep) if value.dim() else masked
+        return -peak, peak
+    if value.dim() == 0:
+        lo = hi = value
+    elif reduce_dims is None:
+        lo, hi = torch.aminmax(value)
+    else:
+        lo, hi = value.amin(dim=dims, keepdim=True), value.amax(dim=dims, keepdim=True)
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        finite = torch.isfinite(value)
+        inf = torch.tensor(math.inf, dtype=value.dtype, device=value.device)
+        lo = torch.where(finite, value, inf).amin(dim=dims, keepdim=keep)
+        hi = torch.where(finite, value, -inf).amax(dim=dims, keepdim=keep)
+        empty = ~torch.isfinite(lo)
+        lo = torch.where(empty, 0.0, lo)
+        hi = torch.where(empty, 0.0, hi)
+    return lo, hi
+
+
+class _Plan:
+    """Everything needed to map values to level indices and back, for one call."""
+
+    def __init__(
+        self,
+        in_lo: Bound,
+        in_hi: Bound,
+        out_lo: Bound,
+        out_hi: Bound,
+        num_levels: int,
+        default_output: bool,
+        maintain_zero: bool,
+    ) -> None:
+        steps = num_levels - 1
+        in_width = in_hi - in_lo
+        out_width = out_hi - out_lo
+        self.top = float(steps)
+        self.out_lo = out_lo
+        self.out_quantum = out_width / steps
+        degenerate: Tensor | bool
+        safe_quantum: Bound
+        if isinstance(in_width, Tensor):
+            degenerate = in_width <= 0
+            safe_quantum = torch.where(degenerate, torch.ones_like(in_width), in_width / steps)
+        else:
+            degenerate = in_width <= 0
+            safe_quantum = 1.0 if degenerate else in_width / steps
+        self.degenerate = degenerate
+        self.in_lo = in_lo
+        self.in_quantum = safe_quantum
+        # The level a zero-width input maps to: the one nearest zero when zero is kept.
+        self.fallback_level: Bound = 0.0
+        if maintain_zero and not default_output:
+            self.fallback_level = _nearest_level_to_zero(out_lo, self.out_quantum, steps)
+        self.default_output = default_output
+
+    @property
+    def scale(self) -> Bound:
+        """d(output)/d(input) of the affine map, used as the straight-through gradient."""
+        return self.out_quantum / self.in_quantum
+
+    def levels(self, value: Tensor) -> Tensor:
+        return (value - self.in_lo) / self.in_quantum
+
+    def finish(self, value: Tensor, levels: Tensor) -> Tensor:
+        """Saturate level indices, map them to the output space, and handle edge cases."""
+        levels = levels.clamp_(0.0, self.top)  # NaN stays NaN; +-inf saturate
+        out = levels.mul_(self.out_quantum).add_(self.out_lo)
+        if isinstance(self.degenerate, bool):
+            if not self.degenerate:
+                return out
+            if self.default_output:
+                return value.clone()
+            return torch.where(
+                torch.isnan(value), value, self.fallback_level * self.out_quantum + self.out_lo
+            ).to(value.dtype)
+        if not bool(self.degenerate.any()):
+            return out
+        replacement = (
+            value
+            if self.default_output
+            else torch.where(
+                torch.isnan(value), value, self.fallback_level * self.out_quantum + self.out_lo
+            )
+        )
+        return torch.where(self.degenerate, replacement, out)
+
+
+def _nearest_level_to_zero(out_lo: Bound, out_quantum: Bound, steps: int) -> Bound:
+    if isinstance(out_lo, Tensor) or isinstance(out_quantum, Tensor):
+        quantum = torch.as_tensor(out_quantum)
+        level = torch.where(quantum > 0, torch.round(-out_lo / quantum), torch.zeros_like(quantum))
+        return level.clamp(0, steps)
+    if out_quantum <= 0:
+        return 0.0
+    return float(min(max(round(-out_lo / out_quantum), 0), steps))
+
+
+def _plan(
+    value: Tensor,
+    input_range: Range | None,
+    output_range: Range | None,
+    num_levels: Any,
+    maintain_zero: bool,
+) -> _Plan:
+    levels = _check_num_levels(num_levels)
+    given_in = _check_range(input_range, "input_range")
+    given_out = _check_range(output_range, "output_range")
+    in_lo, in_hi = given_in if given_in is not None else _finite_range(value, maintain_zero)
+    out_lo, out_hi = given_out if given_out is not None else (in_lo, in_hi)
+    return _Plan(in_lo, in_hi, out_lo, out_hi, levels, given_out is None, maintain_zero)
+
+
+# --------------------------------------------------------------------------------------
+# Rounding transforms
+
+
+def stochastic_rounding(
+    value: Tensor,
+    input_range: Range | None = None,
+    output_range: Range | None = None,
+    num_levels: int = 256,
+    maintain_zero: bool = True,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Round each value stochastically to one of its two neighbouring levels.
+
+    A value a fraction ``f`` of the way from level ``k`` to level ``k + 1`` rounds up with
+    probability ``f`` and down with probability ``1 - f``, so the rounding is unbiased:
+    the mean over many draws approaches the (rescaled) input.
+
+    Args:
+        value: Values to round.
+        input_range: ``[min, max]`` of the input space; by default the data's range
+            (``max|x| * [-1, 1]`` when ``maintain_zero``).
+        output_range: ``[min, max]`` of the output space; by default the input range.
+        num_levels: Number of equally spaced output levels (at least 2).
+        maintain_zero: Make the default input range symmetric, so that zero stays zero
+            when ``num_levels`` is odd.
+        generator: Source of the random numbers, on ``value``'s device.
+
+    Returns:
+        A new floating-point tensor shaped like ``value``.
+
+    Raises:
+        ValueError: For ``num_levels < 2`` or non-integer, or a malformed or reversed range.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> stochastic_rounding(torch.tensor([-1., 0., 1.]), num_levels=3, generator=g)
+        tensor([-1.,  0.,  1.])
+    """
+    value = _as_float(value)
+    plan = _plan(value, input_range, output_range, num_levels, maintain_zero)
+
+    def compute(x: Tensor) -> Tensor:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return plan.finish(x, noise.add_(plan.levels(x)).floor_())
+
+    return _straight_through(value, compute, plan.scale)
+
+
+def deterministic_rounding(
+    value: Tensor,
+    input_range: Range | None = None,
+    output_range: Range | None = None,
+    num_levels: int = 256,
+    maintain_zero: bool = True,
+) -> Tensor:
+    """Round each value to its nearest level (ties to the even level index, as ``torch.round``).
+
+    Args:
+        value: Values to round.
+        input_range: ``[min, max]`` of the input space; by default the data's range
+            (``max|x| * [-1, 1]`` when ``maintain_zero``).
+        output_range: ``[min, max]`` of the output space; by default the input range.
+        num_levels: Number of equally spaced output levels (at least 2).
+        maintain_zero: Make the default input range symmetric, so that zero stays zero
+            when ``num_levels`` is odd.
+
+    Returns:
+        A new floating-point tensor shaped like ``value``.
+
+    Raises:
+        ValueError: For ``num_levels < 2`` or non-integer, or a malformed or reversed range.
+
+    Example:
+        >>> deterministic_rounding(torch.tensor([-1., -0.5, 0., 0.5, 1.]), num_levels=3)
+        tensor([-1., -1.,  0.,  1.,  1.])
+        >>> deterministic_rounding(torch.tensor([0.2, 0.7]), input_range=[0., 1.],
+        ...                        output_range=[0., 10.], num_levels=11)
+        tensor([2., 7.])
+    """
+    value = _as_float(value)
+    plan = _plan(value, input_range, output_range, num_levels, maintain_zero)
+
+    def compute(x: Tensor) -> Tensor:
+        return plan.finish(x, plan.levels(x).round_())
+
+    return _straight_through(value, compute, plan.scale)
+
+
+def stochastic_channel_rounding(
+    value: Tensor,
+    output_range: Range,
+    num_levels: int = 256,
+    maintain_zero: bool = True,
+    *,
+    dim: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Stochastic rounding with the input range computed for each channel separately.
+
+    A channel is a slice along ``dim`` (by default dim 1, the columns of a matrix). Each
+    channel's input range is its own data range (``max|x| * [-1, 1]`` when
+    ``maintain_zero``); all channels map to the same ``output_range``.
+
+    Args:
+        value: A tensor of 2 or more dimensions.
+        output_range: ``[min, max]`` of the output space.
+        num_levels: Number of equally spaced output levels (at least 2).
+        maintain_zero: Make each channel's input range symmetric. The output range should
+            be symmetric too for zero to map to zero.
+        dim: The channel dimension.
+        generator: Source of the random numbers, on ``value``'s device.
+
+    Returns:
+        A new floating-point tensor shaped like ``value``.
+
+    Raises:
+        ValueError: For fewer than 2 dimensions, a bad ``dim``, ``num_levels`` or range.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 10.0], [-1.0, -10.0]])
+        >>> stochastic_channel_rounding(w, output_range=[-1, 1], num_levels=3)
+        tensor([[ 1.,  1.],
+                [-1., -1.]])
+    """
+    value = _as_float(value)
+    if value.dim() < 2:
+        raise ValueError(
+            f"stochastic_channel_rounding needs a tensor of 2 or more dimensions, got shape "
+            f"{tuple(value.shape)}; use stochastic_rounding for vectors"
+        )
+    if not -value.dim() <= dim < value.dim():
+        raise ValueError(f"dim must be in [{-value.dim()}, {value.dim() - 1}], got {dim}")
+    levels = _check_num_levels(num_levels)
+    checked = _check_range(output_range, "output_range")
+    if checked is None:
+        raise ValueError("output_range is required, as [min, max]")
+    out_lo, out_hi = checked
+    channel = dim % value.dim()
+    others = tuple(d for d in range(value.dim()) if d != channel)
+    in_lo, in_hi = _finite_range(value, maintain_zero, others)
+    plan = _Plan(in_lo, in_hi, out_lo, out_hi, levels, False, maintain_zero)
+
+    def compute(x: Tensor) -> Tensor:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return plan.finish(x, noise.add_(plan.levels(x)).floor_())
+
+    return _straight_through(value, compute, plan.scale)
+
+
+def int_quant(
+    value: Tensor,
+    maintain_zero: bool = True,
+    map_to_max: bool = False,
+    n_bits: int = 8,
+    max_n_bits: int = 8,
+) -> Tensor:
+    """Scale values so that the largest magnitude becomes ``2**(n_bits-1) - 1``, then round.
+
+    The result holds signed integers (as floats) in ``[-(2**(n_bits-1) - 1), 2**(n_bits-1) - 1]``.
+    With ``map_to_max``, those integers are then spread over the larger range of
+    ``max_n_bits`` bits. Without ``maintain_zero``, the data are first centred on the
+    midpoint of their range, so that they use the whole integer range. An all-zero tensor
+    stays zero. The gradient is the scale factor (straight through the rounding).
+
+    Args:
+        value: Values to quantise.
+        maintain_zero: Keep zero at zero (no centring).
+        map_to_max: Stretch the ``n_bits`` integers to the extremes of ``max_n_bits`` bits.
+        n_bits: Bit depth that sets the largest integer, at least 2.
+        max_n_bits: Bit depth used by ``map_to_max``, at least 2.
+
+    Returns:
+        A new floating-point tensor of integer values.
+
+    Raises:
+        ValueError: If ``n_bits`` or ``max_n_bits`` is not an integer >= 2.
+
+    Example:
+        >>> x = torch.tensor([-1., -0.5, -0.25, 0., 0.25, 0.5, 1.])
+        >>> int_quant(x, n_bits=3)
+        tensor([-3., -2., -1.,  0.,  1.,  2.,  3.])
+        >>> int_quant(x, n_bits=3, map_to_max=True)
+        tensor([-127.,  -64.,  -32.,    0.,   32.,   64.,  127.])
+    """
+    bits = _check_num_levels(n_bits, "n_bits")
+    max_bits = _check_num_levels(max_n_bits, "max_n_bits")
+    value = _as_float(value)
+    largest = 2 ** (bits - 1) - 1
+    if value.numel() == 0:
+        return value.clone()
+    centre: Bound = 0.0
+    if not maintain_zero:
+        lo, hi = _finite_range(value, False)
+        centre = (lo + hi) / 2
+    neg_peak, peak = _finite_range(value - centre, True)
+    del neg_peak
+    scale = torch.where(peak > 0, largest / peak, torch.ones_like(peak))
+    if map_to_max:
+        scale = scale * ((2 ** (max_bits - 1) - 1) / largest)
+    limit = float(2 ** (max(bits, max_bits if map_to_max else bits) - 1) - 1)
+
+    def compute(x: Tensor) -> Tensor:
+        return ((x - centre) * scale).round_().clamp_(-limit, limit)
+
+    return _straight_through(value, compute, scale)
+
+
+def dropout(
+    param: Tensor, dropout_prob: float = 0.5, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Set each value to zero with probability ``dropout_prob``; keep the rest unchanged.
+
+    Unlike :func:`torch.nn.functional.dropout`, the kept values are not rescaled. The
+    gradient is the mask: 1 where a value was kept, 0 where it was dropped.
+
+    Args:
+        param: Values to drop out.
+        dropout_prob: Probability of zeroing each value, in ``[0, 1]``.
+        generator: Source of the random numbers, on ``param``'s device.
+
+    Returns:
+        A new tensor shaped like ``param``.
+
+    Raises:
+        ValueError: If ``dropout_prob`` is not a number in ``[0, 1]``.
+
+    Example:
+        >>> dropout(torch.ones(4), dropout_prob=0.0)
+        tensor([1., 1., 1., 1.])
+        >>> dropout(torch.ones(4), dropout_prob=1.0)
+        tensor([0., 0., 0., 0.])
+    """
+    if (
+        isinstance(dropout_prob, bool)
+        or not isinstance(dropout_prob, (int, float))
+        or not 0.0 <= dropout_prob <= 1.0
+    ):
+        raise ValueError(f"dropout_prob must be a number in [0, 1], got {dropout_prob!r}")
+    param = _as_float(param)
+    # torch.rand draws from [0, 1), so this keeps each value with probability 1 - dropout_prob.
+    keep = torch.rand(param.shape, generator=generator, device=param.device) >= dropout_prob
+    return param * keep
+
+
+# --------------------------------------------------------------------------------------
+# Decay quantisation
+
+
+class class_calc_q_decay:  # the reference API's name, kept
+    """Quantise decay factors ``exp(-dt / tau)`` to the bit-shift decays ``1 - 2**-n``.
+
+    A leaky neuron whose state decays by ``x -= x >> n`` each step has decay
+    ``1 - 2**-n``. This finds ``n = round(log2(tau / dt))`` for each decay and returns the
+    matching bit-shift decay. Decays ``<= 0`` give 0 (``n = 0``); decays ``>= 1``, which
+    never decay, give the closest bit-shift decay below 1 that the dtype can hold. ``NaN``
+    stays ``NaN``.
+
+    Args:
+        dt: Simulation time step in seconds (positive).
+
+    Example:
+        >>> class_calc_q_decay(dt=1e-3)(torch.tensor([0.5, 0.8, 0.95]))
+        tensor([0.5000, 0.7500, 0.9375])
+    """
+
+    def __init__(self, dt: float) -> None:
+        if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0:
+            raise ValueError(f"dt must be a positive number of seconds, got {dt!r}")
+        self.dt = float(dt)
+
+    def calc_q_decay(self, decay: Tensor) -> Tensor:
+        """Return the bit-shift decays for ``decay`` (same shape, dtype and device)."""
+        decay = _as_float(decay)
+        # The largest shift whose decay 1 - 2**-n is still below 1 in this dtype.
+        max_shift = round(-math.log2(torch.finfo(decay.dtype).eps)) + 1
+        with torch.no_grad():
+            inside = (decay > 0) & (decay < 1)
+            safe = torch.where(inside, decay, torch.full_like(decay, 0.5))
+            tau = -self.dt / torch.log(safe)
+            shift = torch.round(torch.log2(tau / self.dt)).clamp_(0, max_shift)
+            shift = torch.where(decay >= 1, float(max_shift), shift)
+            shift = torch.where(decay <= 0, 0.0, shift)
+            out = 1.0 - torch.exp2(-shift)
+            return torch.where(torch.isnan(decay), decay, out)
+
+    def __call__(self, decay: Tensor) -> Tensor:
+        return self.calc_q_decay(decay)
+
+
+def t_decay(decay: Tensor, dt: float = 0.001) -> Tensor:
+    """Quantise LIF decay factors to bit-shift decays, with a straight-through gradient.
+
+    See :class:`class_calc_q_decay` for the mapping and its edge cases.
+
+    Args:
+        decay: Decay factors ``exp(-dt / tau)``, such as LIF ``alpha`` and ``beta``.
+        dt: Simulation time step in seconds.
+
+    Returns:
+        Quantised decays of the same shape, dtype and device.
+
+    Example:
+        >>> t_decay(torch.tensor([0.4156, 0.8306, 0.9475]))
+        tensor([0.0000, 0.7500, 0.9375])
+    """
+    return _straight_through(decay, class_calc_q_decay(dt))
