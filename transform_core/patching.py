@@ -334,6 +334,16 @@ def _patch_params(module: nn.Module, tree: Tree, memo: dict[int, nn.Module]) -> 
     return patched
 
 
+def _named_wrappers(net: nn.Module) -> Iterator[tuple[str, TWrapper]]:
+    """Each TWrapper once, with its module's qualified name in the un-patched network."""
+    seen: set[int] = set()
+    for path, module in net.named_modules():
+        if isinstance(module, TWrapper) and id(module) not in seen:
+            seen.add(id(module))
+            parts = [p for p in path.split(".") if p and p != "_mod"]
+            yield ".".join(parts), module
+
+
 def _wrappers(net: nn.Module) -> Iterator[TWrapper]:
     seen: set[int] = set()
     for module in net.modules():
@@ -342,7 +352,13 @@ def _wrappers(net: nn.Module) -> Iterator[TWrapper]:
             yield module
 
 
-def apply_T(T_net: nn.Module, inplace: bool = False) -> nn.Module:
+TensorCallback = Callable[[str, Tensor, Tensor], None]
+"""``on_tensor(name, raw, transformed)``: called by :func:`apply_T` for each tensor."""
+
+
+def apply_T(
+    T_net: nn.Module, inplace: bool = False, *, on_tensor: TensorCallback | None = None
+) -> nn.Module:
     """Burn in: store each configured tensor's transformed value in place of the raw one.
 
     The network stays patched; :func:`remove_T_net` then removes the wrappers. Parameters
@@ -353,10 +369,24 @@ def apply_T(T_net: nn.Module, inplace: bool = False) -> nn.Module:
         T_net: A network patched by :func:`make_param_T_network`.
         inplace: Transform ``T_net`` itself. Otherwise a copy is made, in which the
             tensors that are about to be replaced are not copied first.
+        on_tensor: Called as ``on_tensor(name, raw, transformed)`` for each tensor, before
+            ``raw`` is overwritten, with its qualified name in the un-patched network
+            (``"encoder.0.weight"``); use it to report on tensors one at a time.
 
     Returns:
         The burned-in network.
     """
+    if on_tensor is not None:
+        if not inplace:
+            T_net = copy.deepcopy(T_net)
+        with torch.no_grad():
+            for path, wrapper in _named_wrappers(T_net):
+                for attr, fn in wrapper.T_config.items():
+                    raw = getattr(wrapper._mod, attr)
+                    value = fn(raw)
+                    on_tensor(_join(path, attr), raw, value)
+                    _store(wrapper._mod, attr, value)
+        return T_net
     if not inplace:
         # Share the raw tensors that are about to be replaced instead of copying them.
         memo: dict[int, Any] = {}
@@ -441,13 +471,23 @@ def make_act_T_config(
     tree: dict[str, Any] = {}
     if T_fn is None:
         return tree
-    for path, module in net.named_modules():
+    for path, module in _logical_modules(net):
         leaf = not any(True for _ in _children(module))
         if (ModuleClass is None and leaf) or (
             ModuleClass is not None and isinstance(module, ModuleClass)
         ):
             set_nested(tree, (*path.split("."), "") if path else ("",), T_fn)
     return tree
+
+
+def _logical_modules(net: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Like ``named_modules()``, but seeing through wrappers to the modules they wrap."""
+    inner = net
+    while isinstance(inner, _Wrapper):
+        inner = inner._mod
+    yield prefix, inner
+    for name, child in _children(inner):
+        yield from _logical_modules(child, _join(prefix, name))
 
 
 def make_act_T_network(net: nn.Module, act_T_config: Tree, inplace: bool = False) -> nn.Module:
