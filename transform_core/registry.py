@@ -1,0 +1,718 @@
+"""The transform registry: one source of truth for transform names, arguments and defaults.
+
+A recipe names a transform (``stochastic_rounding``) and gives it arguments
+(``{num_levels: 16}``). This module maps those names to the library functions in
+:mod:`transform_core.quantise`, describes their arguments, checks the arguments a recipe gives,
+and binds a transform and its arguments into a picklable callable ``T(x) -> x``.
+
+The argument list of a transform is derived from the function's own signature, so a new
+argument or default in :mod:`transform_core.quantise` shows up in recipes, in
+``rockq transforms`` and in the README without an edit here. Value ranges are checked by the
+function itself: :func:`validate_args` calls it on a small probe tensor and reports its
+``ValueError``, so every range lives in one place.
+
+The registry is an explicit table. Nothing is discovered by walking packages; a user's own
+function is reached only through an explicit ``"package.module:function"`` reference.
+
+Example:
+    >>> spec = get_transform("stochastic_rounding")
+    >>> [arg.name for arg in spec.args]
+    ['input_range', 'output_range', 'num_levels', 'maintain_zero']
+    >>> T = BoundTransform(spec, validate_args(spec, {"num_levels": 16}), seed=derive_seed(0, "fc.weight"))
+    >>> T
+    stochastic_rounding(num_levels=16)
+    >>> T.bits
+    4
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from transform_core import quantise
+from transform_core.errors import RecipeError, did_you_mean
+
+__all__ = [
+    "ArgSpec",
+    "BoundTransform",
+    "TransformSpec",
+    "available_transforms",
+    "derive_seed",
+    "get_transform",
+    "make_spec",
+    "register",
+    "validate_args",
+]
+
+_REQUIRED: Any = inspect.Parameter.empty
+
+# Argument kinds understood by the recipe checker. Anything else is passed through unchecked.
+_KIND_TEXT = {
+    "bool": "bool",
+    "int": "int",
+    "float": "float",
+    "str": "str",
+    "range": "[float, float]",
+}
+
+# Names of arguments that set a bit width, and how to turn their value into bits.
+_BIT_ARGS: dict[str, Callable[[Any], int]] = {
+    "num_levels": lambda levels: math.ceil(math.log2(levels)),
+    "n_bits": int,
+}
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """One recipe argument of a transform, derived from the function signature.
+
+    Attributes:
+        name: The keyword the recipe uses.
+        type: The type as shown to users: ``int``, ``float``, ``bool``, ``str``,
+            ``[float, float]`` (a range), or the annotation's own text; ``| None`` is
+            appended when ``null`` is accepted.
+        default: The default value; meaningless when ``required`` is true.
+        required: Whether a recipe must give this argument.
+        kind: What :func:`validate_args` checks: ``bool``, ``int``, ``float``, ``str``,
+            ``range`` or ``any`` (not checked).
+        nullable: Whether ``null`` (``None``) is accepted.
+
+    Example:
+        >>> ArgSpec("num_levels", "int", 256, False, kind="int")
+        ArgSpec(name='num_levels', type='int', default=256, required=False, kind='int', nullable=False)
+    """
+
+    name: str
+    type: str
+    default: Any
+    required: bool
+    kind: str = "any"
+    nullable: bool = False
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """A transform as recipes see it.
+
+    Attributes:
+        name: The recipe name: a library name, or ``"package.module:function"``.
+        function: The function, called as ``function(tensor, **args)``.
+        summary: The first line of the function's docstring.
+        args: The recipe arguments: every parameter after the first, except ``generator``.
+        uses_generator: Whether the function takes a keyword-only ``generator``; a bound
+            transform then passes its own seeded ``torch.Generator``.
+        probe_shape: Shape of the tensor used to check arguments by calling the function.
+        probe_range: Value range of that probe tensor.
+    """
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    summary: str
+    args: tuple[ArgSpec, ...]
+    uses_generator: bool = False
+    probe_shape: tuple[int, ...] = (2, 4)
+    probe_range: tuple[float, float] = (-1.0, 1.0)
+
+    def arg(self, name: str) -> ArgSpec | None:
+        """Return the argument called ``name``, or ``None``.
+
+        Example:
+            >>> get_transform("dropout").arg("dropout_prob").default
+            0.5
+        """
+        for spec in self.args:
+            if spec.name == name:
+                return spec
+        return None
+
+
+def _summary(function: Callable[..., Any]) -> str:
+    doc = inspect.getdoc(function) or ""
+    for line in doc.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _signature(function: Callable[..., Any]) -> inspect.Signature:
+    # Annotations may be strings (``from __future__ import annotations``); evaluate them to see
+    # real types, but a user's module may name types only under TYPE_CHECKING, so fall back.
+    try:
+        return inspect.signature(function, eval_str=True)
+    except (NameError, TypeError, SyntaxError, AttributeError):
+        return inspect.signature(function)
+
+
+def _is_number_type(annotation: Any) -> bool:
+    return annotation in (int, float)
+
+
+def _kind_of(annotation: Any, default: Any) -> tuple[str, bool, str | None]:
+    """Return (kind, nullable, annotation text for kind ``any``)."""
+    nullable = default is None
+    if annotation is inspect.Parameter.empty or isinstance(annotation, str):
+        if isinstance(default, bool):
+            return "bool", nullable, None
+        if isinstance(default, int):
+            return "int", nullable, None
+        if isinstance(default, float):
+            return "float", nullable, None
+        if isinstance(default, str):
+            return "str", nullable, None
+        text = annotation if isinstance(annotation, str) else None
+        return "any", nullable, text
+    ann = annotation
+    origin = typing.get_origin(ann)
+    if origin is typing.Union or origin is types.UnionType:
+        members = typing.get_args(ann)
+        if type(None) in members:
+            nullable = True
+        rest = [m for m in members if m is not type(None)]
+        if len(rest) > 1:
+            # A recipe cannot hold a tensor; ``Sequence[float] | Tensor`` is a range to it.
+            rest = [m for m in rest if m is not torch.Tensor]
+        if len(rest) == 1:
+            ann = rest[0]
+            origin = typing.get_origin(ann)
+        elif rest and all(_is_number_type(m) for m in rest):
+            return "float", nullable, None
+        else:
+            return "any", nullable, inspect.formatannotation(annotation)
+    if ann is bool:
+        return "bool", nullable, None
+    if ann is int:
+        return "int", nullable, None
+    if ann is float:
+        return "float", nullable, None
+    if ann is str:
+        return "str", nullable, None
+    sequence = origin if origin is not None else ann
+    if sequence in (list, tuple, Sequence, typing.List, typing.Tuple, typing.Sequence):  # noqa: UP006
+        items = [a for a in typing.get_args(ann) if a is not Ellipsis]
+        if all(_is_number_type(a) for a in items):
+            return "range", nullable, None
+    return "any", nullable, inspect.formatannotation(ann)
+
+
+def make_spec(
+    name: str,
+    function: Callable[..., torch.Tensor],
+    *,
+    probe_shape: tuple[int, ...] = (2, 4),
+    probe_range: tuple[float, float] = (-1.0, 1.0),
+) -> TransformSpec:
+    """Describe ``function`` as a transform, deriving its arguments from its signature.
+
+    The first parameter receives the tensor. Every later parameter is a recipe argument, except
+    a keyword-only ``generator``, which marks the transform as random (``uses_generator``).
+    ``*args`` and ``**kwargs`` are not recipe arguments.
+
+    Args:
+        name: The recipe name.
+        function: The transform function ``function(tensor, **args) -> tensor``.
+        probe_shape: Shape of the tensor :func:`validate_args` calls the function on.
+        probe_range: Range of the values in that probe tensor.
+
+    Returns:
+        The transform description.
+
+    Raises:
+        RecipeError: If the signature cannot be read, has no first parameter for the tensor,
+            or has a positional-only argument after it.
+
+    Example:
+        >>> def scale(x, factor: float = 2.0):
+        ...     '''Multiply by a factor.'''
+        ...     return x * factor
+        >>> make_spec("scale", scale).args
+        (ArgSpec(name='factor', type='float', default=2.0, required=False, kind='float', nullable=False),)
+    """
+    try:
+        signature = _signature(function)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(
+            f"cannot read the signature of transform '{name}': {exc}; "
+            "a transform must be a Python function f(tensor, **args) -> tensor"
+        ) from exc
+    params = [
+        p
+        for p in signature.parameters.values()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    if not params or params[0].kind is inspect.Parameter.KEYWORD_ONLY:
+        raise RecipeError(
+            f"transform '{name}' takes no positional parameter for the tensor; "
+            "a transform must be a function f(tensor, **args) -> tensor"
+        )
+    args: list[ArgSpec] = []
+    uses_generator = False
+    for param in params[1:]:
+        if param.name == "generator" and param.kind is inspect.Parameter.KEYWORD_ONLY:
+            uses_generator = True
+            continue
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise RecipeError(
+                f"transform '{name}' has a positional-only parameter '{param.name}'; "
+                "recipe arguments are passed by keyword, so make it an ordinary parameter"
+            )
+        kind, nullable, text = _kind_of(param.annotation, param.default)
+        shown = text if kind == "any" and text else _KIND_TEXT.get(kind, "any")
+        if nullable and not shown.endswith("| None"):
+            shown += " | None"
+        required = param.default is inspect.Parameter.empty
+        args.append(
+            ArgSpec(
+                name=param.name,
+                type=shown,
+                default=None if required else param.default,
+                required=required,
+                kind=kind,
+                nullable=nullable,
+            )
+        )
+    return TransformSpec(
+        name=name,
+        function=function,
+        summary=_summary(function),
+        args=tuple(args),
+        uses_generator=uses_generator,
+        probe_shape=probe_shape,
+        probe_range=probe_range,
+    )
+
+
+_LIBRARY: dict[str, TransformSpec] = {}
+
+
+def register(
+    name: str,
+    function: Callable[..., torch.Tensor],
+    *,
+    probe_shape: tuple[int, ...] = (2, 4),
+    probe_range: tuple[float, float] = (-1.0, 1.0),
+) -> TransformSpec:
+    """Add ``function`` to the library under the recipe name ``name``.
+
+    Args:
+        name: The recipe name; must not be taken and must not contain ``:``.
+        function: The transform function ``function(tensor, **args) -> tensor``.
+        probe_shape: Shape of the tensor used to check arguments.
+        probe_range: Range of the probe tensor's values (``t_decay`` needs values in (0, 1)).
+
+    Returns:
+        The registered description.
+
+    Raises:
+        ValueError: If the name is taken or contains ``:``.
+    """
+    if name in _LIBRARY:
+        raise ValueError(f"transform name '{name}' is already registered")
+    if ":" in name:
+        raise ValueError(f"transform name '{name}' must not contain ':'")
+    spec = make_spec(name, function, probe_shape=probe_shape, probe_range=probe_range)
+    _LIBRARY[name] = spec
+    return spec
+
+
+register("stochastic_rounding", quantise.stochastic_rounding)
+register("deterministic_rounding", quantise.deterministic_rounding)
+register("stochastic_channel_rounding", quantise.stochastic_channel_rounding)
+register("int_quant", quantise.int_quant)
+# Decays are factors exp(-dt/tau) in (0, 1); probe with values a real decay could take.
+register("t_decay", quantise.t_decay, probe_range=(0.05, 0.95))
+register("dropout", quantise.dropout)
+register("identity", quantise.identity)
+
+
+def available_transforms() -> tuple[TransformSpec, ...]:
+    """Return the library transforms in registration order.
+
+    Example:
+        >>> [spec.name for spec in available_transforms()][:2]
+        ['stochastic_rounding', 'deterministic_rounding']
+    """
+    return tuple(_LIBRARY.values())
+
+
+def get_transform(name: str) -> TransformSpec:
+    """Look up a transform by recipe name.
+
+    ``name`` is either a library name (see :func:`available_transforms`) or a reference
+    ``"package.module:function"`` to a user's own function. A reference **imports that module
+    and so runs its code**: only load recipes you trust.
+
+    Args:
+        name: A library name or ``"package.module:function"``.
+
+    Returns:
+        The transform description.
+
+    Raises:
+        RecipeError: If the name is unknown (with a suggestion), the module cannot be
+            imported, the function does not exist in it, or it is not callable.
+
+    Example:
+        >>> [arg.name for arg in get_transform("int_quant").args]
+        ['maintain_zero', 'map_to_max', 'n_bits', 'max_n_bits']
+        >>> try:
+        ...     get_transform("stochastic_roundin")
+        ... except RecipeError as err:
+        ...     print(err.message.split(";")[0])
+        unknown transform 'stochastic_roundin' (did you mean 'stochastic_rounding'?)
+    """
+    if not isinstance(name, str) or not name:
+        raise RecipeError(f"a transform name must be a non-empty string, got {_describe(name)}")
+    if name in _LIBRARY:
+        return _LIBRARY[name]
+    if ":" not in name:
+        raise RecipeError(
+            f"unknown transform '{name}'{did_you_mean(name, _LIBRARY)}; "
+            f"expected one of {', '.join(_LIBRARY)} or your own 'package.module:function'"
+        )
+    return make_spec(name, _import_function(name))
+
+
+def _import_function(reference: str) -> Callable[..., torch.Tensor]:
+    module_name, _, attr_path = reference.partition(":")
+    if not module_name or not attr_path:
+        raise RecipeError(
+            f"bad transform reference '{reference}': expected 'package.module:function'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RecipeError(
+            f"cannot import module '{module_name}' for transform '{reference}': {exc}; "
+            "check the spelling and that the module is importable (on sys.path)"
+        ) from exc
+    target: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            public = [n for n in dir(target) if not n.startswith("_")]
+            raise RecipeError(
+                f"module '{module_name}' has no function '{attr_path}'"
+                f"{did_you_mean(part, public)}; check the name after ':' in '{reference}'"
+            )
+        target = getattr(target, part)
+    if not callable(target):
+        raise RecipeError(
+            f"'{reference}' is a {type(target).__name__}, not a function; "
+            "a transform must be a function f(tensor, **args) -> tensor"
+        )
+    function: Callable[..., torch.Tensor] = target
+    return function
+
+
+def _describe(value: Any) -> str:
+    """Show a value as a recipe author wrote it (YAML spelling)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f"'{value}' (a string)"
+    if isinstance(value, (list, tuple)):
+        return f"{list(value)!r} (a list of {len(value)})"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return repr(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_type(arg: ArgSpec, value: Any) -> Any:
+    """Return ``value`` cleaned for ``arg``, or raise RecipeError keyed on the argument."""
+    if value is None and arg.nullable:
+        return None
+    or_null = " or null" if arg.nullable else ""
+    if arg.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif arg.kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "an integer"
+    elif arg.kind == "float":
+        if _is_number(value):
+            return float(value)
+        expected = "a number"
+    elif arg.kind == "str":
+        if isinstance(value, str):
+            return value
+        expected = "a string"
+    elif arg.kind == "range":
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(_is_number(v) for v in value)
+        ):
+            return [float(v) for v in value]
+        expected = "a range [min, max] of two numbers"
+    else:
+        return value
+    raise RecipeError(f"must be {expected}{or_null}, got {_describe(value)}", key=arg.name)
+
+
+def _probe_tensor(spec: TransformSpec) -> torch.Tensor:
+    low, high = spec.probe_range
+    count = math.prod(spec.probe_shape)
+    return torch.linspace(low, high, count).reshape(spec.probe_shape)
+
+
+def _call_probe(spec: TransformSpec, args: Mapping[str, Any]) -> None:
+    extra: dict[str, Any] = {}
+    if spec.uses_generator:
+        # A private generator keeps validation from advancing torch's global random state.
+        extra["generator"] = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        spec.function(_probe_tensor(spec), **args, **extra)
+
+
+def _range_error(spec: TransformSpec, args: Mapping[str, Any], exc: ValueError) -> RecipeError:
+    """Turn the function's ValueError into a RecipeError keyed on the argument to blame."""
+    required = {k: v for k, v in args.items() if (a := spec.arg(k)) is not None and a.required}
+    culprit: str | None = None
+    try:
+        _call_probe(spec, required)
+    except ValueError:
+        if len(required) == 1:
+            culprit = next(iter(required))
+    else:
+        for name, value in args.items():
+            if name in required:
+                continue
+            try:
+                _call_probe(spec, {**required, name: value})
+            except ValueError:
+                culprit = name
+                break
+    message = str(exc).strip() or f"{type(exc).__name__} from {spec.name}"
+    if culprit is not None:
+        # The function names the argument; the key path already does, so say it once.
+        for prefix in (f"{culprit} ", f"{culprit}: ", f"'{culprit}' ", f"`{culprit}` "):
+            if message.startswith(prefix):
+                message = message[len(prefix) :]
+                break
+    return RecipeError(message, key=culprit)
+
+
+def validate_args(spec: TransformSpec, args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check recipe arguments for ``spec`` and return them cleaned.
+
+    Checks, in order: argument names (with a suggestion for a misspelling), required arguments,
+    types from the annotations (an ``int`` rejects ``true`` and ``2.5``; a ``float`` accepts an
+    integer; a range is a list of two numbers), then value ranges, by calling the function on a
+    small probe tensor and reporting the ``ValueError`` it raises.
+
+    Args:
+        spec: The transform.
+        args: The arguments a recipe gives, or ``None`` for none.
+
+    Returns:
+        The given arguments, cleaned: integers given for floats become floats and ranges become
+        lists of two floats. Defaults are not filled in.
+
+    Raises:
+        RecipeError: With ``key`` set to the argument at fault (``None`` when no single one
+            is), so a recipe can point at ``params[0].args.num_levels``.
+
+    Example:
+        >>> validate_args(get_transform("stochastic_channel_rounding"), {"output_range": [-8, 7]})
+        {'output_range': [-8.0, 7.0]}
+        >>> validate_args(get_transform("dropout"), {"dropout_prob": True})
+        Traceback (most recent call last):
+        ...
+        transform_core.errors.RecipeError: dropout_prob: must be a number, got true (a boolean)
+    """
+    if args is None:
+        args = {}
+    if not isinstance(args, Mapping):
+        raise RecipeError(f"arguments must be a mapping of name: value, got {_describe(args)}")
+    names = [a.name for a in spec.args]
+    cleaned: dict[str, Any] = {}
+    for name, value in args.items():
+        arg = spec.arg(name) if isinstance(name, str) else None
+        if arg is None:
+            if name == "generator" and spec.uses_generator:
+                raise RecipeError(
+                    "'generator' is not a recipe argument; the random stream is seeded from "
+                    "the recipe's 'seed' and the tensor name",
+                    key=str(name),
+                )
+            expected = ", ".join(names) if names else "no arguments"
+            raise RecipeError(
+                f"unknown argument '{name}' for {spec.name}{did_you_mean(str(name), names)}; "
+                f"expected {expected}",
+                key=str(name),
+            )
+        cleaned[name] = _check_type(arg, value)
+    missing = [a for a in spec.args if a.required and a.name not in cleaned]
+    if missing:
+        listed = ", ".join(f"{a.name} ({a.type})" for a in missing)
+        raise RecipeError(f"{spec.name} needs the argument(s) {listed}; add them under 'args'")
+    try:
+        _call_probe(spec, cleaned)
+    except ValueError as exc:
+        raise _range_error(spec, cleaned, exc) from exc
+    return cleaned
+
+
+def derive_seed(seed: int, tensor_name: str) -> int:
+    """Derive the seed of one tensor's random stream from a recipe seed.
+
+    Stable across runs, processes and Python versions (a SHA-256 digest, not ``hash()``), and
+    different for every tensor name, so tensors do not share random streams.
+
+    Args:
+        seed: The recipe seed.
+        tensor_name: The qualified tensor name (``fc.weight``).
+
+    Returns:
+        A non-negative 63-bit integer.
+
+    Example:
+        >>> derive_seed(0, "fc.weight") == derive_seed(0, "fc.weight") != derive_seed(0, "fc.bias")
+        True
+    """
+    digest = hashlib.sha256(f"{seed}/{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+@dataclass(eq=False)
+class BoundTransform:
+    """A transform bound to its arguments: a picklable callable ``T(x) -> x``.
+
+    For a random transform (``spec.uses_generator``) with a ``seed``, each device the transform
+    sees gets its own ``torch.Generator``, created lazily on that device and seeded with
+    ``seed``; its state can be saved and restored with :meth:`generator_states` and
+    :meth:`load_generator_states` so training resumes bit-identically. Without a seed, a random
+    transform draws from torch's global generator.
+
+    Arguments are used as given: check them first with :func:`validate_args`.
+
+    Args:
+        spec: The transform.
+        args: Its recipe arguments.
+        seed: The seed of this tensor's random stream (see :func:`derive_seed`).
+
+    Example:
+        >>> T = BoundTransform(get_transform("stochastic_rounding"), {"num_levels": 3}, seed=7)
+        >>> x = torch.linspace(-1, 1, 9)
+        >>> torch.equal(T(x), BoundTransform(T.spec, T.args, seed=7)(x))
+        True
+    """
+
+    spec: TransformSpec
+    args: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    _generators: dict[str, torch.Generator] = field(default_factory=dict, init=False, repr=False)
+    _pending: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        if self.spec.uses_generator and self.seed is not None:
+            generator = self._generator(value.device, self.seed)
+            return self.spec.function(value, **self.args, generator=generator)
+        return self.spec.function(value, **self.args)
+
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
+        key = str(device)
+        generator = self._generators.get(key)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+            pending = self._pending.pop(key, None)
+            if pending is not None:
+                generator.set_state(pending)
+            self._generators[key] = generator
+        return generator
+
+    def generator_states(self) -> dict[str, torch.Tensor]:
+        """Return the state of each device's generator, keyed by device (``"cpu"``, ``"cuda:0"``).
+
+        States loaded but not yet used (their device not seen since) are included.
+        """
+        states = {key: state.clone() for key, state in self._pending.items()}
+        states.update({key: g.get_state() for key, g in self._generators.items()})
+        return states
+
+    def load_generator_states(self, states: Mapping[str, torch.Tensor]) -> None:
+        """Restore generator states saved by :meth:`generator_states`.
+
+        A state for a device not seen yet is applied when that device is first used.
+
+        Example:
+            >>> T = BoundTransform(get_transform("dropout"), {}, seed=1)
+            >>> x = torch.ones(16)
+            >>> _ = T(x)
+            >>> saved = T.generator_states()
+            >>> first = T(x)
+            >>> T.load_generator_states(saved)
+            >>> torch.equal(T(x), first)
+            True
+        """
+        for key, state in states.items():
+            generator = self._generators.get(key)
+            if generator is None:
+                self._pending[key] = state.clone()
+            else:
+                generator.set_state(state)
+
+    @property
+    def name(self) -> str:
+        """The transform's recipe name."""
+        return self.spec.name
+
+    @property
+    def bits(self) -> int | None:
+        """The bit width the arguments imply, or ``None`` for a transform that sets none.
+
+        ``num_levels`` gives ``ceil(log2(num_levels))`` and ``n_bits`` gives itself; defaults
+        count when the argument is not given.
+
+        Example:
+            >>> BoundTransform(get_transform("deterministic_rounding"), {"num_levels": 255}).bits
+            8
+            >>> BoundTransform(get_transform("dropout")).bits is None
+            True
+        """
+        for name, to_bits in _BIT_ARGS.items():
+            arg = self.spec.arg(name)
+            if arg is None:
+                continue
+            value: Any = self.args.get(name, None if arg.required else arg.default)
+            if _is_number(value) and value >= 1:
+                return max(to_bits(value), 1)
+        return None
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{key}={value!r}" for key, value in self.args.items())
+        return f"{self.spec.name}({shown})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Generators do not pickle; their states do, so a copy continues the same stream.
+        return {
+            "spec": self.spec,
+            "args": self.args,
+            "seed": self.seed,
+            "states": self.generator_states(),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.spec = state["spec"]
+        self.args = state["args"]
+        self.seed = state["seed"]
+        self._generators = {}
+        self._pending = dict(state["states"])
