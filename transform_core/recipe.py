@@ -1,0 +1,655 @@
+"""The YAML recipe: which tensors and activations to transform, and how.
+
+A recipe (format version 1) looks like this::
+
+    version: 1
+    description: 4-bit stochastic weights, 8-bit biases
+    seed: 0                       # optional; seeds every random transform
+    families:                     # optional extra family rules: family -> globs on names
+      decays: ["*.alpha", "*.beta"]
+    params:                       # ordered; a later rule wins for a tensor two rules match
+      - family: weights           # select by family, or by match: "glob" / match: "re:regex",
+        transform: stochastic_rounding   # optionally narrowed by module: ClassName
+        args: {num_levels: 15}
+        optional: false           # a rule that matches nothing is an error unless optional
+    activations:                  # optional: transforms of module outputs
+      - module: Linear
+        transform: deterministic_rounding
+        args: {num_levels: 255}
+
+Parsing is strict: unknown keys, duplicate keys, wrong types and out-of-range arguments are
+errors, each a :class:`~transform_core.errors.RecipeError` that names the file, the line and the
+key path (``params[0].args.num_levels``). Transform names and arguments are checked by
+:mod:`transform_core.registry`.
+
+Example:
+    >>> recipe = parse_recipe('''
+    ... version: 1
+    ... params:
+    ...   - family: weights
+    ...     transform: stochastic_rounding
+    ...     args: {num_levels: 15}
+    ... ''')
+    >>> rule = recipe.params[0]
+    >>> rule.label, rule.selects("fc.weight", "weights", "Linear")
+    ('params[0]', True)
+    >>> recipe.bind(rule, "fc.weight")
+    stochastic_rounding(num_levels=15)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.resources
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, SequenceNode
+
+from transform_core.errors import RecipeError, did_you_mean
+from transform_core.registry import (
+    BoundTransform,
+    TransformSpec,
+    derive_seed,
+    get_transform,
+    validate_args,
+)
+
+__all__ = [
+    "RECIPE_VERSION",
+    "Recipe",
+    "Rule",
+    "builtin_recipe_text",
+    "builtin_recipes",
+    "load_recipe",
+    "parse_recipe",
+]
+
+RECIPE_VERSION = 1
+"""The recipe format version this module reads."""
+
+_REGEX_PREFIX = "re:"
+_BUILTIN_PACKAGE = "recipes"
+
+# Top-level keys. New sections (fine-tuning, hardware limits) get a parser here and a field on
+# Recipe; anything not listed stays an error.
+_TOP_KEYS = ("version", "description", "seed", "families", "params", "activations")
+_RULE_KEYS = {
+    "params": ("family", "match", "module", "transform", "args", "optional"),
+    "activations": ("match", "module", "transform", "args", "optional"),
+}
+
+
+def _glob_or_regex_matches(pattern: str, text: str) -> bool:
+    if pattern.startswith(_REGEX_PREFIX):
+        return re.fullmatch(pattern[len(_REGEX_PREFIX) :], text) is not None
+    return fnmatch.fnmatchcase(text, pattern)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of a recipe's ``params`` or ``activations`` list.
+
+    Attributes:
+        section: ``"params"`` or ``"activations"``.
+        index: Position in that list.
+        transform: The transform to apply.
+        args: Its checked arguments.
+        family: For ``params``: the parameter family selected, or ``None``.
+        match: A glob on qualified names, or ``"re:"`` and a regular expression (full match).
+        module: A glob on the class name of the module owning the tensor (or producing the
+            activation); narrows the selection.
+        optional: If false, a rule that matches nothing is an error.
+        line: The rule's line in the recipe file.
+    """
+
+    section: str
+    index: int
+    transform: TransformSpec
+    args: dict[str, Any] = field(hash=False)
+    family: str | None = None
+    match: str | None = None
+    module: str | None = None
+    optional: bool = False
+    line: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The rule's key path, such as ``params[0]``."""
+        return f"{self.section}[{self.index}]"
+
+    @property
+    def selector(self) -> str:
+        """The selection in words, for reports: ``family=weights, module=Linear``."""
+        parts = [
+            f"{name}={value}"
+            for name, value in (
+                ("family", self.family),
+                ("match", self.match),
+                ("module", self.module),
+            )
+            if value is not None
+        ]
+        return ", ".join(parts)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{key}={value!r}" for key, value in self.args.items())
+        flag = ", optional" if self.optional else ""
+        return f"<Rule {self.label}: {self.selector} -> {self.transform.name}({shown}){flag}>"
+
+    def selects(self, name: str, family: str | None, module_class: str) -> bool:
+        """Whether this rule selects a tensor (or, for activations, a module).
+
+        Args:
+            name: The qualified name (``encoder.fc.weight``, or the module name for activations).
+            family: The tensor's parameter family, or ``None``.
+            module_class: The class name of the owning module (``Linear``).
+
+        Example:
+            >>> rule = Rule("params", 0, get_transform("identity"), {}, match="re:.*\\\\.bias")
+            >>> rule.selects("fc.bias", "biases", "Linear"), rule.selects("fc.weight", None, "Linear")
+            (True, False)
+        """
+        if self.module is not None and not fnmatch.fnmatchcase(module_class, self.module):
+            return False
+        if self.family is not None and family != self.family:
+            return False
+        return self.match is None or _glob_or_regex_matches(self.match, name)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed and validated recipe.
+
+    Attributes:
+        version: The format version (always 1).
+        description: One line saying what the recipe does.
+        seed: The recipe seed for random transforms, or ``None``.
+        families: Extra family rules: family name -> globs on qualified tensor names.
+        params: Parameter rules, in order; a later rule wins.
+        activations: Activation rules, in order; a later rule wins.
+        text: The recipe's YAML text.
+        source: Where it came from: a file path, ``builtin:NAME`` or ``<string>``.
+    """
+
+    version: int
+    description: str
+    seed: int | None
+    families: dict[str, tuple[str, ...]] = field(hash=False)
+    params: tuple[Rule, ...]
+    activations: tuple[Rule, ...]
+    text: str = field(repr=False)
+    source: str
+
+    def family_rules(self) -> dict[str, str]:
+        """Return the extra family rules as glob -> family, as ``param_families`` takes them.
+
+        Example:
+            >>> parse_recipe(
+            ...     'version: 1\\nfamilies: {decays: ["*.alpha"]}\\n'
+            ...     'params: [{family: decays, transform: t_decay}]'
+            ... ).family_rules()
+            {'*.alpha': 'decays'}
+        """
+        return {glob: family for family, globs in self.families.items() for glob in globs}
+
+    def rule_for(
+        self, section: str, name: str, family: str | None, module_class: str
+    ) -> Rule | None:
+        """Return the rule of ``section`` that applies to ``name``: the last one selecting it.
+
+        Args:
+            section: ``"params"`` or ``"activations"``.
+            name: Qualified tensor (or module) name.
+            family: The tensor's family, or ``None``.
+            module_class: The class name of the owning module.
+
+        Returns:
+            The winning rule, or ``None`` if no rule selects ``name``.
+        """
+        rules = self.params if section == "params" else self.activations
+        for rule in reversed(rules):
+            if rule.selects(name, family, module_class):
+                return rule
+        return None
+
+    def bind(self, rule: Rule, tensor_name: str, seed: int | None = None) -> BoundTransform:
+        """Bind ``rule``'s transform for one tensor.
+
+        Random transforms get their own stream, seeded with
+        ``derive_seed(seed, tensor_name)``.
+
+        Args:
+            rule: A rule of this recipe.
+            tensor_name: The qualified name of the tensor (or module, for activations).
+            seed: Overrides the recipe's seed; with neither, 0 is used.
+
+        Returns:
+            The bound transform.
+        """
+        base = seed if seed is not None else (self.seed if self.seed is not None else 0)
+        derived = derive_seed(base, tensor_name) if rule.transform.uses_generator else None
+        return BoundTransform(rule.transform, dict(rule.args), seed=derived)
+
+
+def _kind(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    return "a value"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f"'{value}'"
+    return repr(value)
+
+
+class _Parser:
+    """Walks the YAML node tree, so every error can name a line."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.text = text
+        self.source = source
+        self._constructor = SafeConstructor()
+
+    def error(self, message: str, node: Node | None, key: str | None) -> RecipeError:
+        line = None if node is None else node.start_mark.line + 1
+        return RecipeError(message, path=self.source, key=key, line=line)
+
+    def items(self, node: Node, key: str | None, what: str) -> dict[str, tuple[Node, Node]]:
+        """Return a mapping node's entries, rejecting non-string and duplicate keys."""
+        if not isinstance(node, MappingNode):
+            raise self.error(f"{what} must be a mapping, got {_kind(node)}", node, key)
+        entries: dict[str, tuple[Node, Node]] = {}
+        for key_node, value_node in node.value:
+            name = self.value(key_node, key)
+            if not isinstance(name, str):
+                raise self.error(f"keys must be strings, got {_show(name)}", key_node, key)
+            if name in entries:
+                first = entries[name][0].start_mark.line + 1
+                raise self.error(
+                    f"duplicate key '{name}' (first given on line {first}); keep one",
+                    key_node,
+                    _join(key, name),
+                )
+            entries[name] = (key_node, value_node)
+        return entries
+
+    def check_keys(
+        self, entries: dict[str, tuple[Node, Node]], allowed: tuple[str, ...], key: str | None
+    ) -> None:
+        for name, (key_node, _) in entries.items():
+            if name not in allowed:
+                raise self.error(
+                    f"unknown key '{name}'{did_you_mean(name, allowed)}; "
+                    f"expected one of {', '.join(allowed)}",
+                    key_node,
+                    _join(key, name),
+                )
+
+    def value(self, node: Node, key: str | None) -> Any:
+        """Build the Python value of a node, rejecting duplicate keys at any depth."""
+        if isinstance(node, MappingNode):
+            return {
+                name: self.value(value_node, _join(key, name))
+                for name, (_, value_node) in self.items(node, key, "a value").items()
+            }
+        if isinstance(node, SequenceNode):
+            return [self.value(child, f"{key}[{i}]") for i, child in enumerate(node.value)]
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise self.error(f"cannot read this value: {problem}", node, key) from exc
+
+    def string(self, node: Node, key: str, what: str) -> str:
+        value = self.value(node, key)
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(f"must be {what}, got {_show(value)}", node, key)
+        return value
+
+    def boolean(self, node: Node, key: str) -> bool:
+        value = self.value(node, key)
+        if not isinstance(value, bool):
+            raise self.error(f"must be true or false, got {_show(value)}", node, key)
+        return value
+
+    def pattern(self, node: Node, key: str) -> str:
+        pattern = self.string(node, key, "a glob or 're:' and a regular expression")
+        if pattern.startswith(_REGEX_PREFIX):
+            try:
+                re.compile(pattern[len(_REGEX_PREFIX) :])
+            except re.error as exc:
+                raise self.error(
+                    f"bad regular expression '{pattern[len(_REGEX_PREFIX) :]}': {exc}; "
+                    "fix it or drop the 're:' prefix to use a glob",
+                    node,
+                    key,
+                ) from exc
+        return pattern
+
+    def parse(self) -> Recipe:
+        try:
+            root = yaml.compose(self.text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            detail = "; ".join(p for p in (exc.context, exc.problem) if p)
+            raise RecipeError(
+                f"invalid YAML: {detail}; check indentation, colons and quoting",
+                path=self.source,
+                line=None if mark is None else mark.line + 1,
+            ) from exc
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"invalid YAML: {exc}", path=self.source) from exc
+        if root is None:
+            raise RecipeError(
+                "the recipe is empty; expected a mapping starting with 'version: 1'",
+                path=self.source,
+            )
+        top = self.items(root, None, "a recipe")
+        version = self.version(root, top)
+        self.check_keys(top, _TOP_KEYS, None)
+        parsers: dict[str, Callable[[Node], Any]] = {
+            "description": lambda n: self.string(n, "description", "a one-line description"),
+            "seed": self.seed,
+            "families": self.families,
+            "params": lambda n: self.rules("params", n),
+            "activations": lambda n: self.rules("activations", n),
+        }
+        parsed = {name: parsers[name](top[name][1]) for name in parsers if name in top}
+        params: tuple[Rule, ...] = parsed.get("params", ())
+        activations: tuple[Rule, ...] = parsed.get("activations", ())
+        if not params and not activations:
+            raise self.error(
+                "the recipe has no rules; add a 'params' or 'activations' list of rules",
+                root,
+                None,
+            )
+        return Recipe(
+            version=version,
+            description=parsed.get("description", ""),
+            seed=parsed.get("seed"),
+            families=parsed.get("families", {}),
+            params=params,
+            activations=activations,
+            text=self.text,
+            source=self.source,
+        )
+
+    def version(self, root: Node, top: dict[str, tuple[Node, Node]]) -> int:
+        # Checked before anything else: a newer recipe's keys would be wrong errors here.
+        if "version" not in top:
+            raise self.error(
+                f"missing 'version'; start the recipe with 'version: {RECIPE_VERSION}'",
+                root,
+                None,
+            )
+        node = top["version"][1]
+        value = self.value(node, "version")
+        if value != RECIPE_VERSION or isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(
+                f"unsupported recipe version {_show(value)}; this rockq reads "
+                f"'version: {RECIPE_VERSION}' recipes",
+                node,
+                "version",
+            )
+        return RECIPE_VERSION
+
+    def seed(self, node: Node) -> int:
+        value = self.value(node, "seed")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(f"must be an integer, got {_show(value)}", node, "seed")
+        return value
+
+    def families(self, node: Node) -> dict[str, tuple[str, ...]]:
+        families: dict[str, tuple[str, ...]] = {}
+        owner: dict[str, str] = {}
+        for name, (_, value_node) in self.items(node, "families", "'families'").items():
+            key = f"families.{name}"
+            if not isinstance(value_node, SequenceNode) or not value_node.value:
+                raise self.error(
+                    f"must be a non-empty list of globs on tensor names, got "
+                    f"{_show(self.value(value_node, key))}",
+                    value_node,
+                    key,
+                )
+            globs = []
+            for i, glob_node in enumerate(value_node.value):
+                glob_key = f"{key}[{i}]"
+                glob = self.string(glob_node, glob_key, "a glob on tensor names")
+                if glob.startswith(_REGEX_PREFIX):
+                    raise self.error(
+                        f"family patterns are globs, got '{glob}'; 're:' regexes are for a "
+                        "rule's 'match'",
+                        glob_node,
+                        glob_key,
+                    )
+                if glob in owner:
+                    raise self.error(
+                        f"pattern '{glob}' is already in family '{owner[glob]}'; "
+                        "a tensor belongs to one family",
+                        glob_node,
+                        glob_key,
+                    )
+                owner[glob] = name
+                globs.append(glob)
+            families[name] = tuple(globs)
+        return families
+
+    def rules(self, section: str, node: Node) -> tuple[Rule, ...]:
+        if not isinstance(node, SequenceNode):
+            raise self.error(
+                f"must be a list of rules (each starting with '- '), got "
+                f"{_show(self.value(node, section))}",
+                node,
+                section,
+            )
+        return tuple(self.rule(section, i, child) for i, child in enumerate(node.value))
+
+    def rule(self, section: str, index: int, node: Node) -> Rule:
+        label = f"{section}[{index}]"
+        entries = self.items(node, label, "a rule")
+        if section == "activations" and "family" in entries:
+            raise self.error(
+                "activation rules select modules by 'module' and/or 'match', not 'family'",
+                entries["family"][0],
+                f"{label}.family",
+            )
+        self.check_keys(entries, _RULE_KEYS[section], label)
+
+        def get(name: str) -> Node | None:
+            return entries[name][1] if name in entries else None
+
+        family_node, match_node, module_node = get("family"), get("match"), get("module")
+        if section == "params" and (family_node is None) == (match_node is None):
+            found = "both" if family_node is not None else "neither"
+            raise self.error(
+                f"a params rule needs exactly one of 'family' or 'match', found {found}",
+                node,
+                label,
+            )
+        if section == "activations" and module_node is None and match_node is None:
+            raise self.error(
+                "an activations rule needs 'module' (a class name) and/or 'match' "
+                "(a module name glob)",
+                node,
+                label,
+            )
+        family = (
+            None
+            if family_node is None
+            else self.string(family_node, f"{label}.family", "a family name")
+        )
+        match = None if match_node is None else self.pattern(match_node, f"{label}.match")
+        module = (
+            None
+            if module_node is None
+            else self.string(module_node, f"{label}.module", "a module class name")
+        )
+        optional_node = get("optional")
+        optional = (
+            False if optional_node is None else self.boolean(optional_node, f"{label}.optional")
+        )
+
+        transform_node = get("transform")
+        if transform_node is None:
+            raise self.error("a rule needs 'transform: NAME'", node, label)
+        name = self.string(transform_node, f"{label}.transform", "a transform name")
+        try:
+            spec = get_transform(name)
+        except RecipeError as err:
+            raise self.error(err.message, transform_node, f"{label}.transform") from err
+
+        args_node = get("args")
+        values: dict[str, Any] = {}
+        arg_nodes: dict[str, tuple[Node, Node]] = {}
+        if args_node is not None:
+            arg_nodes = self.items(args_node, f"{label}.args", "'args'")
+            values = {k: self.value(v, f"{label}.args.{k}") for k, (_, v) in arg_nodes.items()}
+        try:
+            args = validate_args(spec, values)
+        except RecipeError as err:
+            at: Node = args_node if args_node is not None else node
+            if err.key is not None and err.key in arg_nodes:
+                key_node, value_node = arg_nodes[err.key]
+                at = key_node if err.message.startswith("unknown argument") else value_node
+            raise self.error(err.message, at, _join(f"{label}.args", err.key)) from err
+        return Rule(
+            section=section,
+            index=index,
+            transform=spec,
+            args=args,
+            family=family,
+            match=match,
+            module=module,
+            optional=optional,
+            line=node.start_mark.line + 1,
+        )
+
+
+def _join(prefix: str | None, name: str | None) -> str | None:
+    if name is None:
+        return prefix
+    return name if not prefix else f"{prefix}.{name}"
+
+
+def parse_recipe(text: str, source: str = "<string>") -> Recipe:
+    """Parse and validate recipe text.
+
+    Args:
+        text: The YAML text.
+        source: Where it came from, used in error messages.
+
+    Returns:
+        The validated recipe.
+
+    Raises:
+        RecipeError: For bad YAML, duplicate or unknown keys, a missing or unsupported
+            version, a malformed rule, an unknown transform or bad arguments; the error names
+            ``source``, the line and the key path.
+
+    Example:
+        >>> parse_recipe("version: 2\\nparams: []", source="r.yaml")
+        Traceback (most recent call last):
+        ...
+        transform_core.errors.RecipeError: r.yaml:1: version: unsupported recipe version 2; this rockq reads 'version: 1' recipes
+    """
+    return _Parser(text, source).parse()
+
+
+def _builtin_files() -> dict[str, Any]:
+    root = importlib.resources.files(_BUILTIN_PACKAGE)
+    return {
+        entry.name.removesuffix(".yaml"): entry
+        for entry in root.iterdir()
+        if entry.name.endswith(".yaml") and entry.is_file()
+    }
+
+
+def builtin_recipes() -> dict[str, str]:
+    """Return the built-in recipes as name -> description, sorted by name.
+
+    Example:
+        >>> sorted(builtin_recipes())
+        ['int8', 'int8-act', 'qat4', 'ternary']
+    """
+    recipes: dict[str, str] = {}
+    for name, entry in sorted(_builtin_files().items()):
+        data = yaml.safe_load(entry.read_text(encoding="utf-8"))
+        recipes[name] = str(data.get("description", "")) if isinstance(data, dict) else ""
+    return recipes
+
+
+def builtin_recipe_text(name: str) -> str:
+    """Return the YAML text of a built-in recipe.
+
+    Raises:
+        RecipeError: If there is no built-in recipe called ``name``.
+    """
+    files = _builtin_files()
+    if name not in files:
+        raise RecipeError(
+            f"no built-in recipe '{name}'{did_you_mean(name, files)}; "
+            f"built-ins: {', '.join(sorted(files))}"
+        )
+    text: str = files[name].read_text(encoding="utf-8")
+    return text
+
+
+def load_recipe(ref: str | os.PathLike[str]) -> Recipe:
+    """Load a recipe from a file, or a built-in recipe by name.
+
+    ``ref`` is the path of an existing file or the name of a built-in recipe; a file wins when
+    both exist. It is never read as inline YAML.
+
+    Args:
+        ref: A recipe file path or a built-in name (see :func:`builtin_recipes`).
+
+    Returns:
+        The validated recipe.
+
+    Raises:
+        RecipeError: If ``ref`` is neither an existing file nor a built-in name (listing the
+            built-ins, with a suggestion), the file cannot be read or is not UTF-8, or the
+            recipe is invalid.
+
+    Example:
+        >>> load_recipe("int8").params[0].transform.name
+        'deterministic_rounding'
+    """
+    path = Path(ref)
+    if path.is_file():
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise RecipeError(
+                f"cannot read the recipe file: {exc.strerror}", path=str(ref)
+            ) from exc
+        except UnicodeDecodeError as exc:
+            raise RecipeError(
+                f"the recipe file is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                "save it as UTF-8",
+                path=str(ref),
+            ) from exc
+        return parse_recipe(text, source=str(ref))
+    name = str(ref)
+    files = _builtin_files()
+    if name in files:
+        return parse_recipe(builtin_recipe_text(name), source=f"builtin:{name}")
+    what = "is a directory, not a recipe file" if path.is_dir() else "is not a recipe file"
+    raise RecipeError(
+        f"'{name}' {what} and not a built-in recipe{did_you_mean(name, files)}; "
+        f"give a YAML file path or one of the built-ins: {', '.join(sorted(files))}"
+    )
