@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from torch import nn
@@ -21,7 +23,11 @@ from transform_core.families import (
 class Decaying(nn.Module):
     """A module that declares families for its own parameters and buffers."""
 
-    transform_families = {"alpha": "decays", "tau": "time_constants", "weight": "kernels"}
+    transform_families: ClassVar[dict[str, str]] = {
+        "alpha": "decays",
+        "tau": "time_constants",
+        "weight": "kernels",
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -35,7 +41,7 @@ class Decaying(nn.Module):
 class KernelLinear(nn.Linear):
     """A Linear subclass whose declaration overrides the built-in family of its weight."""
 
-    transform_families = {"weight": "kernels"}
+    transform_families: ClassVar[dict[str, str]] = {"weight": "kernels"}
 
 
 class MaskedLinear(nn.Linear):
