@@ -406,7 +406,8 @@ def _import_function(reference: str) -> Callable[..., torch.Tensor]:
         target = getattr(target, part)
     if not callable(target):
         raise RecipeError(
-            f"'{reference}' is a {type(target).__name__}, not a function; "
+            f"'{reference}' is not a function (found an object of type "
+            f"{type(target).__name__}); "
             "a transform must be a function f(tensor, **args) -> tensor"
         )
     function: Callable[..., torch.Tensor] = target
