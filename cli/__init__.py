@@ -1,0 +1,1 @@
+"""The ``rockq`` command line: a thin Typer layer over :mod:`transform_core`."""

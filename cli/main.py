@@ -1,0 +1,719 @@
+"""``rockq``: quantise network checkpoints from YAML recipes.
+
+Each command parses its options, calls into :mod:`transform_core`, and renders the
+result. torch and the library are imported inside the commands, so ``rockq --help``
+stays fast.
+
+Exit codes: 0 success, 1 internal error, 2 bad input (one line on stderr, naming the file,
+key or tensor and the fix; ``--debug`` shows the traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+app = typer.Typer(
+    name="rockq",
+    help="Quantise neural-network checkpoints with a transformation-in-training pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+# --- shared options ------------------------------------------------------------------------
+
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        help="Factory 'package.module:function' that builds the network for a state-dict "
+        "input (imports and runs that code).",
+    ),
+]
+ArchKwargs = Annotated[
+    str | None, typer.Option(help="JSON object of keyword arguments for the --arch factory.")
+]
+Trust = Annotated[
+    list[str] | None,
+    typer.Option(help="Package whose classes a pickled network may use (repeatable)."),
+]
+Seed = Annotated[
+    int | None, typer.Option(help="Seed for random transforms (default: the recipe's, else 0).")
+]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+AllowNonfinite = Annotated[
+    bool,
+    typer.Option("--allow-nonfinite", help="Accept NaN or Inf values in the input's parameters."),
+]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from transform_core import __version__
+
+        typer.echo(f"rockq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version."
+        ),
+    ] = False,
+) -> None:
+    """Quantise neural-network checkpoints with a transformation-in-training pipeline."""
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"rockq: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def handle_errors(command: F) -> F:
+    """Turn user errors into one line and exit 2, other errors into exit 1.
+
+    A command's ``debug`` argument shows the traceback instead.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from transform_core.errors import RockqError
+
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise _fail("interrupted; no output was written", 130) from None
+        except RockqError as err:
+            if kwargs.get("debug"):
+                raise
+            raise _fail(str(err), EXIT_USER_ERROR) from None
+        except Exception as err:
+            if kwargs.get("debug"):
+                raise
+            raise _fail(
+                f"internal error: {type(err).__name__}: {err} (run again with --debug for the "
+                "traceback, and please report it)",
+                EXIT_INTERNAL_ERROR,
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _console(quiet: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(quiet=quiet, width=None if sys.stdout.isatty() else 160)
+
+
+@contextmanager
+def _progress(quiet: bool, total: int, what: str) -> Iterator[Callable[[str], None]]:
+    """A Rich progress bar on stderr, advanced once per tensor."""
+    if quiet or total == 0:
+        yield lambda name: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tensor]}"),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task(what, total=total, tensor="")
+        yield lambda name: progress.update(task, advance=1, tensor=name)
+
+
+def _arch_kwargs(text: str | None) -> dict[str, Any] | None:
+    from transform_core.errors import RockqError
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RockqError(
+            f"is not valid JSON ({err.msg} at column {err.colno}); give an object such as "
+            "'{\"hidden\": 64}'",
+            key="--arch-kwargs",
+        ) from None
+    if not isinstance(value, dict):
+        raise RockqError(f"must be a JSON object, got {type(value).__name__}", key="--arch-kwargs")
+    return value
+
+
+def _load(model: Path, arch: str | None, arch_kwargs: str | None, trust: list[str] | None) -> Any:
+    from transform_core.checkpoint import load_network
+
+    return load_network(model, arch=arch, arch_kwargs=_arch_kwargs(arch_kwargs), trust=trust or ())
+
+
+def _check_finite(named: Iterator[tuple[str, Any]], path: Path) -> None:
+    import torch
+
+    from transform_core.errors import CheckpointError
+
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"holds {bad} NaN or Inf value(s); fix the network, or pass --allow-nonfinite "
+                "to quantise it anyway (NaN stays NaN, Inf saturates)",
+                path=str(path),
+                key=name,
+            )
+
+
+def _default_output(source: Path, suffix: str) -> Path:
+    name = source.name
+    for ending in (".patched.safetensors", ".safetensors", ".pt", ".pth", ".bin"):
+        if name.endswith(ending):
+            name = name[: -len(ending)]
+            break
+    return source.with_name(name + suffix)
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def inspect(
+    model: Annotated[Path, typer.Argument(help="Network file: pickle, state dict or safetensors.")],
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    trust: Trust = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="Recipe whose 'families' rules to apply (path or name).")
+    ] = None,
+    json_output: Json = False,
+    debug: Debug = False,
+) -> None:
+    """List every parameter and buffer with its module, family, shape, dtype and size."""
+    from transform_core.families import family_for_name, tensor_infos
+    from transform_core.recipe import load_recipe
+
+    rules = load_recipe(recipe).family_rules() if recipe else None
+    loaded = _load(model, arch, arch_kwargs, trust)
+    rows: list[dict[str, Any]] = []
+    if loaded.module is not None:
+        for info in tensor_infos(loaded.module, rules).values():
+            rows.append({**_info_dict(info), "numel": info.numel})
+    else:
+        for stored in loaded.tensors.infos():
+            numel = 1
+            for n in stored.shape:
+                numel *= n
+            rows.append(
+                {
+                    "name": stored.name,
+                    "module_class": None,
+                    "family": family_for_name(stored.name, rules),
+                    "shape": list(stored.shape),
+                    "dtype": str(stored.dtype).removeprefix("torch."),
+                    "numel": numel,
+                    "is_buffer": False,
+                }
+            )
+    if json_output:
+        typer.echo(json.dumps({"source": loaded.source.to_dict(), "tensors": rows}, indent=2))
+        return
+    from cli import render
+
+    render.inventory(_console(), rows, title=str(model))
+
+
+def _info_dict(info: Any) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "module_class": info.module_class,
+        "family": info.family,
+        "shape": list(info.shape),
+        "dtype": info.dtype,
+        "is_buffer": info.is_buffer,
+    }
+
+
+@app.command()
+@handle_errors
+def patch(
+    model: Annotated[Path, typer.Argument(help="Network file: pickle, or state dict with --arch.")],
+    recipe: Annotated[str, typer.Argument(help="Recipe: a YAML file or a built-in name.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Patched checkpoint (default MODEL.patched.safetensors)."
+        ),
+    ] = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    trust: Trust = None,
+    seed: Seed = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what each rule matches; write nothing.")
+    ] = False,
+    json_output: Json = False,
+    force: Force = False,
+    allow_nonfinite: AllowNonfinite = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Patch a network with a recipe's transforms and write a patched checkpoint."""
+    from transform_core.checkpoint import save_patched
+    from transform_core.errors import CheckpointError
+    from transform_core.pipeline import patch_network, plan_network
+    from transform_core.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    loaded = _load(model, arch, arch_kwargs, trust)
+    if loaded.module is None:
+        raise CheckpointError(
+            "is a bare tensor file: patching needs a network for its forward pass; pass --arch "
+            "with the factory that builds it, or use 'rockq quantize' to quantise the tensors",
+            path=str(model),
+        )
+    net = loaded.module
+    plan = plan_network(net, parsed, seed=seed)
+    if dry_run:
+        if json_output:
+            typer.echo(json.dumps(plan.to_dict(), indent=2))
+        else:
+            from cli import render
+
+            render.plan(_console(quiet), plan.to_dict())
+        plan.check()
+        return
+    plan.check()
+    if not allow_nonfinite:
+        _check_finite(iter(net.state_dict().items()), model)
+    target = output or _default_output(model, ".patched.safetensors")
+    # Patching builds every wrapper and binds every transform: a recipe that cannot
+    # patch this network fails here, before anything is written.
+    patch_network(net, plan, inplace=False)
+    save_patched(
+        target,
+        net.state_dict(),
+        source=loaded.source,
+        recipe=parsed.text,
+        seed=plan.seed,
+        network_bytes=loaded.network_bytes,
+        force=force,
+        inputs=[model],
+    )
+    transformed = sum(1 for t in plan.tensors if t.rule is not None)
+    if not quiet:
+        typer.echo(f"wrote {target}: {transformed} of {len(plan.tensors)} tensors patched")
+
+
+def _write_outputs(report: Any, target: Path, force: bool, inputs: list[Path]) -> tuple[Path, Path]:
+    from transform_core.safetensors_io import atomic_output
+
+    json_path = target.with_name(target.name.removesuffix(".safetensors") + ".report.json")
+    md_path = target.with_name(target.name.removesuffix(".safetensors") + ".report.md")
+    with atomic_output(json_path, force=force, inputs=inputs) as tmp:
+        tmp.write_text(report.to_json() + "\n")
+    with atomic_output(md_path, force=force, inputs=inputs) as tmp:
+        tmp.write_text(report.to_markdown())
+    return json_path, md_path
+
+
+def _check_outputs_free(target: Path, force: bool, inputs: list[Path]) -> None:
+    """Refuse before any work if the safetensors or report files cannot be written."""
+    from transform_core.safetensors_io import check_output_path
+
+    stem = target.name.removesuffix(".safetensors")
+    for path in (
+        target,
+        target.with_name(stem + ".report.json"),
+        target.with_name(stem + ".report.md"),
+    ):
+        check_output_path(path, force=force, inputs=inputs)
+
+
+def _run_burn_in(
+    net: Any,
+    plan: Any,
+    *,
+    target: Path,
+    source_sha: str | None,
+    force: bool,
+    quiet: bool,
+    inputs: list[Path],
+    meta: dict[str, Any],
+) -> Any:
+    from transform_core import __version__
+    from transform_core.pipeline import burn_in, output_metadata, patch_network
+    from transform_core.safetensors_io import save_safetensors
+
+    _check_outputs_free(target, force, inputs)
+    patched = patch_network(net, plan, inplace=True)
+    total = sum(1 for t in plan.tensors if t.rule is not None)
+    with _progress(quiet, total, "burn-in") as advance:
+        burned, report = burn_in(patched, plan, progress=advance, meta=meta)
+    metadata = output_metadata(plan, version=__version__, input_sha256=source_sha)
+    save_safetensors(burned.state_dict(), target, metadata, force=force, inputs=inputs)
+    _write_outputs(report, target, force, inputs)
+    return report
+
+
+def _report_meta(plan: Any, source: Any) -> dict[str, Any]:
+    from transform_core import __version__
+
+    return {
+        "rockq_version": __version__,
+        "recipe": plan.recipe.source,
+        "seed": plan.seed,
+        "input": source.path,
+        "input_sha256": source.sha256,
+    }
+
+
+def _show_report(report: Any, quiet: bool, target: Path | None = None) -> None:
+    if quiet:
+        return
+    from cli import render
+
+    console = _console()
+    render.report(console, report.to_dict())
+    if target is not None:
+        stem = target.name.removesuffix(".safetensors")
+        console.print(f"wrote {target} and {stem}.report.json, {stem}.report.md")
+
+
+@app.command("burn-in")
+@handle_errors
+def burn_in_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Patched checkpoint from 'rockq patch'.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Output safetensors (default CHECKPOINT.quantised.safetensors)."
+        ),
+    ] = None,
+    trust: Trust = None,
+    seed: Seed = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Burn in a patched checkpoint: apply its transforms, unpatch, write safetensors and a report."""
+    from transform_core.checkpoint import is_patched, load_patched
+    from transform_core.errors import CheckpointError
+    from transform_core.pipeline import plan_network
+    from transform_core.recipe import parse_recipe
+    from transform_core.safetensors_io import require_file
+
+    require_file(checkpoint, expected="a patched checkpoint written by 'rockq patch'")
+    if not is_patched(checkpoint):
+        raise CheckpointError(
+            "is not a patched checkpoint; create one with 'rockq patch MODEL RECIPE', or use "
+            "'rockq quantize MODEL RECIPE -o OUT' to patch and burn in at once",
+            path=str(checkpoint),
+        )
+    ckpt = load_patched(checkpoint, trust=trust or ())
+    if ckpt.network is None:
+        raise CheckpointError(
+            "holds no network to rebuild; quantise its source with 'rockq quantize'",
+            path=str(checkpoint),
+        )
+    recipe = parse_recipe(ckpt.recipe, source=f"{checkpoint} (recipe)")
+    plan = plan_network(ckpt.network, recipe, seed=seed if seed is not None else ckpt.seed)
+    target = output or _default_output(checkpoint, ".quantised.safetensors")
+    meta = _report_meta(plan, ckpt.source) | {"checkpoint": str(checkpoint)}
+    report = _run_burn_in(
+        ckpt.network,
+        plan,
+        target=target,
+        source_sha=ckpt.sha256,
+        force=force,
+        quiet=quiet,
+        inputs=[checkpoint],
+        meta=meta,
+    )
+    _show_report(report, quiet, target)
+
+
+@app.command()
+@handle_errors
+def quantize(
+    model: Annotated[Path, typer.Argument(help="Network or tensor file to quantise.")],
+    recipe: Annotated[str, typer.Argument(help="Recipe: a YAML file or a built-in name.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output safetensors file.")],
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    trust: Trust = None,
+    seed: Seed = None,
+    force: Force = False,
+    allow_nonfinite: AllowNonfinite = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Patch and burn in at once: write quantised safetensors and a report.
+
+    A bare safetensors file (or a folder of shards) without --arch is quantised tensor by
+    tensor, with families taken from tensor names.
+    """
+    from transform_core.pipeline import plan_network
+    from transform_core.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    loaded = _load(model, arch, arch_kwargs, trust)
+    if loaded.module is None:
+        report = _quantize_tensors(
+            loaded, parsed, seed, output, force, allow_nonfinite, quiet, model
+        )
+        _show_report(report, quiet, output)
+        return
+    net = loaded.module
+    plan = plan_network(net, parsed, seed=seed)
+    plan.check()
+    if not allow_nonfinite:
+        _check_finite(iter(net.state_dict().items()), model)
+    report = _run_burn_in(
+        net,
+        plan,
+        target=output,
+        source_sha=loaded.source.sha256,
+        force=force,
+        quiet=quiet,
+        inputs=[model],
+        meta=_report_meta(plan, loaded.source),
+    )
+    _show_report(report, quiet, output)
+
+
+def _quantize_tensors(
+    loaded: Any,
+    recipe: Any,
+    seed: int | None,
+    output: Path,
+    force: bool,
+    allow_nonfinite: bool,
+    quiet: bool,
+    model: Path,
+) -> Any:
+    import torch
+
+    from transform_core import __version__
+    from transform_core.errors import CheckpointError
+    from transform_core.pipeline import burn_in_tensors, output_metadata, plan_tensors
+    from transform_core.safetensors_io import SafetensorsWriter, atomic_output
+
+    source = loaded.tensors
+    infos = source.infos()
+    plan = plan_tensors(
+        ((i.name, tuple(i.shape), str(i.dtype).removeprefix("torch.")) for i in infos),
+        recipe,
+        seed=seed,
+    )
+    plan.check()
+    _check_outputs_free(output, force, [model])
+    metadata = output_metadata(plan, version=__version__, input_sha256=loaded.source.sha256)
+    specs = {i.name: (i.dtype, tuple(i.shape)) for i in infos}
+
+    def checked() -> Iterator[tuple[str, Any]]:
+        for name, tensor in source.iter_tensors():
+            finite = not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+            if not allow_nonfinite and not finite:
+                raise CheckpointError(
+                    "holds NaN or Inf values; fix the file, or pass --allow-nonfinite",
+                    path=str(model),
+                    key=name,
+                )
+            yield name, tensor
+
+    with atomic_output(output, force=force, inputs=[model]) as tmp, tmp.open("wb") as handle:
+        writer = SafetensorsWriter(handle, specs, metadata)
+        with _progress(quiet, len(infos), "quantise") as advance:
+            report = burn_in_tensors(
+                checked(),
+                plan,
+                writer.write,
+                progress=advance,
+                meta=_report_meta(plan, loaded.source),
+            )
+        writer.close()
+    _write_outputs(report, output, force, [model])
+    return report
+
+
+@app.command()
+@handle_errors
+def report(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Quantised safetensors, patched checkpoint or state dict.")
+    ],
+    reference: Annotated[
+        Path | None, typer.Option(help="The original tensors, for error and SQNR columns.")
+    ] = None,
+    json_output: Json = False,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Also write the report as Markdown to this file.")
+    ] = None,
+    trust: Trust = None,
+    force: Force = False,
+    debug: Debug = False,
+) -> None:
+    """Show the bit-width report of a checkpoint: values used, bits, grid, range and error."""
+    from transform_core.pipeline import checkpoint_report
+
+    built = checkpoint_report(checkpoint, reference=reference, trust=trust or ())
+    if markdown is not None:
+        from transform_core.safetensors_io import atomic_output
+
+        with atomic_output(markdown, force=force, inputs=[checkpoint]) as tmp:
+            tmp.write_text(built.to_markdown())
+    if json_output:
+        typer.echo(built.to_json())
+    else:
+        _show_report(built, False)
+
+
+@app.command()
+@handle_errors
+def recipes(
+    name: Annotated[str | None, typer.Argument(help="Print this built-in recipe.")] = None,
+    debug: Debug = False,
+) -> None:
+    """List the built-in recipes, or print one."""
+    from transform_core.recipe import builtin_recipe_text, builtin_recipes
+
+    if name is not None:
+        typer.echo(builtin_recipe_text(name), nl=False)
+        return
+    from cli import render
+
+    render.recipes(_console(), builtin_recipes())
+
+
+@app.command()
+@handle_errors
+def transforms(json_output: Json = False, debug: Debug = False) -> None:
+    """List the transforms a recipe can name, with their arguments and defaults."""
+    from transform_core.registry import available_transforms
+
+    specs = available_transforms()
+    if json_output:
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "name": s.name,
+                        "summary": s.summary,
+                        "args": [
+                            {"name": a.name, "type": a.type, "required": a.required}
+                            | ({} if a.required else {"default": a.default})
+                            for a in s.args
+                        ],
+                    }
+                    for s in specs
+                ],
+                indent=2,
+            )
+        )
+        return
+    from cli import render
+
+    render.transforms(_console(), specs)
+
+
+@app.command()
+@handle_errors
+def demo(
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the example's files (default: a new temporary folder)."),
+    ] = None,
+    recipe: Annotated[str, typer.Option(help="Recipe to apply (path or built-in name).")] = "int8",
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Run the whole pipeline on a small built-in example network and show the report."""
+    import tempfile
+
+    import torch
+
+    from cli.example import build_example
+    from transform_core.errors import CheckpointError
+
+    folder = Path(tempfile.mkdtemp(prefix="rockq-demo-")) if out_dir is None else out_dir
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(
+            "exists and is not a folder; pick another --out-dir", path=str(folder)
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / "example.pt"
+    patched = folder / "example.patched.safetensors"
+    quantised = folder / "example.quantised.safetensors"
+    for existing in (model, patched, quantised):
+        if existing.exists():
+            raise CheckpointError("already exists; pick an empty --out-dir", path=str(existing))
+    torch.save(build_example(), model)
+    console = _console(quiet)
+    console.print(f"[bold]1. example network[/] saved to {model}")
+    inspect(
+        model, arch=None, arch_kwargs=None, trust=None, recipe=None, json_output=False, debug=debug
+    ) if not quiet else None
+    console.print(f"[bold]2. plan[/] for recipe '{recipe}'")
+    patch(
+        model,
+        recipe,
+        output=None,
+        arch=None,
+        arch_kwargs=None,
+        trust=None,
+        seed=None,
+        dry_run=True,
+        json_output=False,
+        force=False,
+        allow_nonfinite=False,
+        quiet=quiet,
+        debug=debug,
+    )
+    console.print("[bold]3. patch[/]")
+    patch(
+        model,
+        recipe,
+        output=patched,
+        arch=None,
+        arch_kwargs=None,
+        trust=None,
+        seed=None,
+        dry_run=False,
+        json_output=False,
+        force=False,
+        allow_nonfinite=False,
+        quiet=quiet,
+        debug=debug,
+    )
+    console.print("[bold]4. burn-in and report[/]")
+    burn_in_command(
+        patched, output=quantised, trust=None, seed=None, force=False, quiet=quiet, debug=debug
+    )
+    console.print(f"\nNext: rockq report {quantised} --reference {model}   (files are in {folder})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

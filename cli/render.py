@@ -1,0 +1,165 @@
+"""Rich rendering of plans, reports, inventories and listings.
+
+Everything here takes plain data (the ``to_dict()`` of a plan or report, lists of tensor
+infos) and prints it; nothing computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _size(bits: int) -> str:
+    size = bits / 8
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def inventory(console: Console, rows: Sequence[Mapping[str, Any]], title: str) -> None:
+    """Every tensor of a network with its family, then totals per family."""
+    table = Table(title=title, show_lines=False)
+    for column in ("name", "module", "family", "shape", "dtype", "size", "kind"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    totals: dict[str, list[int]] = {}
+    for row in rows:
+        family = row["family"] or "-"
+        table.add_row(
+            row["name"],
+            row["module_class"] or "-",
+            family,
+            "x".join(str(n) for n in row["shape"]) or "scalar",
+            row["dtype"],
+            str(row["numel"]),
+            "buffer" if row["is_buffer"] else "param",
+        )
+        count = totals.setdefault(family, [0, 0])
+        count[0] += 1
+        count[1] += row["numel"]
+    console.print(table)
+    summary = Table(title="per family")
+    for column in ("family", "tensors", "elements"):
+        summary.add_column(column, justify="left" if column == "family" else "right")
+    for family, (tensors, elements) in sorted(totals.items()):
+        summary.add_row(family, str(tensors), str(elements))
+    console.print(summary)
+
+
+def plan(console: Console, data: Mapping[str, Any]) -> None:
+    """A dry run: matches per rule, unmatched tensors, overlaps and sizes."""
+    table = Table(title=f"recipe {data['recipe']} (seed {data['seed']})")
+    for column in ("rule", "selector", "transform", "matches"):
+        table.add_column(column)
+    for rule in data["rules"]:
+        matches = rule["matches"]
+        shown = ", ".join(matches[:6]) + (f", … (+{len(matches) - 6})" if len(matches) > 6 else "")
+        if not matches:
+            shown = "[yellow]nothing (optional)[/]" if rule["optional"] else "[red]nothing[/]"
+        table.add_row(rule["rule"], rule["selector"], rule["transform"], shown)
+    console.print(table)
+    unmatched = data["unmatched_tensors"]
+    if unmatched:
+        console.print(f"[bold]not transformed[/] ({len(unmatched)}): " + ", ".join(unmatched))
+    for overlap in data["overlaps"]:
+        what = overlap.get("tensor") or overlap.get("module")
+        console.print(
+            f"[bold]overlap[/] {what}: matched by {', '.join(overlap['rules'])}; "
+            f"{overlap['winner']} wins"
+        )
+    before, after = data["size_bits"]["before"], data["size_bits"]["after"]
+    ratio = before / after if after else float("inf")
+    console.print(
+        f"size: {_size(before)} before, {_size(after)} at the recipe's bit widths "
+        f"({ratio:.2f}x smaller)"
+    )
+
+
+def report(console: Console, data: Mapping[str, Any], title: str = "quantisation report") -> None:
+    """The per-tensor bit-width table and totals."""
+    with_reference = any(t.get("max_abs_error") is not None for t in data["tensors"])
+    table = Table(title=title)
+    columns = [
+        "tensor",
+        "family",
+        "shape",
+        "transform",
+        "values",
+        "bits",
+        "integer",
+        "min",
+        "max",
+        "step",
+    ]
+    if with_reference:
+        columns += ["max err", "rmse", "sqnr dB"]
+    for column in columns:
+        numeric = column in ("values", "bits", "min", "max", "step", "max err", "rmse", "sqnr dB")
+        table.add_column(column, justify="right" if numeric else "left")
+    for t in data["tensors"]:
+        integer = "-"
+        if t["on_integer_grid"] and t["int_bits"] is not None:
+            integer = f"{'int' if t['int_signed'] else 'uint'}{t['int_bits']}"
+        row = [
+            t["name"],
+            t["family"] or "-",
+            "x".join(str(n) for n in t["shape"]) or "scalar",
+            t["transform"] or "-",
+            str(t["distinct"]),
+            str(t["bits_needed"]),
+            integer,
+            _number(t["min"]),
+            _number(t["max"]),
+            _number(t["step"]),
+        ]
+        if with_reference:
+            row += [_number(t["max_abs_error"]), _number(t["rmse"]), _number(t["sqnr_db"], 3)]
+        table.add_row(*row)
+    console.print(table)
+    totals = data["totals"]
+    console.print(
+        f"quantised: {totals['quantised_parameters']} of {totals['parameters']} values "
+        f"({100 * totals['quantised_share']:.1f}%) in {totals['tensors']} tensors; "
+        f"size {_size(totals['float32_bits'])} at float32, {_size(totals['reported_bits'])} "
+        f"at the reported bit widths ({_number(totals['ratio'], 3)}x smaller)"
+    )
+    for violation in data.get("violations", []):
+        console.print(f"[red]limit[/] {violation['name']}: {violation['reason']}")
+
+
+def transforms(console: Console, specs: Iterable[Any]) -> None:
+    """Each transform a recipe can name, with its arguments and defaults."""
+    table = Table(title="transforms")
+    for column in ("name", "arguments", "description"):
+        table.add_column(column)
+    for spec in specs:
+        args = ", ".join(
+            f"{a.name}: {a.type}" + ("" if a.required else f" = {a.default!r}") for a in spec.args
+        )
+        table.add_row(spec.name, args or "-", spec.summary)
+    console.print(table)
+
+
+def recipes(console: Console, listing: Mapping[str, str]) -> None:
+    """The built-in recipes with their one-line descriptions."""
+    table = Table(title="built-in recipes")
+    table.add_column("name")
+    table.add_column("description")
+    for name, description in listing.items():
+        table.add_row(name, description)
+    console.print(table)

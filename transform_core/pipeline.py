@@ -1,0 +1,584 @@
+"""The few orchestration steps the command line calls: plan, patch, burn in, report.
+
+A :class:`Plan` says, for every tensor of a network (or of a bare safetensors file), which
+recipe rule applies to it, and for every module, which activation rule; it is what
+``rockq patch --dry-run`` shows. :func:`patch_network` turns a plan into a patched
+network, :func:`burn_in` applies the transforms, removes the patches and reports on every
+tensor one at a time, and :func:`burn_in_tensors` does the same for a safetensors file
+without a network, streaming one tensor at a time.
+
+Random transforms draw from a generator seeded from the run's seed and the tensor's
+qualified name, so the same inputs and seed give the same outputs whatever the order in
+which tensors are processed.
+
+Example:
+    >>> import torch
+    >>> from transform_core.recipe import load_recipe
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> plan = plan_network(net, load_recipe("ternary"), seed=0)
+    >>> [(t.info.name, t.rule.label if t.rule else None) for t in plan.tensors]
+    [('0.weight', 'params[0]'), ('0.bias', None), ('2.weight', 'params[0]'), ('2.bias', None)]
+    >>> burned, report = burn_in(patch_network(net, plan), plan)
+    >>> burned[0].weight.unique().numel() <= 3, report.totals.tensors
+    (True, 4)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from transform_core.errors import CheckpointError, RecipeError
+from transform_core.families import TensorInfo, family_for_name, tensor_infos
+from transform_core.patching import (
+    _logical_modules,
+    apply_T,
+    make_act_T_network,
+    make_param_T_network,
+    remove_T_net,
+)
+from transform_core.recipe import Recipe, Rule
+from transform_core.registry import BoundTransform
+from transform_core.report import Report, TensorReport, tensor_report
+from transform_core.tree import set_nested
+
+__all__ = [
+    "ModulePlan",
+    "Plan",
+    "TensorPlan",
+    "burn_in",
+    "burn_in_tensors",
+    "checkpoint_report",
+    "output_metadata",
+    "patch_network",
+    "plan_network",
+    "plan_tensors",
+]
+
+Progress = Callable[[str], None]
+"""Called with a tensor's name as each tensor is processed."""
+
+_DTYPE_BITS = {
+    "float64": 64,
+    "float32": 32,
+    "float16": 16,
+    "bfloat16": 16,
+}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What the recipe does to one tensor.
+
+    Attributes:
+        info: The tensor: name, family, module class, shape, dtype.
+        rule: The winning rule (the last one that selects it), or ``None``.
+        matched_by: Every rule that selects it, in recipe order.
+    """
+
+    info: TensorInfo
+    rule: Rule | None
+    matched_by: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """The activation rule for one module's output.
+
+    Attributes:
+        path: The module's qualified name (``""`` for the whole network).
+        module_class: Its class name.
+        rule: The winning rule.
+        matched_by: Every activation rule that selects it, in recipe order.
+    """
+
+    path: str
+    module_class: str
+    rule: Rule
+    matched_by: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A recipe resolved against a network or a set of named tensors.
+
+    Attributes:
+        recipe: The recipe.
+        seed: The seed random transforms derive their per-tensor seeds from.
+        tensors: One entry per tensor, in the network's order.
+        modules: One entry per module whose output is transformed.
+    """
+
+    recipe: Recipe
+    seed: int
+    tensors: tuple[TensorPlan, ...]
+    modules: tuple[ModulePlan, ...] = ()
+
+    def transform_for(self, entry: TensorPlan) -> BoundTransform | None:
+        """The transform bound for one tensor, seeded from the plan's seed and its name."""
+        if entry.rule is None:
+            return None
+        return self.recipe.bind(entry.rule, entry.info.name, self.seed)
+
+    def unmatched_rules(self) -> list[Rule]:
+        """Rules that select nothing (optional ones included)."""
+        used = {id(r) for t in self.tensors for r in t.matched_by}
+        used |= {id(r) for m in self.modules for r in m.matched_by}
+        return [r for r in (*self.recipe.params, *self.recipe.activations) if id(r) not in used]
+
+    def check(self) -> None:
+        """Raise for a rule that matches nothing, unless it says ``optional: true``.
+
+        Raises:
+            RecipeError: Naming the rule, its line and its selector.
+        """
+        for rule in self.unmatched_rules():
+            if not rule.optional:
+                what = "tensor" if rule.section == "params" else "module"
+                raise RecipeError(
+                    f"matches no {what} of the network ({rule.selector}); fix the selector, "
+                    "or add 'optional: true' to the rule",
+                    path=_recipe_path(self.recipe),
+                    line=rule.line,
+                    key=rule.label,
+                )
+
+    def size_bits(self) -> tuple[int, int]:
+        """Total size in bits before and after, at each tensor's dtype or recipe bit width."""
+        before = after = 0
+        for entry in self.tensors:
+            width = _DTYPE_BITS.get(entry.info.dtype, 32)
+            before += entry.info.numel * width
+            bound = self.transform_for(entry)
+            bits = bound.bits if bound is not None else None
+            after += entry.info.numel * (bits if bits is not None else width)
+        return before, after
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-safe data, as ``rockq patch --dry-run --json`` prints it."""
+        before, after = self.size_bits()
+        rules = [*self.recipe.params, *self.recipe.activations]
+        return {
+            "recipe": self.recipe.source,
+            "seed": self.seed,
+            "rules": [
+                {
+                    "rule": rule.label,
+                    "selector": rule.selector,
+                    "transform": _describe(rule),
+                    "optional": rule.optional,
+                    "matches": [
+                        t.info.name for t in self.tensors if any(r is rule for r in t.matched_by)
+                    ]
+                    + [
+                        m.path or "<network>"
+                        for m in self.modules
+                        if any(r is rule for r in m.matched_by)
+                    ],
+                }
+                for rule in rules
+            ],
+            "unmatched_tensors": [t.info.name for t in self.tensors if not t.matched_by],
+            "overlaps": [
+                {
+                    "tensor": t.info.name,
+                    "rules": [r.label for r in t.matched_by],
+                    "winner": t.rule.label if t.rule else None,
+                }
+                for t in self.tensors
+                if len(t.matched_by) > 1
+            ]
+            + [
+                {
+                    "module": m.path or "<network>",
+                    "rules": [r.label for r in m.matched_by],
+                    "winner": m.rule.label,
+                }
+                for m in self.modules
+                if len(m.matched_by) > 1
+            ],
+            "size_bits": {"before": before, "after": after},
+        }
+
+
+def _describe(rule: Rule) -> str:
+    return _transform_text(rule.transform.name, rule.args)
+
+
+def _recipe_path(recipe: Recipe) -> str | None:
+    return None if recipe.source.startswith("<") else recipe.source
+
+
+def _seed(recipe: Recipe, seed: int | None) -> int:
+    if seed is not None:
+        return seed
+    return recipe.seed if recipe.seed is not None else 0
+
+
+def _selectable(info: TensorInfo) -> bool:
+    # Integer tensors (step counters, indices) are never transformed; a buffer is
+    # transformed only when it has a family, given by the recipe or its module class.
+    return info.dtype in _DTYPE_BITS and (not info.is_buffer or info.family is not None)
+
+
+def _plan_tensors(infos: Iterable[TensorInfo], recipe: Recipe) -> tuple[TensorPlan, ...]:
+    plans = []
+    for info in infos:
+        matched: tuple[Rule, ...] = ()
+        if _selectable(info):
+            matched = tuple(
+                rule
+                for rule in recipe.params
+                if rule.selects(info.name, info.family, info.module_class)
+            )
+        plans.append(TensorPlan(info, matched[-1] if matched else None, matched))
+    return tuple(plans)
+
+
+def plan_network(net: nn.Module, recipe: Recipe, *, seed: int | None = None) -> Plan:
+    """Resolve ``recipe`` against ``net``: the rule for each tensor and module output.
+
+    Args:
+        net: The un-patched network.
+        recipe: The recipe.
+        seed: Overrides the recipe's seed (default 0).
+
+    Returns:
+        The plan. Call :meth:`Plan.check` to refuse rules that match nothing.
+    """
+    infos = tensor_infos(net, recipe.family_rules()).values()
+    modules = []
+    if recipe.activations:
+        for path, module in _logical_modules(net):
+            matched = tuple(
+                r for r in recipe.activations if r.selects(path, None, type(module).__name__)
+            )
+            if matched:
+                modules.append(ModulePlan(path, type(module).__name__, matched[-1], matched))
+    return Plan(recipe, _seed(recipe, seed), _plan_tensors(infos, recipe), tuple(modules))
+
+
+def plan_tensors(
+    tensors: Iterable[tuple[str, tuple[int, ...], str]],
+    recipe: Recipe,
+    *,
+    seed: int | None = None,
+) -> Plan:
+    """Resolve ``recipe`` against named tensors without a network (tensor mode).
+
+    Families come from names alone (see :func:`~transform_core.families.family_for_name`).
+
+    Args:
+        tensors: ``(name, shape, dtype)`` for each tensor; dtype as text (``"float32"``).
+        recipe: The recipe; it must have no activation rules and no ``module:`` selectors.
+        seed: Overrides the recipe's seed (default 0).
+
+    Raises:
+        RecipeError: If the recipe needs a network.
+    """
+    path = _recipe_path(recipe)
+    if recipe.activations:
+        rule = recipe.activations[0]
+        raise RecipeError(
+            "activation rules need a network, and this input is a bare tensor file; pass the "
+            "network (a whole-module file, or a state dict with --arch)",
+            path=path,
+            line=rule.line,
+            key=rule.label,
+        )
+    for rule in recipe.params:
+        if rule.module is not None:
+            raise RecipeError(
+                "'module:' needs a network to know module classes, and this input is a bare "
+                "tensor file; select by family or match instead, or pass --arch",
+                path=path,
+                line=rule.line,
+                key=rule.label,
+            )
+    rules = recipe.family_rules()
+    infos = []
+    for name, shape, dtype in tensors:
+        module_path, _, attr = name.rpartition(".")
+        infos.append(
+            TensorInfo(
+                name=name,
+                module_path=module_path,
+                attr=attr,
+                module_class="",
+                family=family_for_name(name, rules),
+                is_buffer=False,
+                shape=tuple(shape),
+                dtype=dtype,
+            )
+        )
+    return Plan(recipe, _seed(recipe, seed), _plan_tensors(infos, recipe))
+
+
+def patch_network(net: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
+    """Patch ``net`` with the plan's parameter and activation transforms.
+
+    Args:
+        net: The network the plan was made for.
+        plan: From :func:`plan_network`.
+        inplace: Patch ``net`` itself (no copy of its parameters).
+
+    Returns:
+        The patched network.
+    """
+    params: dict[str, Any] = {}
+    for entry in plan.tensors:
+        bound = plan.transform_for(entry)
+        if bound is not None:
+            info = entry.info
+            path = (*info.module_path.split("."), info.attr) if info.module_path else (info.attr,)
+            set_nested(params, path, bound)
+    patched = make_param_T_network(net, params, inplace=inplace)
+    if plan.modules:
+        acts: dict[str, Any] = {}
+        for module in plan.modules:
+            bound = plan.recipe.bind(module.rule, module.path, plan.seed)
+            set_nested(acts, (*module.path.split("."), "") if module.path else ("",), bound)
+        patched = make_act_T_network(patched, acts, inplace=True)
+    return patched
+
+
+def burn_in(
+    T_net: nn.Module,
+    plan: Plan,
+    *,
+    progress: Progress | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, Report]:
+    """Apply the transforms, remove the patches, and report on every tensor.
+
+    Works in place on ``T_net`` and one tensor at a time, so memory stays at the network
+    plus two tensors. The report compares each transformed tensor with its raw value.
+
+    Args:
+        T_net: A network patched by :func:`patch_network` (it is consumed).
+        plan: The plan it was patched with.
+        progress: Called with each tensor's name as it is done.
+        meta: Facts about the run for the report.
+
+    Returns:
+        The un-patched network with burned-in values, and the report.
+    """
+    by_name = {t.info.name: t for t in plan.tensors}
+    entries: dict[str, TensorReport] = {}
+
+    def record(name: str, raw: Tensor, value: Tensor) -> None:
+        entry = by_name[name]
+        entries[name] = tensor_report(
+            name,
+            value,
+            family=entry.info.family,
+            transform=repr(plan.transform_for(entry)),
+            reference=raw,
+        )
+        if progress is not None:
+            progress(name)
+
+    apply_T(T_net, inplace=True, on_tensor=record)
+    net = remove_T_net(T_net, inplace=True)
+    state = net.state_dict()
+    ordered = []
+    for entry in plan.tensors:
+        name = entry.info.name
+        if name in entries:
+            ordered.append(entries[name])
+        elif name in state:
+            ordered.append(tensor_report(name, state[name], family=entry.info.family))
+    return net, Report.build(ordered, meta=meta)
+
+
+def burn_in_tensors(
+    tensors: Iterable[tuple[str, Tensor]],
+    plan: Plan,
+    write: Callable[[str, Tensor], None],
+    *,
+    progress: Progress | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Report:
+    """Transform and write tensors one at a time (tensor mode), reporting on each.
+
+    Args:
+        tensors: ``(name, tensor)`` pairs, read lazily.
+        plan: From :func:`plan_tensors` for the same names.
+        write: Called with each output tensor; it must not keep a reference.
+        progress: Called with each tensor's name as it is done.
+        meta: Facts about the run for the report.
+
+    Returns:
+        The report.
+    """
+    by_name = {t.info.name: t for t in plan.tensors}
+    entries = []
+    with torch.no_grad():
+        for name, raw in tensors:
+            entry = by_name[name]
+            bound = plan.transform_for(entry)
+            value = bound(raw) if bound is not None else raw
+            if value.dtype != raw.dtype:
+                value = value.to(raw.dtype)
+            entries.append(
+                tensor_report(
+                    name,
+                    value,
+                    family=entry.info.family,
+                    transform=repr(bound) if bound is not None else None,
+                    reference=raw if bound is not None else None,
+                )
+            )
+            write(name, value)
+            del raw, value
+            if progress is not None:
+                progress(name)
+    return Report.build(entries, meta=meta)
+
+
+def output_metadata(plan: Plan, *, version: str, input_sha256: str | None) -> dict[str, str]:
+    """The ``__metadata__`` of a burned-in safetensors file.
+
+    Keys: ``rockq.format`` (``"burned"``), ``rockq.version``, ``rockq.recipe`` (its text),
+    ``rockq.recipe_source``, ``rockq.seed``, ``rockq.input_sha256`` and ``rockq.tensors``,
+    a JSON object mapping each transformed tensor to its family, transform and arguments.
+    """
+    per_tensor = {
+        t.info.name: {
+            "family": t.info.family,
+            "transform": t.rule.transform.name,
+            "args": t.rule.args,
+            "rule": t.rule.label,
+        }
+        for t in plan.tensors
+        if t.rule is not None
+    }
+    return {
+        "rockq.format": "burned",
+        "rockq.version": version,
+        "rockq.recipe": plan.recipe.text,
+        "rockq.recipe_source": plan.recipe.source,
+        "rockq.seed": str(plan.seed),
+        "rockq.input_sha256": input_sha256 or "",
+        "rockq.tensors": json.dumps(per_tensor, sort_keys=True),
+    }
+
+
+def _reference_tensors(path: Path, trust: Iterable[str]) -> Callable[[str], Tensor | None]:
+    """A lookup of reference tensors by name, from any file rockq reads."""
+    from transform_core.checkpoint import is_patched, load_patched, load_state_dict_file
+    from transform_core.safetensors_io import is_safetensors, open_tensors
+
+    if path.is_dir() or (is_safetensors(path) and not is_patched(path)):
+        source = open_tensors(path)
+        return lambda name: source.get(name) if name in source else None
+    if is_patched(path):
+        state = load_patched(path, trust=trust).state_dict
+    else:
+        try:
+            state = load_state_dict_file(path, trust=trust)
+        except CheckpointError:
+            from transform_core.checkpoint import load_pickled_module
+
+            state = load_pickled_module(path, trust=trust).state_dict()
+    return state.get
+
+
+def checkpoint_report(
+    path: str | Path,
+    *,
+    reference: str | Path | None = None,
+    limits: Mapping[str, tuple[bool, int]] | None = None,
+    trust: Iterable[str] = (),
+) -> Report:
+    """Report on the tensors of a checkpoint, one tensor at a time.
+
+    * A quantised safetensors file written by rockq: families and transforms come from its
+      metadata.
+    * A patched checkpoint: it is burned in (in memory) and the burned-in values are
+      reported, with the raw values as the reference.
+    * Any other safetensors file, shard folder or state dict: families come from names.
+
+    Args:
+        path: The checkpoint.
+        reference: Original tensors (any of the same kinds of file, or a whole-module
+            pickle) to compute errors against, matched by name.
+        limits: Family -> ``(signed, bits)`` to check.
+        trust: Packages a pickled or recorded network may use.
+
+    Raises:
+        CheckpointError: A file that cannot be read, or a reference tensor whose shape
+            differs.
+    """
+    from transform_core.checkpoint import is_patched, load_patched, load_state_dict_file
+    from transform_core.recipe import parse_recipe
+    from transform_core.safetensors_io import is_safetensors, open_tensors, require_file
+
+    path = Path(path)
+    if not path.is_dir():
+        require_file(path)
+    lookup = _reference_tensors(Path(reference), trust) if reference is not None else None
+    meta: dict[str, Any] = {"checkpoint": str(path)}
+    if is_patched(path):
+        ckpt = load_patched(path, trust=trust)
+        if ckpt.network is None:
+            raise CheckpointError("holds no network to rebuild", path=str(path))
+        plan = plan_network(
+            ckpt.network, parse_recipe(ckpt.recipe, f"{path} (recipe)"), seed=ckpt.seed
+        )
+        _, built = burn_in(patch_network(ckpt.network, plan, inplace=True), plan, meta=meta)
+        return Report.build(built.tensors, limits=limits, meta=meta)
+    if path.is_dir() or is_safetensors(path):
+        source = open_tensors(path)
+        described = _described_tensors(source.metadata, str(path))
+        names: Iterable[tuple[str, Tensor]] = source.iter_tensors()
+    else:
+        described = {}
+        names = load_state_dict_file(path, trust=trust).items()
+    entries = []
+    for name, tensor in names:
+        family, transform = described.get(name, (family_for_name(name), None))
+        ref = lookup(name) if lookup is not None else None
+        if ref is not None and tuple(ref.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"has shape {tuple(ref.shape)} in the reference but {tuple(tensor.shape)} in "
+                "the checkpoint; compare files of the same network",
+                path=str(reference),
+                key=name,
+            )
+        entries.append(
+            tensor_report(name, tensor, family=family, transform=transform, reference=ref)
+        )
+    return Report.build(entries, limits=limits, meta=meta)
+
+
+def _described_tensors(
+    metadata: Mapping[str, str], path: str
+) -> dict[str, tuple[str | None, str | None]]:
+    """Family and transform text per tensor, from a burned-in file's metadata."""
+    text = metadata.get("rockq.tensors")
+    if not text:
+        return {}
+    try:
+        described = json.loads(text)
+        return {
+            name: (entry.get("family"), _transform_text(entry["transform"], entry.get("args", {})))
+            for name, entry in described.items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(
+            "has malformed 'rockq.tensors' metadata; write the file again with rockq",
+            path=path,
+            key="rockq.tensors",
+        ) from None
+
+
+def _transform_text(name: str, args: Mapping[str, Any]) -> str:
+    shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
+    return f"{name}({shown})"
