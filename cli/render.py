@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -41,9 +42,9 @@ def inventory(console: Console, rows: Sequence[Mapping[str, Any]], title: str) -
     for row in rows:
         family = row["family"] or "-"
         table.add_row(
-            row["name"],
-            row["module_class"] or "-",
-            family,
+            escape(row["name"]),
+            escape(row["module_class"] or "-"),
+            escape(family),
             "x".join(str(n) for n in row["shape"]) or "scalar",
             row["dtype"],
             str(row["numel"]),
@@ -68,19 +69,23 @@ def plan(console: Console, data: Mapping[str, Any]) -> None:
         table.add_column(column)
     for rule in data["rules"]:
         matches = rule["matches"]
-        shown = ", ".join(matches[:6]) + (f", … (+{len(matches) - 6})" if len(matches) > 6 else "")
+        shown = escape(", ".join(matches[:6])) + (
+            f", … (+{len(matches) - 6})" if len(matches) > 6 else ""
+        )
         if not matches:
             shown = "[yellow]nothing (optional)[/]" if rule["optional"] else "[red]nothing[/]"
-        table.add_row(rule["rule"], rule["selector"], rule["transform"], shown)
+        table.add_row(rule["rule"], escape(rule["selector"]), escape(rule["transform"]), shown)
     console.print(table)
     unmatched = data["unmatched_tensors"]
     if unmatched:
-        console.print(f"[bold]not transformed[/] ({len(unmatched)}): " + ", ".join(unmatched))
+        console.print(
+            f"[bold]not transformed[/] ({len(unmatched)}): " + escape(", ".join(unmatched))
+        )
     for overlap in data["overlaps"]:
         what = overlap.get("tensor") or overlap.get("module")
         console.print(
-            f"[bold]overlap[/] {what}: matched by {', '.join(overlap['rules'])}; "
-            f"{overlap['winner']} wins"
+            f"[bold]overlap[/] {escape(str(what))}: matched by "
+            f"{escape(', '.join(overlap['rules']))}; {escape(str(overlap['winner']))} wins"
         )
     before, after = data["size_bits"]["before"], data["size_bits"]["after"]
     ratio = before / after if after else float("inf")
@@ -116,10 +121,10 @@ def report(console: Console, data: Mapping[str, Any], title: str = "quantisation
         if t["on_integer_grid"] and t["int_bits"] is not None:
             integer = f"{'int' if t['int_signed'] else 'uint'}{t['int_bits']}"
         row = [
-            t["name"],
-            t["family"] or "-",
+            escape(t["name"]),
+            escape(t["family"] or "-"),
             "x".join(str(n) for n in t["shape"]) or "scalar",
-            t["transform"] or "-",
+            escape(t["transform"] or "-"),
             str(t["distinct"]),
             str(t["bits_needed"]),
             integer,
@@ -139,7 +144,7 @@ def report(console: Console, data: Mapping[str, Any], title: str = "quantisation
         f"at the reported bit widths ({_number(totals['ratio'], 3)}x smaller)"
     )
     for violation in data.get("violations", []):
-        console.print(f"[red]limit[/] {violation['name']}: {violation['reason']}")
+        console.print(f"[red]limit[/] {escape(violation['name'])}: {escape(violation['reason'])}")
 
 
 def transforms(console: Console, specs: Iterable[Any]) -> None:
@@ -151,7 +156,7 @@ def transforms(console: Console, specs: Iterable[Any]) -> None:
         args = ", ".join(
             f"{a.name}: {a.type}" + ("" if a.required else f" = {a.default!r}") for a in spec.args
         )
-        table.add_row(spec.name, args or "-", spec.summary)
+        table.add_row(spec.name, escape(args or "-"), escape(spec.summary))
     console.print(table)
 
 
@@ -161,5 +166,5 @@ def recipes(console: Console, listing: Mapping[str, str]) -> None:
     table.add_column("name")
     table.add_column("description")
     for name, description in listing.items():
-        table.add_row(name, description)
+        table.add_row(name, escape(description))
     console.print(table)
