@@ -168,3 +168,15 @@ def recipes(console: Console, listing: Mapping[str, str]) -> None:
     for name, description in listing.items():
         table.add_row(name, escape(description))
     console.print(table)
+
+
+def transforms_markdown(specs: Iterable[Any]) -> str:
+    """The transforms table as Markdown, as README shows it (a test keeps README in step)."""
+    lines = ["| transform | arguments (defaults) | what it does |", "|---|---|---|"]
+    for spec in specs:
+        args = ", ".join(
+            f"`{a.name}`" + ("" if a.required else f" = `{a.default!r}`") for a in spec.args
+        )
+        summary = spec.summary.replace("``", "`").replace("|", "\\|")
+        lines.append(f"| `{spec.name}` | {args or '-'} | {summary} |")
+    return "\n".join(lines)
