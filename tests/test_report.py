@@ -1,0 +1,582 @@
+"""Tests for transform_core.report: per-tensor statistics, totals, limits, encodings."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from functools import reduce
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transform_core.errors import ConfigError
+from transform_core.report import (
+    FORMAT,
+    Report,
+    TensorReport,
+    Totals,
+    Violation,
+    describe_transform,
+    tensor_report,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+# --- per-tensor statistics ------------------------------------------------------------
+
+
+def test_ternary_tensor_has_three_values_two_bits_and_unit_step() -> None:
+    r = tensor_report("w", torch.tensor([[-1.0, 0.0, 1.0], [1.0, 1.0, -1.0]]))
+    assert (r.distinct, r.bits_needed) == (3, 2)
+    assert (r.min, r.max, r.step) == (-1.0, 1.0, 1.0)
+    assert r.on_integer_grid
+    # [-1, 1] fits signed 2-bit [-2, 1].
+    assert (r.int_signed, r.int_bits) == (True, 2)
+    assert (r.shape, r.numel, r.dtype, r.nonfinite) == ((2, 3), 6, "float32", 0)
+
+
+def test_scaled_ternary_tensor_has_step_but_no_integer_type() -> None:
+    r = tensor_report("w", torch.tensor([-0.5, 0.0, 0.5, 0.5]))
+    assert (r.distinct, r.bits_needed, r.step) == (3, 2, 0.5)
+    assert not r.on_integer_grid
+    assert (r.int_signed, r.int_bits) == (None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8, torch.int32, torch.float64])
+def test_int8_grid_is_signed_8_bits(dtype: torch.dtype) -> None:
+    r = tensor_report("w", torch.arange(-128, 128).to(dtype))
+    assert (r.distinct, r.bits_needed, r.step) == (256, 8, 1.0)
+    assert (r.min, r.max) == (-128.0, 127.0)
+    assert (r.on_integer_grid, r.int_signed, r.int_bits) == (True, True, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.int64])
+def test_unsigned_range_is_unsigned_8_bits(dtype: torch.dtype) -> None:
+    r = tensor_report("w", torch.arange(0, 256).flip(0).to(dtype))
+    assert (r.distinct, r.bits_needed, r.step) == (256, 8, 1.0)
+    assert (r.int_signed, r.int_bits) == (False, 8)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "signed", "bits"),
+    [
+        (-3, 3, True, 3),
+        (-4, 3, True, 3),
+        (-4, 4, True, 4),
+        (-5, 3, True, 4),
+        (-1, 0, True, 1),
+        (-129, 0, True, 9),
+        (0, 1, False, 1),
+        (0, 256, False, 9),
+        (5, 6, False, 3),
+    ],
+)
+def test_integer_type_is_the_smallest_that_holds_the_range(
+    lo: int, hi: int, signed: bool, bits: int
+) -> None:
+    r = tensor_report("w", torch.tensor([float(lo), float(hi)]))
+    assert (r.int_signed, r.int_bits) == (signed, bits)
+
+
+def test_decimal_grid_has_step_but_is_not_integer() -> None:
+    # k * 0.1 is not exact in binary: the step must survive float32 rounding noise.
+    values = (torch.arange(-50, 51, dtype=torch.float64) * 0.1).float()
+    r = tensor_report("w", values)
+    assert (r.distinct, r.bits_needed) == (101, 7)
+    assert r.step == pytest.approx(0.1, rel=1e-6)
+    assert not r.on_integer_grid
+    assert r.int_bits is None
+
+
+def test_fine_grid_of_many_levels_is_recovered_in_float32() -> None:
+    # 65536 levels over [-1, 1]: a few hundred ulps per step, so the smallest gap alone
+    # is off by far more than the final answer may be.
+    step = 2.0 / 65535
+    values = (torch.arange(65536, dtype=torch.float64) * step - 1.0).float()
+    r = tensor_report("w", values)
+    assert (r.distinct, r.bits_needed) == (65536, 16)
+    assert r.step == pytest.approx(step, rel=1e-6)
+
+
+def test_random_tensor_has_no_step() -> None:
+    g = torch.Generator().manual_seed(0)
+    r = tensor_report("w", torch.randn(1000, generator=g))
+    assert (r.distinct, r.bits_needed) == (1000, 10)
+    assert r.step is None
+    assert not r.on_integer_grid
+
+
+def test_grid_with_a_gap_off_the_smallest_step_has_no_step() -> None:
+    r = tensor_report("w", torch.tensor([0.0, 1.0, 2.5], dtype=torch.float64))
+    assert r.step is None
+    assert r.distinct == 3
+
+
+def test_gaps_of_a_few_ulps_are_not_mistaken_for_a_grid() -> None:
+    # Gaps of 10 and 11 ulps lie within 16 ulps of a 10.5-ulp grid, but a step that
+    # fine cannot be told from plain float32 data.
+    ulps = torch.tensor([0, 10, 20, 30, 41, 52, 63], dtype=torch.float64)
+    r = tensor_report("w", (1.0 + ulps * 2.0**-23).float())
+    assert r.distinct == 7
+    assert r.step is None
+
+
+def test_constant_tensor_uses_zero_bits_and_has_no_step() -> None:
+    r = tensor_report("w", torch.full((4, 4), 3.5))
+    assert (r.distinct, r.bits_needed, r.step) == (1, 0, None)
+    assert (r.min, r.max) == (3.5, 3.5)
+    assert not r.on_integer_grid
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0])
+def test_zero_tensor_is_unsigned_one_bit_and_reads_positive_zero(value: float) -> None:
+    r = tensor_report("w", torch.full((3,), value))
+    assert (r.distinct, r.bits_needed, r.step) == (1, 0, None)
+    assert r.on_integer_grid
+    assert (r.int_signed, r.int_bits) == (False, 1)
+    assert r.min is not None
+    assert math.copysign(1.0, r.min) == 1.0
+
+
+def test_mixed_signed_zeros_are_one_value() -> None:
+    r = tensor_report("w", torch.tensor([0.0, -0.0, 1.0, -0.0]))
+    assert (r.distinct, r.min, r.step) == (2, 0.0, 1.0)
+
+
+def test_nan_and_inf_are_counted_and_excluded() -> None:
+    r = tensor_report("w", torch.tensor([1.0, math.nan, math.inf, -math.inf, 2.0, math.nan]))
+    assert r.nonfinite == 4
+    assert (r.distinct, r.bits_needed, r.min, r.max, r.step) == (2, 1, 1.0, 2.0, 1.0)
+    assert (r.int_signed, r.int_bits) == (False, 2)
+
+
+def test_all_nan_tensor_has_no_range() -> None:
+    r = tensor_report("w", torch.full((3,), math.nan))
+    assert (r.nonfinite, r.distinct, r.bits_needed) == (3, 0, 0)
+    assert (r.min, r.max, r.step, r.int_bits) == (None, None, None, None)
+
+
+def test_empty_tensor() -> None:
+    r = tensor_report("w", torch.zeros(0, 3))
+    assert (r.numel, r.shape, r.distinct, r.bits_needed, r.min) == (0, (0, 3), 0, 0, None)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "name"),
+    [(torch.bool, "bool"), (torch.float16, "float16"), (torch.bfloat16, "bfloat16")],
+)
+def test_small_dtypes_are_reported_exactly(dtype: torch.dtype, name: str) -> None:
+    r = tensor_report("w", torch.tensor([0.0, 1.0, 1.0, 0.0]).to(dtype))
+    assert (r.dtype, r.distinct, r.bits_needed, r.step) == (name, 2, 1, 1.0)
+    assert (r.int_signed, r.int_bits) == (False, 1)
+
+
+def test_tensor_that_requires_grad_is_reported() -> None:
+    p = torch.nn.Parameter(torch.tensor([0.0, 2.0, 4.0]))
+    assert tensor_report("w", p).step == 2.0
+
+
+def test_complex_and_non_tensors_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"w: complex tensor"):
+        tensor_report("w", torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"w: expected the tensor as a torch.Tensor, got list"):
+        tensor_report("w", [1.0, 2.0])  # type: ignore[arg-type]
+
+
+# --- errors against a reference -------------------------------------------------------
+
+
+def test_reference_errors_match_hand_computation() -> None:
+    r = tensor_report(
+        "w", torch.tensor([1.0, 2.0, 3.0, 4.0]), reference=torch.tensor([1.0, 2.0, 3.0, 5.0])
+    )
+    assert r.max_abs_error == 1.0
+    assert r.rmse == pytest.approx(0.5)  # sqrt(1 / 4)
+    assert r.sqnr_db == pytest.approx(10 * math.log10(39.0))  # (1 + 4 + 9 + 25) / 1
+
+
+def test_exact_quantisation_has_infinite_sqnr() -> None:
+    t = torch.tensor([0.25, -0.5])
+    r = tensor_report("w", t, reference=t.clone())
+    assert (r.max_abs_error, r.rmse, r.sqnr_db) == (0.0, 0.0, math.inf)
+
+
+def test_zero_reference_with_error_has_minus_infinite_sqnr() -> None:
+    r = tensor_report("w", torch.tensor([1.0, 0.0]), reference=torch.zeros(2))
+    assert r.sqnr_db == -math.inf
+    assert r.rmse == pytest.approx(math.sqrt(0.5))
+
+
+def test_no_reference_means_no_errors() -> None:
+    r = tensor_report("w", torch.tensor([1.0]))
+    assert (r.max_abs_error, r.rmse, r.sqnr_db) == (None, None, None)
+
+
+def test_non_finite_elements_are_left_out_of_errors() -> None:
+    r = tensor_report(
+        "w",
+        torch.tensor([1.0, math.nan, 3.0]),
+        reference=torch.tensor([2.0, 0.0, math.inf]),
+    )
+    assert (r.max_abs_error, r.rmse) == (1.0, 1.0)
+    assert r.sqnr_db == pytest.approx(10 * math.log10(4.0))
+
+
+def test_reference_of_other_dtype_is_compared_in_float64() -> None:
+    r = tensor_report(
+        "w", torch.tensor([1, 2], dtype=torch.int8), reference=torch.tensor([1.5, 2.0])
+    )
+    assert r.max_abs_error == 0.5
+
+
+def test_reference_shape_mismatch_names_the_tensor() -> None:
+    with pytest.raises(ValueError, match=r"layers\.0\.weight: reference shape \(3,\) differs"):
+        tensor_report("layers.0.weight", torch.zeros(2, 2), reference=torch.zeros(3))
+
+
+# --- totals and families --------------------------------------------------------------
+
+
+def _entries() -> list[TensorReport]:
+    return [
+        tensor_report(
+            "a.weight",
+            torch.tensor([-1.0, 0.0, 1.0, 1.0]),
+            family="weights",
+            transform="stochastic_rounding(num_levels=3)",
+        ),
+        tensor_report(
+            "a.bias", torch.tensor([0.5, 0.25]), family="biases", transform="dropout(p=0.5)"
+        ),
+        tensor_report("n.weight", torch.ones(8, dtype=torch.float16), family="norms"),
+        tensor_report("step", torch.tensor([3], dtype=torch.int64)),
+        tensor_report("b.weight", torch.zeros(6), family="weights", transform="identity()"),
+    ]
+
+
+def test_quantised_means_a_transform_other_than_identity_or_dropout() -> None:
+    assert [e.quantised for e in _entries()] == [True, False, False, False, False]
+
+
+def test_totals_count_parameters_and_sizes() -> None:
+    t = Report.build(_entries()).totals
+    assert (t.tensors, t.parameters, t.quantised_parameters) == (5, 21, 4)
+    assert t.quantised_share == pytest.approx(4 / 21)
+    assert t.float32_bits == 21 * 32
+    # 4 x 2 bits + 2 float32 + 8 float16 + 1 int64 + 6 float32.
+    assert t.reported_bits == 4 * 2 + 2 * 32 + 8 * 16 + 64 + 6 * 32
+    assert t.ratio == pytest.approx(672 / 456)
+
+
+def test_family_totals_are_sorted_with_no_family_last() -> None:
+    families = Report.build(_entries()).families
+    assert list(families) == ["biases", "norms", "weights", None]
+    assert families["weights"] == Totals(2, 10, 4, 320, 8 + 192)
+    assert families[None].parameters == 1
+
+
+def test_empty_report_has_no_ratio() -> None:
+    r = Report.build([])
+    assert (r.totals.parameters, r.totals.quantised_share, r.totals.ratio) == (0, 0.0, None)
+    assert r.ok
+
+
+def test_duplicate_tensor_names_are_refused() -> None:
+    e = tensor_report("w", torch.zeros(1))
+    with pytest.raises(ValueError, match="'w' is reported twice"):
+        Report.build([e, e])
+
+
+def test_describe_transform_formats_arguments() -> None:
+    text = describe_transform("stochastic_rounding", {"num_levels": 16, "output_range": (-1, 1)})
+    assert text == "stochastic_rounding(num_levels=16, output_range=(-1, 1))"
+
+
+# --- hardware limits ------------------------------------------------------------------
+
+
+def _limited(values: list[float], limit: tuple[bool, int]) -> Report:
+    entry = tensor_report("w", torch.tensor(values), family="weights", transform="int_quant()")
+    other = tensor_report("x", torch.tensor([0.5, 1e9]), family="other")
+    return Report.build([entry, other], limits={"weights": limit})
+
+
+def test_tensor_within_its_limit_passes() -> None:
+    r = _limited([-128.0, 0.0, 127.0], (True, 8))
+    assert r.ok
+    assert r.violations == ()
+
+
+def test_non_integer_values_violate() -> None:
+    r = _limited([0.0, 0.5], (True, 8))
+    assert not r.ok
+    assert r.violations == (
+        Violation(
+            "w",
+            "weights",
+            "expected integers for signed 8-bit [-128, 127], found non-integer values (step 0.5)",
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "limit", "found"),
+    [
+        ([-129.0, 0.0], (True, 8), "range [-129, 0]"),
+        ([0.0, 128.0], (True, 8), "range [0, 128]"),
+        ([-1.0, 3.0], (False, 4), "range [-1, 3]"),
+        ([0.0, 16.0], (False, 4), "range [0, 16]"),
+    ],
+)
+def test_range_outside_the_limit_violates(
+    values: list[float], limit: tuple[bool, int], found: str
+) -> None:
+    (violation,) = _limited(values, limit).violations
+    assert violation.reason.endswith(f"found {found}")
+    assert str(violation).startswith("w: expected integers for ")
+
+
+def test_non_finite_values_violate() -> None:
+    reasons = [v.reason for v in _limited([1.0, math.inf], (False, 2)).violations]
+    assert reasons == ["expected integers for unsigned 2-bit [0, 3], found 1 non-finite values"]
+
+
+def test_families_without_a_limit_are_not_checked() -> None:
+    r = _limited([1.0], (False, 1))
+    assert [v.name for v in r.violations] == []
+    assert r.limits == {"weights": (False, 1)}
+
+
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        ((True, 0), r"limits\.weights: expected bits as an integer >= 1, got 0"),
+        (("yes", 8), r"limits\.weights: expected signed as true or false, got 'yes'"),
+        ((True,), r"limits\.weights: expected \(signed, bits\)"),
+        ((True, 8.0), r"expected bits as an integer >= 1, got 8\.0"),
+    ],
+)
+def test_bad_limits_are_config_errors(limit: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Report.build([], limits={"weights": limit})  # type: ignore[dict-item]
+
+
+def test_meta_must_be_json_safe() -> None:
+    with pytest.raises(ConfigError, match=r"^meta: expected JSON-safe values"):
+        Report.build([], meta={"seed": math.nan})
+    with pytest.raises(ConfigError, match=r"^meta: "):
+        Report.build([], meta={"net": torch.zeros(1)})
+
+
+# --- encodings ------------------------------------------------------------------------
+
+
+def _small_report() -> Report:
+    """A fixed report whose numbers are exact in binary, for the golden file."""
+    entries = [
+        tensor_report(
+            "layers.0.weight",
+            torch.tensor([[-0.5, 0.0, 0.5], [0.5, 0.0, -0.5]]),
+            family="weights",
+            transform="stochastic_rounding(num_levels=3)",
+            reference=torch.tensor([[-0.5, 0.25, 0.5], [0.5, 0.0, -0.75]]),
+        ),
+        tensor_report(
+            "layers.0.bias",
+            torch.tensor([1.0, -2.0, 3.0]),
+            family="biases",
+            transform="int_quant(n_bits=3)",
+            reference=torch.tensor([1.0, -2.0, 3.0]),
+        ),
+        tensor_report("norm.weight", torch.tensor([1.0, 1.5], dtype=torch.float16), family="norms"),
+        tensor_report("counter", torch.arange(4)),
+    ]
+    meta = {
+        "rockq_version": "0.1.0",
+        "recipe": "int4-weights",
+        "seed": 0,
+        "input_sha256": "0" * 64,
+    }
+    return Report.build(entries, limits={"weights": (True, 4), "biases": (True, 2)}, meta=meta)
+
+
+def test_small_report_matches_golden_json() -> None:
+    path = GOLDEN / "report_small.json"
+    text = _small_report().to_json() + "\n"
+    if os.environ.get("ROCKQ_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert path.read_text(encoding="utf-8") == text
+
+
+def test_to_dict_keys_are_stable_and_infinities_are_strings() -> None:
+    data = _small_report().to_dict()
+    assert list(data) == [
+        "format",
+        "meta",
+        "totals",
+        "families",
+        "limits",
+        "ok",
+        "violations",
+        "tensors",
+    ]
+    assert data["format"] == FORMAT
+    assert data["tensors"][1]["sqnr_db"] == "inf"
+    assert data["families"][-1]["family"] is None
+    assert data["limits"] == {
+        "weights": {"signed": True, "bits": 4},
+        "biases": {"signed": True, "bits": 2},
+    }
+    json.dumps(data, allow_nan=False)  # strict JSON: would raise on a float inf
+
+
+def test_report_round_trips_through_json() -> None:
+    report = _small_report()
+    assert Report.from_dict(json.loads(report.to_json())) == report
+
+
+def test_minus_infinity_round_trips() -> None:
+    e = tensor_report("w", torch.tensor([1.0]), reference=torch.zeros(1))
+    report = Report.build([e])
+    assert report.to_dict()["tensors"][0]["sqnr_db"] == "-inf"
+    assert Report.from_dict(json.loads(report.to_json())) == report
+
+
+def test_from_dict_refuses_other_formats() -> None:
+    with pytest.raises(ConfigError, match=r"^format: expected format 'rockq-report/1', found None"):
+        Report.from_dict({"tensors": []})
+
+
+def test_from_dict_names_the_bad_key() -> None:
+    data = _small_report().to_dict()
+    data["tensors"][2]["distinc"] = data["tensors"][2].pop("distinct")
+    with pytest.raises(
+        ConfigError, match=r"tensors\[2\]: unknown key 'distinc' \(did you mean 'distinct'\?\)"
+    ):
+        Report.from_dict(data)
+    data = _small_report().to_dict()
+    data["tensors"][0]["rmse"] = "big"
+    with pytest.raises(ConfigError, match=r"tensors\[0\]\.rmse: expected a number"):
+        Report.from_dict(data)
+    data = _small_report().to_dict()
+    del data["limits"]["weights"]["bits"]
+    with pytest.raises(ConfigError, match=r"limits\.weights: missing key 'bits'"):
+        Report.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("distinct", "3", r"tensors\[1\]\.distinct: expected int, got '3'"),
+        ("numel", True, r"tensors\[1\]\.numel: expected int, got True"),
+        ("family", 7, r"tensors\[1\]\.family: expected str or null, got 7"),
+        ("shape", [3.0], r"tensors\[1\]\.shape: expected a list of integers"),
+        ("dtype", "float33", r"tensors\[1\]\.dtype: expected a torch dtype name"),
+    ],
+)
+def test_from_dict_checks_field_kinds(field: str, value: object, message: str) -> None:
+    data = _small_report().to_dict()
+    data["tensors"][1][field] = value
+    with pytest.raises(ConfigError, match=message):
+        Report.from_dict(data)
+
+
+def test_markdown_shows_tensors_totals_and_violations() -> None:
+    md = _small_report().to_markdown()
+    lines = md.splitlines()
+    assert lines[0] == "# Quantisation report"
+    assert "- recipe: int4-weights" in lines
+    row = next(line for line in lines if line.startswith("| layers.0.weight |"))
+    assert (
+        "| weights | 2×3 | float32 | stochastic_rounding(num_levels=3) | 3 | 2 | [-0.5, 0.5] | 0.5 |"
+        in row
+    )
+    assert "- tensors: 4" in lines
+    assert "- parameters: 15 (9 quantised, 60.0%)" in lines
+    assert any(
+        line.startswith("- **layers.0.bias**: expected integers for signed 2-bit [-2, 1]")
+        for line in lines
+    )
+
+
+def test_markdown_escapes_pipes_in_cells() -> None:
+    md = Report.build([tensor_report("a|b", torch.zeros(1))]).to_markdown()
+    assert "| a\\|b |" in md
+
+
+def test_markdown_says_when_all_limits_hold() -> None:
+    e = tensor_report("w", torch.tensor([1.0]), family="weights")
+    assert (
+        "All tensors are within their limits."
+        in Report.build([e], limits={"weights": (False, 1)}).to_markdown()
+    )
+
+
+# --- properties -----------------------------------------------------------------------
+
+
+def _expected_step(ks: list[int]) -> int | None:
+    levels = sorted(set(ks))
+    gaps = [b - a for a, b in itertools.pairwise(levels)]
+    if not gaps:
+        return None
+    smallest = min(gaps)
+    return smallest if all(g % smallest == 0 for g in gaps) else None
+
+
+_STEPS = st.one_of(
+    st.sampled_from([0.1, 0.25, 1.0, 1 / 3, 7.0]),
+    st.floats(min_value=1e-3, max_value=1e3, allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ks=st.lists(st.integers(-1000, 1000), min_size=1, max_size=40), step=_STEPS)
+def test_grid_of_integer_multiples_is_recovered_in_float64(ks: list[int], step: float) -> None:
+    r = tensor_report("w", torch.tensor(ks, dtype=torch.float64) * step)
+    n = len(set(ks))
+    assert r.distinct == n
+    assert r.bits_needed == math.ceil(math.log2(n))
+    expected = _expected_step(ks)
+    if expected is None:
+        assert r.step is None
+    else:
+        assert r.step == pytest.approx(expected * step, rel=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ks=st.lists(st.integers(-300, 300), min_size=1, max_size=40),
+    stride=st.integers(1, 5),
+    step=_STEPS,
+)
+def test_grid_of_integer_multiples_is_recovered_in_float32(
+    ks: list[int], stride: int, step: float
+) -> None:
+    # Adjacent levels 0 and stride pin the smallest gap; all gaps are multiples of it.
+    levels = [0, stride] + [k * stride for k in ks]
+    values = (torch.tensor(levels, dtype=torch.float64) * step).float()
+    r = tensor_report("w", values)
+    n = len(set(levels))
+    assert r.distinct == n
+    assert r.bits_needed == math.ceil(math.log2(n))
+    assert r.step is not None
+    scale = max(abs(k) for k in levels) * step
+    assert abs(r.step - stride * step) <= torch.finfo(torch.float32).eps * scale
+
+
+def test_expected_step_helper_agrees_with_gcd() -> None:
+    # The property tests' oracle: a grid exists exactly when the gcd equals the smallest gap.
+    for ks in ([0, 2, 4], [0, 2, 5], [3, 9, 12], [1]):
+        levels = sorted(set(ks))
+        gaps = [b - a for a, b in itertools.pairwise(levels)]
+        gcd = reduce(math.gcd, gaps, 0)
+        expected = _expected_step(ks)
+        assert expected == (gcd if gaps and gcd == min(gaps) else None)
