@@ -297,7 +297,11 @@ def make_param_T_network(net: nn.Module, T_config_tree: Tree, inplace: bool = Fa
     _validate_param_tree(net, T_config_tree, "")
     if not inplace:
         net = copy.deepcopy(net)
-    return _patch_params(net, T_config_tree, {})
+    memo: dict[int, nn.Module] = {}
+    _patch_params(net, T_config_tree, memo)
+    _tie_transforms(net, memo)
+    _share_patches(net, memo)
+    return memo.get(id(net), net)
 
 
 def _validate_param_tree(module: nn.Module, tree: Tree, prefix: str) -> None:
@@ -305,17 +309,29 @@ def _validate_param_tree(module: nn.Module, tree: Tree, prefix: str) -> None:
         raise ConfigError(f"the config at '{prefix or '<root>'}' must be a mapping, got {tree!r}")
     for key, node in tree.items():
         where = _join(prefix, key)
+        owner = _owner(module, key)
         if isinstance(node, Mapping):
-            child = module._modules.get(key)
+            child = owner._modules.get(key)
             if child is None:
-                names = [n for n, _ in _children(module)]
+                names = [n for n, _ in _children(owner)]
                 raise ConfigError(
-                    f"'{where}' names no sub-module of {type(module).__name__}; it has "
+                    f"'{where}' names no sub-module of {type(owner).__name__}; it has "
                     f"{names or 'none'}{did_you_mean(key, names)}"
                 )
             _validate_param_tree(child, node, where)
         else:
-            _check_tensor_attr(module, key, node, where)
+            _check_tensor_attr(owner, key, node, where)
+
+
+def _owner(module: nn.Module, key: str) -> nn.Module:
+    """The module a config key refers to: activation wrappers are seen through.
+
+    So a parameter tree built on the plain network also fits one with activation
+    transforms; a key of the wrapper itself (``_mod``) still names the wrapper's child.
+    """
+    while isinstance(module, ActWrapper) and key not in module._modules:
+        module = module._mod
+    return module
 
 
 def _patch_params(module: nn.Module, tree: Tree, memo: dict[int, nn.Module]) -> nn.Module:
@@ -324,14 +340,76 @@ def _patch_params(module: nn.Module, tree: Tree, memo: dict[int, nn.Module]) -> 
     own: dict[str, Transform] = {}
     for key, node in tree.items():
         if isinstance(node, Mapping):
-            child = module._modules[key]
+            owner = _owner(module, key)
+            child = owner._modules[key]
             if child is not None:
-                module._modules[key] = _patch_params(child, node, memo)
+                owner._modules[key] = _patch_params(child, node, memo)
         else:
             own[key] = node
-    patched: nn.Module = TWrapper(module, own) if own else module
+    patched: nn.Module = module
+    if own:
+        # The parameter wrapper goes inside any activation wrapper, as make_act_T_network
+        # would place them.
+        holder, inner = None, module
+        while isinstance(inner, ActWrapper):
+            holder, inner = inner, inner._mod
+        wrapper = TWrapper(inner, own)
+        if holder is None:
+            patched = wrapper
+        else:
+            holder._modules["_mod"] = wrapper
     memo[id(module)] = patched
     return patched
+
+
+def _tie_transforms(net: nn.Module, memo: dict[int, nn.Module]) -> None:
+    """Give every module that holds a transformed tensor that tensor's transform.
+
+    A tensor tied between modules (an embedding shared with an output layer) is listed
+    once, so a tree names it in one module only; the other holders must use it
+    transformed too, or the patched forward pass would differ from the burned-in network.
+    New wrappers are added to ``memo`` for :func:`_share_patches` to put in place.
+    """
+    wrappers = {id(m._mod): m for m in memo.values() if isinstance(m, TWrapper)}
+    for m in memo.values():
+        if isinstance(m, ActWrapper) and isinstance(m._mod, TWrapper):
+            wrappers[id(m._mod._mod)] = m._mod
+    fns: dict[int, Transform] = {}
+    for wrapper in wrappers.values():
+        for attr, fn in wrapper.T_config.items():
+            fns.setdefault(id(getattr(wrapper._mod, attr)), fn)
+    if not fns:
+        return
+    for module in list(nn.Module.modules(net)):
+        if isinstance(module, _Wrapper):
+            continue
+        tied = {
+            attr: fns[id(getattr(module, attr))]
+            for attr in _tensor_attrs(module)
+            if id(getattr(module, attr)) in fns
+        }
+        if not tied:
+            continue
+        existing = wrappers.get(id(module))
+        if existing is None:
+            memo[id(module)] = TWrapper(module, tied)
+        else:
+            for attr, fn in tied.items():
+                existing._T_config.setdefault(attr, fn)
+
+
+def _share_patches(net: nn.Module, memo: dict[int, nn.Module]) -> None:
+    """Point every parent of a patched module at its one wrapper.
+
+    ``named_modules()`` lists a module shared by several parents once, so a tree may name
+    it at one path only; every other parent must use the same wrapper, or the module would
+    run unpatched there.
+    """
+    for parent in list(nn.Module.modules(net)):
+        for name, child in list(_children(parent)):
+            patched = memo.get(id(child))
+            if patched is not None and patched is not child and patched is not parent:
+                parent._modules[name] = patched
 
 
 def _named_wrappers(net: nn.Module) -> Iterator[tuple[str, TWrapper]]:
@@ -379,10 +457,14 @@ def apply_T(
     if on_tensor is not None:
         if not inplace:
             T_net = copy.deepcopy(T_net)
+        done: set[int] = set()  # a tied tensor is transformed once
         with torch.no_grad():
             for path, wrapper in _named_wrappers(T_net):
                 for attr, fn in wrapper.T_config.items():
                     raw = getattr(wrapper._mod, attr)
+                    if id(raw) in done:
+                        continue
+                    done.add(id(raw))
                     value = fn(raw)
                     on_tensor(_join(path, attr), raw, value)
                     _store(wrapper._mod, attr, value)
@@ -401,17 +483,25 @@ def apply_T(
                     tensor = getattr(w._mod, attr)
                     memo[id(tensor)] = _fresh_like(tensor, new_values[(id(w), attr)])
         return copy.deepcopy(T_net, memo)
+    burned: set[int] = set()  # a tied tensor is transformed once
     with torch.no_grad():
         for wrapper in _wrappers(T_net):
-            wrapper.apply_T(inplace=True)
+            for attr, fn in wrapper.T_config.items():
+                raw = getattr(wrapper._mod, attr)
+                if id(raw) not in burned:
+                    burned.add(id(raw))
+                    _store(wrapper._mod, attr, fn(raw))
     return T_net
 
 
 def _fresh_like(old: Tensor, value: Tensor) -> Tensor:
     value = value.detach()
+    if value.untyped_storage().data_ptr() == old.untyped_storage().data_ptr():
+        # The transform returned its input or a view of it: the copy must not alias it.
+        value = value.clone()
     if isinstance(old, nn.Parameter):
-        return nn.Parameter(value.clone() if value is old else value, old.requires_grad)
-    return value.clone() if value is old else value
+        return nn.Parameter(value, old.requires_grad)
+    return value
 
 
 def remove_T_net(T_net: nn.Module, inplace: bool = False) -> nn.Module:
@@ -508,7 +598,10 @@ def make_act_T_network(net: nn.Module, act_T_config: Tree, inplace: bool = False
     _validate_act_tree(net, act_T_config, "")
     if not inplace:
         net = copy.deepcopy(net)
-    return _patch_acts(net, act_T_config, {})
+    memo: dict[int, nn.Module] = {}
+    patched = _patch_acts(net, act_T_config, memo)
+    _share_patches(net, memo)
+    return patched
 
 
 def _validate_act_tree(module: nn.Module, tree: Tree, prefix: str) -> None:
