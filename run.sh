@@ -4,8 +4,8 @@
 #   bash run.sh demo    quantise the built-in example network and show the report
 #   bash run.sh test    run the test suite
 #
-# The first run creates .venv with torch's CPU build and rockq (with its test, lint and
-# Rockpool extras); later runs reuse it. Extra arguments go to the command, e.g.
+# The first run creates .venv with torch's CPU build and rockq (with its test, lint,
+# Rockpool and examples extras); later runs reuse it. Extra arguments go to the command, e.g.
 # `bash run.sh test -m "not slow"`. Set TORCH_SPEC to install another torch build.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,7 +18,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setting up .venv (first run only) ..." >&2
     "$python" -m venv .venv
     .venv/bin/python -m pip install --quiet "$torch_spec"
-    .venv/bin/python -m pip install --quiet -e ".[test,lint,rockpool]"
+    .venv/bin/python -m pip install --quiet -e ".[test,lint,rockpool,examples]"
     touch "$stamp"
 fi
 
