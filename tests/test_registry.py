@@ -506,3 +506,12 @@ def test_one_generator_per_device() -> None:
     assert torch.equal(again(x.cuda()), on_gpu)
     copied = pickle.loads(pickle.dumps(T))
     assert torch.equal(copied(x.cuda()), T(x.cuda()))
+
+
+def test_values_too_large_for_the_arithmetic_are_reported() -> None:
+    error = check_error("stochastic_rounding", {"num_levels": 10**30})
+    assert error.key == "num_levels"
+    assert error.message.startswith("is too large for stochastic_rounding (")
+    error = check_error("int_quant", {"map_to_max": True, "max_n_bits": 3000})
+    assert error.key is None
+    assert error.message.startswith("the arguments are too large for int_quant (")

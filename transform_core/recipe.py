@@ -76,6 +76,7 @@ RECIPE_VERSION = 1
 
 _REGEX_PREFIX = "re:"
 _BUILTIN_PACKAGE = "recipes"
+_MAX_VALUE_NODES = 100_000
 
 # Top-level keys. New sections (fine-tuning, hardware limits) get a parser here and a field on
 # Recipe; anything not listed stays an error.
@@ -263,6 +264,8 @@ class _Parser:
         self.text = text
         self.source = source
         self._constructor = SafeConstructor()
+        self._open: set[int] = set()
+        self._built = 0
 
     def error(self, message: str, node: Node | None, key: str | None) -> RecipeError:
         line = None if node is None else node.start_mark.line + 1
@@ -301,13 +304,34 @@ class _Parser:
 
     def value(self, node: Node, key: str | None) -> Any:
         """Build the Python value of a node, rejecting duplicate keys at any depth."""
-        if isinstance(node, MappingNode):
-            return {
-                name: self.value(value_node, _join(key, name))
-                for name, (_, value_node) in self.items(node, key, "a value").items()
-            }
-        if isinstance(node, SequenceNode):
-            return [self.value(child, f"{key}[{i}]") for i, child in enumerate(node.value)]
+        if isinstance(node, (MappingNode, SequenceNode)):
+            # An alias may point at a node that contains it; such a value never ends.
+            if id(node) in self._open:
+                raise self.error(
+                    "a YAML alias (*name) refers to a value that contains it; "
+                    "recipe values cannot be recursive",
+                    node,
+                    key,
+                )
+            self._built += len(node.value)
+            if self._built > _MAX_VALUE_NODES:
+                # Aliases of aliases can expand a small file into billions of values.
+                raise self.error(
+                    f"the recipe's values expand to more than {_MAX_VALUE_NODES} items "
+                    "(through YAML aliases?); write the values out plainly",
+                    node,
+                    key,
+                )
+            self._open.add(id(node))
+            try:
+                if isinstance(node, MappingNode):
+                    return {
+                        name: self.value(value_node, _join(key, name))
+                        for name, (_, value_node) in self.items(node, key, "a value").items()
+                    }
+                return [self.value(child, f"{key}[{i}]") for i, child in enumerate(node.value)]
+            finally:
+                self._open.discard(id(node))
         try:
             return self._constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:

@@ -482,13 +482,18 @@ def _call_probe(spec: TransformSpec, args: Mapping[str, Any]) -> None:
         spec.function(_probe_tensor(spec), **args, **extra)
 
 
-def _range_error(spec: TransformSpec, args: Mapping[str, Any], exc: ValueError) -> RecipeError:
-    """Turn the function's ValueError into a RecipeError keyed on the argument to blame."""
+# What a transform raises for argument values it refuses. OverflowError covers values so large
+# that the function's arithmetic fails before its own checks could word an error.
+_REFUSED = (ValueError, OverflowError)
+
+
+def _range_error(spec: TransformSpec, args: Mapping[str, Any], exc: Exception) -> RecipeError:
+    """Turn the function's refusal into a RecipeError keyed on the argument to blame."""
     required = {k: v for k, v in args.items() if (a := spec.arg(k)) is not None and a.required}
     culprit: str | None = None
     try:
         _call_probe(spec, required)
-    except ValueError:
+    except _REFUSED:
         if len(required) == 1:
             culprit = next(iter(required))
     else:
@@ -497,10 +502,15 @@ def _range_error(spec: TransformSpec, args: Mapping[str, Any], exc: ValueError) 
                 continue
             try:
                 _call_probe(spec, {**required, name: value})
-            except ValueError:
+            except _REFUSED:
                 culprit = name
                 break
     message = str(exc).strip() or f"{type(exc).__name__} from {spec.name}"
+    if isinstance(exc, OverflowError):
+        subject = "is" if culprit is not None else "the arguments are"
+        return RecipeError(
+            f"{subject} too large for {spec.name} ({message}); use smaller values", key=culprit
+        )
     if culprit is not None:
         # The function names the argument; the key path already does, so say it once.
         for prefix in (f"{culprit} ", f"{culprit}: ", f"'{culprit}' ", f"`{culprit}` "):
@@ -566,7 +576,7 @@ def validate_args(spec: TransformSpec, args: Mapping[str, Any] | None) -> dict[s
         raise RecipeError(f"{spec.name} needs the argument(s) {listed}; add them under 'args'")
     try:
         _call_probe(spec, cleaned)
-    except ValueError as exc:
+    except _REFUSED as exc:
         raise _range_error(spec, cleaned, exc) from exc
     return cleaned
 

@@ -1,0 +1,815 @@
+"""Tests for transform_core.recipe: the YAML schema, its errors, loading and built-in recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transform_core.errors import RecipeError
+from transform_core.recipe import (
+    Recipe,
+    Rule,
+    builtin_recipe_text,
+    builtin_recipes,
+    load_recipe,
+    parse_recipe,
+)
+from transform_core.registry import derive_seed, get_transform
+
+BUILTINS = ["int8", "int8-act", "qat4", "ternary"]
+
+
+def recipe_error(text: str) -> RecipeError:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(textwrap.dedent(text).lstrip("\n"), source="r.yaml")
+    return info.value
+
+
+# --- the brief's example, exactly --------------------------------------------------------
+
+
+def test_error_names_file_line_key_and_expectation() -> None:
+    error = recipe_error(
+        """
+        version: 1
+        description: too few levels
+        params:
+          - family: weights
+            transform: stochastic_rounding
+            args:
+              num_levels: 1
+        """
+    )
+    assert str(error) == "r.yaml:7: params[0].args.num_levels: must be an integer >= 2, got 1"
+    assert (error.path, error.line, error.key) == ("r.yaml", 7, "params[0].args.num_levels")
+
+
+# --- every error path: message and line --------------------------------------------------
+
+ERROR_CASES = {
+    "unknown top-level key": (
+        """
+        version: 1
+        parms: []
+        """,
+        "r.yaml:2: parms: unknown key 'parms' (did you mean 'params'?); expected one of "
+        "version, description, seed, families, params, activations",
+    ),
+    "unknown rule key": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transfrom: identity
+        """,
+        "r.yaml:4: params[0].transfrom: unknown key 'transfrom' (did you mean 'transform'?); "
+        "expected one of family, match, module, transform, args, optional",
+    ),
+    "unknown transform": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: stochastic_roundin
+        """,
+        "r.yaml:4: params[0].transform: unknown transform 'stochastic_roundin' (did you mean "
+        "'stochastic_rounding'?); expected one of stochastic_rounding, deterministic_rounding, "
+        "stochastic_channel_rounding, int_quant, t_decay, dropout, identity or your own "
+        "'package.module:function'",
+    ),
+    "unknown argument": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: stochastic_rounding
+            args: {seed: 1,
+                   num_level: 3}
+        """,
+        "r.yaml:5: params[0].args.seed: unknown argument 'seed' for stochastic_rounding; "
+        "expected input_range, output_range, num_levels, maintain_zero",
+    ),
+    "misspelt argument": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: stochastic_rounding
+            args:
+              maintain_zero: true
+              num_level: 3
+        """,
+        "r.yaml:7: params[0].args.num_level: unknown argument 'num_level' for "
+        "stochastic_rounding (did you mean 'num_levels'?); expected input_range, "
+        "output_range, num_levels, maintain_zero",
+    ),
+    "bool given for int": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: deterministic_rounding
+            args:
+              num_levels: yes
+        """,
+        "r.yaml:6: params[0].args.num_levels: must be an integer, got true (a boolean)",
+    ),
+    "fraction given for int": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: int_quant
+            args: {n_bits: 2.5}
+        """,
+        "r.yaml:5: params[0].args.n_bits: must be an integer, got 2.5",
+    ),
+    "range of three numbers": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: deterministic_rounding
+            args:
+              output_range: [-1, 0, 1]
+        """,
+        "r.yaml:6: params[0].args.output_range: must be a range [min, max] of two numbers or "
+        "null, got [-1, 0, 1] (a list of 3)",
+    ),
+    "reversed range": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: deterministic_rounding
+            args:
+              num_levels: 255
+              output_range: [127, -128]
+        """,
+        "r.yaml:7: params[0].args.output_range: is reversed: got [127.0, -128.0]; give it as "
+        "[min, max], e.g. [-128.0, 127.0]",
+    ),
+    "probability out of range": (
+        """
+        version: 1
+        activations:
+          - module: Linear
+            transform: dropout
+            args: {dropout_prob: 1.5}
+        """,
+        "r.yaml:5: activations[0].args.dropout_prob: must be a number in [0, 1], got 1.5",
+    ),
+    "missing required argument": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: stochastic_channel_rounding
+        """,
+        "r.yaml:3: params[0].args: stochastic_channel_rounding needs the argument(s) "
+        "output_range ([float, float]); add them under 'args'",
+    ),
+    "args not a mapping": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: identity
+            args: [1, 2]
+        """,
+        "r.yaml:5: params[0].args: 'args' must be a mapping, got a list",
+    ),
+    "bad regex": (
+        """
+        version: 1
+        params:
+          - match: "re:fc[.weight"
+            transform: identity
+        """,
+        "r.yaml:3: params[0].match: bad regular expression 'fc[.weight': unterminated "
+        "character set at position 2; fix it or drop the 're:' prefix to use a glob",
+    ),
+    "duplicate key": (
+        """
+        version: 1
+        params: []
+        version: 1
+        """,
+        "r.yaml:3: version: duplicate key 'version' (first given on line 1); keep one",
+    ),
+    "duplicate argument": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: deterministic_rounding
+            args:
+              num_levels: 3
+              num_levels: 5
+        """,
+        "r.yaml:7: params[0].args.num_levels: duplicate key 'num_levels' (first given on "
+        "line 6); keep one",
+    ),
+    "bad YAML": (
+        """
+        version: 1
+        params:
+          - family: weights
+           transform: identity
+        """,
+        "r.yaml:4: invalid YAML: while parsing a block collection; expected <block end>, but "
+        "found '<block mapping start>'; check indentation, colons and quoting",
+    ),
+    "version 2": (
+        """
+        # a newer recipe
+        version: 2
+        fine_tuning: {epochs: 3}
+        """,
+        "r.yaml:2: version: unsupported recipe version 2; this rockq reads 'version: 1' recipes",
+    ),
+    "version as a string": (
+        """
+        version: "1"
+        """,
+        "r.yaml:1: version: unsupported recipe version '1'; this rockq reads 'version: 1' recipes",
+    ),
+    "version missing": (
+        """
+        description: no version
+        params: []
+        """,
+        "r.yaml:1: missing 'version'; start the recipe with 'version: 1'",
+    ),
+    "top level a list": (
+        """
+        - version: 1
+        """,
+        "r.yaml:1: a recipe must be a mapping, got a list",
+    ),
+    "no rules": (
+        """
+        version: 1
+        description: nothing to do
+        """,
+        "r.yaml:1: the recipe has no rules; add a 'params' or 'activations' list of rules",
+    ),
+    "params not a list": (
+        """
+        version: 1
+        params:
+          family: weights
+        """,
+        "r.yaml:3: params: must be a list of rules (each starting with '- '), got "
+        "{'family': 'weights'}",
+    ),
+    "null params": (
+        """
+        version: 1
+        params:
+        """,
+        "r.yaml:2: params: must be a list of rules (each starting with '- '), got null",
+    ),
+    "family and match": (
+        """
+        version: 1
+        params:
+          - family: weights
+            match: "*.weight"
+            transform: identity
+        """,
+        "r.yaml:3: params[0]: a params rule needs exactly one of 'family' or 'match', found both",
+    ),
+    "neither family nor match": (
+        """
+        version: 1
+        params:
+          - module: Linear
+            transform: identity
+        """,
+        "r.yaml:3: params[0]: a params rule needs exactly one of 'family' or 'match', found "
+        "neither",
+    ),
+    "activation by family": (
+        """
+        version: 1
+        activations:
+          - module: Linear
+            transform: identity
+          - family: weights
+            transform: identity
+        """,
+        "r.yaml:5: activations[1].family: activation rules select modules by 'module' and/or "
+        "'match', not 'family'",
+    ),
+    "activation without selector": (
+        """
+        version: 1
+        activations:
+          - transform: identity
+        """,
+        "r.yaml:3: activations[0]: an activations rule needs 'module' (a class name) and/or "
+        "'match' (a module name glob)",
+    ),
+    "transform missing": (
+        """
+        version: 1
+        params:
+          - family: weights
+        """,
+        "r.yaml:3: params[0]: a rule needs 'transform: NAME'",
+    ),
+    "transform not a string": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: 3
+        """,
+        "r.yaml:4: params[0].transform: must be a transform name, got 3",
+    ),
+    "optional not a bool": (
+        """
+        version: 1
+        params:
+          - family: biases
+            transform: identity
+            optional: maybe
+        """,
+        "r.yaml:5: params[0].optional: must be true or false, got 'maybe'",
+    ),
+    "empty match": (
+        """
+        version: 1
+        params:
+          - match: ""
+            transform: identity
+        """,
+        "r.yaml:3: params[0].match: must be a glob or 're:' and a regular expression, got ''",
+    ),
+    "seed not an int": (
+        """
+        version: 1
+        seed: 1.5
+        params: []
+        """,
+        "r.yaml:2: seed: must be an integer, got 1.5",
+    ),
+    "families empty list": (
+        """
+        version: 1
+        families:
+          decays: []
+        params: []
+        """,
+        "r.yaml:3: families.decays: must be a non-empty list of globs on tensor names, got []",
+    ),
+    "families regex": (
+        """
+        version: 1
+        families:
+          decays: ["*.alpha", "re:.*beta"]
+        params: []
+        """,
+        "r.yaml:3: families.decays[1]: family patterns are globs, got 're:.*beta'; 're:' "
+        "regexes are for a rule's 'match'",
+    ),
+    "glob in two families": (
+        """
+        version: 1
+        families:
+          decays: ["*.alpha"]
+          taus:
+            - "*.alpha"
+        params: []
+        """,
+        "r.yaml:5: families.taus[0]: pattern '*.alpha' is already in family 'decays'; a "
+        "tensor belongs to one family",
+    ),
+    "non-string key": (
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: identity
+            1: x
+        """,
+        "r.yaml:5: params[0]: keys must be strings, got 1",
+    ),
+    "unsafe tag": (
+        """
+        version: 1
+        params:
+          - family: !!python/name:os.system weights
+            transform: identity
+        """,
+        "r.yaml:3: params[0].family: cannot read this value: could not determine a "
+        "constructor for the tag 'tag:yaml.org,2002:python/name:os.system'",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), ERROR_CASES.values(), ids=list(ERROR_CASES))
+def test_error_paths(text: str, expected: str) -> None:
+    error = recipe_error(text)
+    assert str(error) == expected
+    assert error.line == int(expected.split(":")[1])
+
+
+def test_empty_recipe() -> None:
+    for text in ("", "# only a comment\n"):
+        error = recipe_error(text)
+        assert str(error) == (
+            "r.yaml: the recipe is empty; expected a mapping starting with 'version: 1'"
+        )
+        assert error.line is None
+
+
+def test_errors_are_single_line() -> None:
+    for text, _ in ERROR_CASES.values():
+        assert "\n" not in str(recipe_error(text))
+
+
+# --- what a valid recipe parses to -------------------------------------------------------
+
+FULL = """\
+version: 1
+description: 4-bit stochastic weights, 8-bit biases
+seed: 7
+families:
+  decays: ["*.alpha", "*.beta"]
+params:
+  - family: weights
+    transform: stochastic_rounding
+    args: {num_levels: 16}
+  - match: "re:.*\\\\.bias"
+    module: "Lin*"
+    transform: deterministic_rounding
+    args: {num_levels: 256, output_range: [-128, 127]}
+    optional: true
+  - family: decays
+    transform: t_decay
+activations:
+  - module: Linear
+    transform: deterministic_rounding
+    args: {num_levels: 256, output_range: [-128, 127]}
+"""
+
+
+def test_full_recipe_fields() -> None:
+    recipe = parse_recipe(FULL, source="full.yaml")
+    assert (recipe.version, recipe.seed, recipe.source) == (1, 7, "full.yaml")
+    assert recipe.description == "4-bit stochastic weights, 8-bit biases"
+    assert recipe.families == {"decays": ("*.alpha", "*.beta")}
+    assert recipe.family_rules() == {"*.alpha": "decays", "*.beta": "decays"}
+    assert recipe.text == FULL
+    weights, biases, decays = recipe.params
+    assert weights.transform is get_transform("stochastic_rounding")
+    assert (weights.label, weights.family, weights.args, weights.line) == (
+        "params[0]",
+        "weights",
+        {"num_levels": 16},
+        7,
+    )
+    assert biases.args == {"num_levels": 256, "output_range": [-128.0, 127.0]}
+    assert (biases.match, biases.module, biases.optional) == (r"re:.*\.bias", "Lin*", True)
+    assert decays.transform.name == "t_decay" and decays.args == {}
+    (act,) = recipe.activations
+    assert (act.label, act.section, act.module, act.line) == (
+        "activations[0]",
+        "activations",
+        "Linear",
+        18,
+    )
+    assert repr(biases) == (
+        "<Rule params[1]: match=re:.*\\.bias, module=Lin* -> deterministic_rounding("
+        "num_levels=256, output_range=[-128.0, 127.0]), optional>"
+    )
+
+
+def test_recipe_and_rules_are_frozen() -> None:
+    recipe = parse_recipe(FULL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.seed = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.params[0].optional = True  # type: ignore[misc]
+
+
+def test_defaults_of_optional_keys() -> None:
+    recipe = parse_recipe("version: 1\nparams: [{family: weights, transform: identity}]")
+    assert (recipe.description, recipe.seed, recipe.families, recipe.activations) == (
+        "",
+        None,
+        {},
+        (),
+    )
+    assert recipe.source == "<string>"
+    assert recipe.params[0].optional is False and recipe.params[0].args == {}
+
+
+def rule(**fields: object) -> Rule:
+    return Rule("params", 0, get_transform("identity"), {}, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "name", "family", "module_class", "selected"),
+    [
+        ({"family": "weights"}, "fc.weight", "weights", "Linear", True),
+        ({"family": "weights"}, "fc.bias", "biases", "Linear", False),
+        ({"family": "weights"}, "fc.weight", None, "Linear", False),
+        ({"match": "*.weight"}, "enc.fc.weight", None, "Linear", True),
+        ({"match": "*.weight"}, "enc.fc.Weight", None, "Linear", False),  # case-sensitive
+        ({"match": "enc.*"}, "enc.fc.bias", "biases", "Linear", True),
+        ({"match": r"re:.*\.bias"}, "fc.bias", None, "Linear", True),
+        ({"match": r"re:.*\.bias"}, "fc.bias_scale", None, "Linear", False),  # full match
+        ({"match": "re:fc"}, "fc.weight", None, "Linear", False),
+        ({"family": "weights", "module": "Conv*"}, "c.weight", "weights", "Conv2d", True),
+        ({"family": "weights", "module": "Conv*"}, "fc.weight", "weights", "Linear", False),
+        ({"module": "Linear"}, "fc", None, "Linear", True),
+        ({"module": "Linear"}, "fc", None, "LinearTorch", False),
+        ({"module": "Linear", "match": "head.*"}, "body.fc", None, "Linear", False),
+    ],
+)
+def test_rule_selects(
+    fields: dict[str, str],
+    name: str,
+    family: str | None,
+    module_class: str,
+    selected: bool,
+) -> None:
+    assert rule(**fields).selects(name, family, module_class) is selected
+
+
+def test_later_rule_wins() -> None:
+    recipe = parse_recipe(
+        textwrap.dedent(
+            """
+            version: 1
+            params:
+              - family: weights
+                transform: deterministic_rounding
+              - match: "head.*"
+                transform: identity
+            """
+        )
+    )
+    head = recipe.rule_for("params", "head.weight", "weights", "Linear")
+    body = recipe.rule_for("params", "body.weight", "weights", "Linear")
+    assert head is recipe.params[1] and body is recipe.params[0]
+    assert recipe.rule_for("params", "body.bias", "biases", "Linear") is None
+    assert recipe.rule_for("activations", "head", None, "Linear") is None
+
+
+# --- binding and seeds -------------------------------------------------------------------
+
+
+def test_bind_seeds_random_transforms_per_tensor() -> None:
+    recipe = parse_recipe(FULL)
+    weights, biases, _ = recipe.params
+    T = recipe.bind(weights, "fc.weight")
+    assert T.seed == derive_seed(7, "fc.weight")
+    assert recipe.bind(weights, "fc.weight", seed=3).seed == derive_seed(3, "fc.weight")
+    assert recipe.bind(weights, "fc2.weight").seed != T.seed
+    assert repr(T) == "stochastic_rounding(num_levels=16)" and T.bits == 4
+    # Deterministic transforms need no stream.
+    assert recipe.bind(biases, "fc.bias").seed is None
+    # Without a recipe seed, 0 is used.
+    unseeded = parse_recipe("version: 1\nparams: [{family: weights, transform: dropout}]")
+    assert unseeded.bind(unseeded.params[0], "fc.weight").seed == derive_seed(0, "fc.weight")
+
+
+def test_bound_transforms_do_not_share_args() -> None:
+    recipe = parse_recipe(FULL)
+    T = recipe.bind(recipe.params[0], "fc.weight")
+    T.args["num_levels"] = 3
+    assert recipe.params[0].args == {"num_levels": 16}
+
+
+def test_bind_repeats_across_loads() -> None:
+    x = torch.linspace(-1, 1, 50)
+    first = parse_recipe(FULL)
+    second = parse_recipe(FULL)
+    a = first.bind(first.params[0], "fc.weight")(x)
+    b = second.bind(second.params[0], "fc.weight")(x)
+    assert torch.equal(a, b)
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def test_load_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text(FULL, encoding="utf-8")
+    recipe = load_recipe(path)
+    assert recipe.source == str(path) and recipe.text == FULL
+    assert load_recipe(str(path)).params[0].args == {"num_levels": 16}
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("version: 1\nparams:\n  - family: weights\n    transform: idnetity\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value).startswith(
+        f"{path}:4: params[0].transform: unknown transform 'idnetity' (did you mean 'identity'?)"
+    )
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"version: 1\n\xff\xfe")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(binary)
+    assert str(info.value) == (
+        f"{binary}: the recipe file is not UTF-8 text (invalid start byte at byte 11); "
+        "save it as UTF-8"
+    )
+
+
+def test_missing_file_versus_unknown_builtin(tmp_path: Path) -> None:
+    listed = "give a YAML file path or one of the built-ins: int8, int8-act, qat4, ternary"
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "nofile.yaml")
+    assert str(info.value) == (
+        f"'{tmp_path / 'nofile.yaml'}' is not a recipe file and not a built-in recipe; {listed}"
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe("int9")
+    assert str(info.value) == (
+        f"'int9' is not a recipe file and not a built-in recipe (did you mean 'int8'?); {listed}"
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path)
+    assert str(info.value).startswith(f"'{tmp_path}' is a directory, not a recipe file")
+
+
+def test_inline_yaml_is_never_parsed() -> None:
+    with pytest.raises(RecipeError, match="is not a recipe file and not a built-in recipe"):
+        load_recipe("version: 1\nparams: [{family: weights, transform: identity}]")
+
+
+def test_file_wins_over_builtin_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "int8").write_text("version: 1\nparams: [{family: weights, transform: identity}]")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("int8")
+    assert recipe.source == "int8" and recipe.params[0].transform.name == "identity"
+
+
+# --- built-in recipes --------------------------------------------------------------------
+
+
+def test_builtin_names_and_descriptions() -> None:
+    recipes = builtin_recipes()
+    assert list(recipes) == BUILTINS
+    assert all(description and "\n" not in description for description in recipes.values())
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_recipe_loads(name: str) -> None:
+    recipe = load_recipe(name)
+    assert recipe.source == f"builtin:{name}"
+    assert recipe.description == builtin_recipes()[name]
+    assert recipe.text == builtin_recipe_text(name)
+    assert recipe.params and recipe.params[0].family == "weights"
+    assert isinstance(recipe, Recipe)
+
+
+def test_unknown_builtin_text() -> None:
+    with pytest.raises(RecipeError) as info:
+        builtin_recipe_text("qat")
+    assert str(info.value) == (
+        "no built-in recipe 'qat' (did you mean 'qat4'?); built-ins: int8, int8-act, qat4, ternary"
+    )
+
+
+def small_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3),
+        torch.nn.Flatten(),
+        torch.nn.Linear(12, 4),
+        torch.nn.Linear(4, 2, bias=False),
+    )
+
+
+def apply_params(recipe: Recipe, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Apply the recipe's parameter rules by tensor-name family, as a plain torch net has them."""
+    out = {}
+    for name, tensor in net.named_parameters():
+        family = {"weight": "weights", "bias": "biases"}[name.rsplit(".", 1)[1]]
+        module_class = type(net.get_submodule(name.rsplit(".", 1)[0])).__name__
+        chosen = recipe.rule_for("params", name, family, module_class)
+        if chosen is not None:
+            out[name] = recipe.bind(chosen, name)(tensor.detach())
+    return out
+
+
+@pytest.mark.parametrize(("name", "levels"), [("int8", 255), ("ternary", 3)])
+def test_builtin_deterministic_weights_keep_scale_and_zero(name: str, levels: int) -> None:
+    net = small_net()
+    out = apply_params(load_recipe(name), net)
+    assert set(out) == {"0.weight", "2.weight", "3.weight"}
+    for tensor_name, value in out.items():
+        original = net.get_parameter(tensor_name).detach()
+        assert value.unique().numel() <= levels
+        # Symmetric levels in the weight's own scale: the largest magnitude is kept.
+        assert torch.isclose(value.abs().max(), original.abs().max())
+        assert torch.equal(
+            load_recipe(name).bind(load_recipe(name).params[0], "w")(torch.zeros(3)), torch.zeros(3)
+        )
+
+
+def test_builtin_qat4_rounds_weights_to_15_levels_and_biases_to_255() -> None:
+    recipe = load_recipe("qat4")
+    weights, biases = recipe.params
+    assert (weights.transform.name, weights.optional, biases.optional) == (
+        "stochastic_rounding",
+        False,
+        True,
+    )
+    assert recipe.bind(weights, "w").bits == 4 and recipe.bind(biases, "b").bits == 8
+    out = apply_params(recipe, small_net())
+    assert set(out) == {"0.weight", "0.bias", "2.weight", "2.bias", "3.weight"}
+    assert all(out[n].unique().numel() <= 15 for n in ("0.weight", "2.weight", "3.weight"))
+    again = apply_params(load_recipe("qat4"), small_net())
+    assert all(torch.equal(out[n], again[n]) for n in out)  # seeded: repeatable
+
+
+def test_builtin_int8_act_covers_linear_and_conv_outputs() -> None:
+    recipe = load_recipe("int8-act")
+    classes = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ReLU", "LinearTorch"]
+    chosen = {c: recipe.rule_for("activations", "m", None, c) for c in classes}
+    assert [c for c, r in chosen.items() if r is not None] == [
+        "Linear",
+        "Conv1d",
+        "Conv2d",
+        "Conv3d",
+    ]
+    assert all(
+        r.optional and r.transform.name == "deterministic_rounding" for r in recipe.activations
+    )
+    assert all(recipe.bind(r, "m").bits == 8 for r in recipe.activations)
+
+
+# --- robustness --------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.text(
+        alphabet=st.sampled_from(list("version: 1\n -{}[],'\"#&*!|>%@`params family transform")),
+        max_size=80,
+    )
+)
+def test_any_text_gives_a_recipe_or_a_recipe_error(text: str) -> None:
+    try:
+        parse_recipe(text)
+    except RecipeError as error:
+        assert "\n" not in str(error)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    key=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12),
+    value=st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none()),
+)
+def test_any_extra_rule_key_or_arg_is_reported_with_its_line(key: str, value: object) -> None:
+    shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+    text = (
+        "version: 1\nparams:\n  - family: weights\n    transform: deterministic_rounding\n"
+        f"    args:\n      {key}: {shown}\n"
+    )
+    try:
+        parse_recipe(text, source="r.yaml")
+    except RecipeError as error:
+        assert error.line == 6 and error.key == f"params[0].args.{key}"
+    else:
+        assert key in {"num_levels", "maintain_zero", "input_range", "output_range"}
+
+
+def test_recursive_alias_is_an_error() -> None:
+    error = recipe_error(
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: identity
+            args: &loop {k: *loop}
+        """
+    )
+    assert str(error) == (
+        "r.yaml:5: params[0].args.k.k: a YAML alias (*name) refers to a value that contains "
+        "it; recipe values cannot be recursive"
+    )
+
+
+def test_alias_bomb_is_an_error() -> None:
+    parts = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    parts += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = f"version: 1\nparams: [{{family: weights, transform: identity, args: {{{', '.join(parts)}}}}}]"
+    with pytest.raises(RecipeError, match="expand to more than 100000 items") as info:
+        parse_recipe(text, source="r.yaml")
+    assert info.value.line == 2
