@@ -393,7 +393,7 @@ def _make_bad(tmp_path: Path, case: str) -> Path:
         ("zip-not-torch", "not a torch.save checkpoint"),
         ("truncated-safetensors", "is truncated"),
         ("bad-json-safetensors", "header is not valid JSON"),
-        ("text-as-safetensors", "not a torch.save file"),
+        ("text-as-safetensors", "is not a safetensors file or is truncated"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(tmp_path: Path, case: str, phrase: str) -> None:
@@ -667,6 +667,16 @@ def test_output_never_overwrites_an_input(tmp_path: Path, monkeypatch: pytest.Mo
         with pytest.raises(CheckpointError, match="is also an input"):
             save_safetensors({"w": torch.zeros(2)}, target, force=True, inputs=[source])
     assert source.read_bytes() == before
+
+
+def test_output_never_overwrites_a_file_in_an_input_folder(tmp_path: Path) -> None:
+    state = {f"layer{i}.weight": torch.zeros(2) for i in range(4)}
+    weight_map = _write_shards(tmp_path, state)
+    shard = tmp_path / sorted(set(weight_map.values()))[0]
+    with pytest.raises(CheckpointError, match="is also an input"):
+        save_safetensors({"w": torch.ones(2)}, shard, force=True, inputs=[tmp_path])
+    save_safetensors({"w": torch.ones(2)}, tmp_path / "new.safetensors", inputs=[tmp_path])
+    assert open_tensors(tmp_path).get("layer0.weight").tolist() == [0.0, 0.0]
 
 
 def test_output_folder_must_exist_and_target_must_not_be_a_folder(tmp_path: Path) -> None:

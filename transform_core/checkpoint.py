@@ -529,6 +529,13 @@ def build_from_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Mo
     return network
 
 
+def _looks_like_safetensors(path: PathLike) -> bool:
+    # The suffix decides for files that are too broken to recognise by content, so a
+    # damaged .safetensors file gets a safetensors error rather than a pickle one.
+    target = Path(path)
+    return target.is_dir() or target.suffix == ".safetensors" or is_safetensors(path)
+
+
 def load_state_dict_file(path: PathLike, *, trust: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.pt``/``.pth`` (``weights_only``), safetensors or a shard folder.
 
@@ -537,7 +544,7 @@ def load_state_dict_file(path: PathLike, *, trust: Iterable[str] = ()) -> dict[s
             something other than a mapping of names to tensors.
     """
     label = str(path)
-    if Path(path).is_dir() or is_safetensors(path):
+    if _looks_like_safetensors(path):
         return open_tensors(path).load_all()
     data = require_file(path).read_bytes()
     obj = _safe_load_bytes(data, label, _check_trust(trust))
@@ -682,7 +689,7 @@ def load_network(
         digest = _folder_digest(open_tensors(path)) if target.is_dir() else sha256_file(path)
         info = SourceInfo("arch", label, digest, arch=arch, arch_kwargs=kwargs, trust=trusted)
         return LoadedNetwork(module, info)
-    if target.is_dir() or is_safetensors(path):
+    if _looks_like_safetensors(path):
         if not target.is_dir() and is_patched(path):
             ckpt = load_patched(path, trust=trusted)
             info = SourceInfo(

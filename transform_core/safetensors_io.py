@@ -542,6 +542,9 @@ def check_output_path(
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    if b.is_dir():
+        # A sharded input: any existing file inside the folder counts as part of it.
+        return a.exists() and a.resolve().parent == b.resolve()
     with contextlib.suppress(OSError):
         if a.exists() and b.exists() and os.path.samefile(a, b):
             return True
@@ -561,7 +564,8 @@ def atomic_output(
     Args:
         path: The output file.
         force: Replace an existing file.
-        inputs: Files this run reads; writing over one of them is refused even with ``force``.
+        inputs: Files (or shard folders) this run reads; writing over one of them, or
+            over an existing file in an input folder, is refused even with ``force``.
 
     Raises:
         CheckpointError: The target is an input, exists without ``force``, is a folder, or
