@@ -152,8 +152,9 @@ def _declared_families(module: nn.Module) -> Mapping[str, str]:
     declared = getattr(type(module), "transform_families", None)
     if isinstance(declared, Mapping):
         return declared
-    if "rockpool" in sys.modules and type(module).__module__.startswith("rockpool"):
-        # Imported only for Rockpool modules, so the core never needs Rockpool otherwise.
+    if "rockpool" in sys.modules:
+        # Only once Rockpool is imported, so the core never needs it otherwise. Not keyed
+        # on the class's module: subclasses of Rockpool's TorchModule live in user code.
         from transform_core.rockpool_support import declared_families
 
         return declared_families(module)

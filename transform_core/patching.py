@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 
 from transform_core.errors import ConfigError, did_you_mean
 from transform_core.families import FamilyRules, tensor_infos
+from transform_core.rockpool_support import sync_submodule
 from transform_core.tree import Tree, set_nested
 
 __all__ = [
@@ -52,6 +54,15 @@ __all__ = [
 ]
 
 Transform = Callable[[Tensor], Tensor]
+
+# Modules whose forward pass reads their children's tensors directly instead of calling
+# the children (MultiheadAttention uses ``out_proj.weight``; the encoder layer's fast path
+# reads every tensor): their wrapper swaps in the children's transformed tensors too.
+_READS_CHILD_TENSORS: tuple[type[nn.Module], ...] = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
 
 
 class _Wrapper(nn.Module):
@@ -72,7 +83,26 @@ class _Wrapper(nn.Module):
             modules = self.__dict__.get("_modules")
             if name.startswith("__") or not modules or "_mod" not in modules:
                 raise
-            return getattr(modules["_mod"], name)
+            inner: nn.Module = modules["_mod"]
+            value = getattr(inner, name)
+            if callable(value) and getattr(value, "__self__", None) is inner:
+                return _returning_wrapper(value, inner, self)
+            return value
+
+
+def _returning_wrapper(method: Callable[..., Any], inner: nn.Module, wrapper: nn.Module) -> Any:
+    """``method`` of the wrapped module, returning the wrapper where it returns the module.
+
+    Rockpool's functional style reassigns results (``mod = mod.reset_state()``; a
+    ``Sequential`` does so for each child), which must not drop the wrapper.
+    """
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        result = method(*args, **kwargs)
+        return wrapper if result is inner else result
+
+    return call
 
 
 class TWrapper(_Wrapper):
@@ -102,6 +132,7 @@ class TWrapper(_Wrapper):
         for attr, fn in config.items():
             _check_tensor_attr(mod, attr, fn, attr)
         self._T_config: dict[str, Transform] = config
+        self._swapped_in = False  # set while an enclosing wrapper has swapped our tensors in
 
     @property
     def T_config(self) -> dict[str, Transform]:
@@ -113,9 +144,30 @@ class TWrapper(_Wrapper):
         return {attr: fn(getattr(self._mod, attr)) for attr, fn in self._T_config.items()}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._swapped_in:
+            return self._mod(*args, **kwargs)
         # The module's own tensors are swapped for their transformed values only for this
         # call; everything else, buffers it updates included, is the module's own state.
-        return torch.func.functional_call(self._mod, self.transformed(), args, kwargs, strict=False)
+        values = self.transformed()
+        nested = self._nested_wrappers()
+        for prefix, wrapper in nested:
+            values.update({f"{prefix}.{a}": v for a, v in wrapper.transformed().items()})
+            wrapper._swapped_in = True
+        try:
+            return torch.func.functional_call(self._mod, values, args, kwargs, strict=False)
+        finally:
+            for _, wrapper in nested:
+                wrapper._swapped_in = False
+
+    def _nested_wrappers(self) -> list[tuple[str, TWrapper]]:
+        """Wrappers below a module that reads its children's tensors directly."""
+        if not isinstance(self._mod, _READS_CHILD_TENSORS):
+            return []
+        return [
+            (_join(path, "_mod"), module)
+            for path, module in self._mod.named_modules()
+            if isinstance(module, TWrapper)
+        ]
 
     def apply_T(self, inplace: bool = True) -> TWrapper:
         """Burn in: overwrite the configured tensors with their transformed values.
@@ -224,6 +276,37 @@ def _check_tensor_attr(module: nn.Module, attr: str, fn: Any, where: str) -> Non
         raise ConfigError(f"'{where}' must map to a transform function, got {fn!r}")
 
 
+def _deepcopy(net: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """``copy.deepcopy``, also of modules that hold tensors from their last forward pass.
+
+    Such tensors (Rockpool's ``RateTorch`` keeps its state trace) belong to an autograd
+    graph, which deepcopy refuses; the copy holds them detached.
+    """
+    memo = {} if memo is None else memo
+    for module in nn.Module.modules(net):
+        for value in vars(module).values():
+            for tensor in _graph_tensors(value):
+                memo.setdefault(id(tensor), tensor.detach().clone())
+    return copy.deepcopy(net, memo)
+
+
+def _graph_tensors(value: Any, depth: int = 3) -> Iterator[Tensor]:
+    """Tensors with a ``grad_fn`` in ``value`` and its dicts, lists and tuples, a few deep."""
+    if isinstance(value, Tensor):
+        if value.grad_fn is not None:
+            yield value
+    elif depth and isinstance(value, (dict, list, tuple)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _graph_tensors(item, depth - 1)
+
+
+def _set_child(parent: nn.Module, name: str, child: nn.Module) -> None:
+    """Replace a sub-module without ``setattr``, which some module classes intercept."""
+    parent._modules[name] = child
+    # Rockpool modules also keep their own registry of sub-modules.
+    sync_submodule(parent, name, child)
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -296,7 +379,7 @@ def make_param_T_network(net: nn.Module, T_config_tree: Tree, inplace: bool = Fa
     """
     _validate_param_tree(net, T_config_tree, "")
     if not inplace:
-        net = copy.deepcopy(net)
+        net = _deepcopy(net)
     memo: dict[int, nn.Module] = {}
     _patch_params(net, T_config_tree, memo)
     _tie_transforms(net, memo)
@@ -343,21 +426,24 @@ def _patch_params(module: nn.Module, tree: Tree, memo: dict[int, nn.Module]) -> 
             owner = _owner(module, key)
             child = owner._modules[key]
             if child is not None:
-                owner._modules[key] = _patch_params(child, node, memo)
+                _set_child(owner, key, _patch_params(child, node, memo))
         else:
             own[key] = node
     patched: nn.Module = module
-    if own:
-        # The parameter wrapper goes inside any activation wrapper, as make_act_T_network
-        # would place them.
-        holder, inner = None, module
-        while isinstance(inner, ActWrapper):
-            holder, inner = inner, inner._mod
+    # The parameter wrapper goes inside any activation wrapper, as make_act_T_network
+    # would place them.
+    holder, inner = None, module
+    while isinstance(inner, ActWrapper):
+        holder, inner = inner, inner._mod
+    if own or (
+        isinstance(inner, _READS_CHILD_TENSORS)
+        and any(isinstance(m, TWrapper) for m in inner.modules())
+    ):
         wrapper = TWrapper(inner, own)
         if holder is None:
             patched = wrapper
         else:
-            holder._modules["_mod"] = wrapper
+            _set_child(holder, "_mod", wrapper)
     memo[id(module)] = patched
     return patched
 
@@ -409,7 +495,7 @@ def _share_patches(net: nn.Module, memo: dict[int, nn.Module]) -> None:
         for name, child in list(_children(parent)):
             patched = memo.get(id(child))
             if patched is not None and patched is not child and patched is not parent:
-                parent._modules[name] = patched
+                _set_child(parent, name, patched)
 
 
 def _named_wrappers(net: nn.Module) -> Iterator[tuple[str, TWrapper]]:
@@ -424,7 +510,7 @@ def _named_wrappers(net: nn.Module) -> Iterator[tuple[str, TWrapper]]:
 
 def _wrappers(net: nn.Module) -> Iterator[TWrapper]:
     seen: set[int] = set()
-    for module in net.modules():
+    for module in nn.Module.modules(net):  # Rockpool modules override modules()
         if isinstance(module, TWrapper) and id(module) not in seen:
             seen.add(id(module))
             yield module
@@ -456,7 +542,7 @@ def apply_T(
     """
     if on_tensor is not None:
         if not inplace:
-            T_net = copy.deepcopy(T_net)
+            T_net = _deepcopy(T_net)
         done: set[int] = set()  # a tied tensor is transformed once
         with torch.no_grad():
             for path, wrapper in _named_wrappers(T_net):
@@ -482,7 +568,7 @@ def apply_T(
                 for attr in w.T_config:
                     tensor = getattr(w._mod, attr)
                     memo[id(tensor)] = _fresh_like(tensor, new_values[(id(w), attr)])
-        return copy.deepcopy(T_net, memo)
+        return _deepcopy(T_net, memo)
     burned: set[int] = set()  # a tied tensor is transformed once
     with torch.no_grad():
         for wrapper in _wrappers(T_net):
@@ -519,7 +605,7 @@ def remove_T_net(T_net: nn.Module, inplace: bool = False) -> nn.Module:
         The un-patched network.
     """
     if not inplace:
-        T_net = copy.deepcopy(T_net)
+        T_net = _deepcopy(T_net)
     return _unpatch(T_net, {})
 
 
@@ -530,7 +616,7 @@ def _unpatch(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     while isinstance(inner, _Wrapper):
         inner = inner._mod
     for name, child in list(_children(inner)):
-        inner._modules[name] = _unpatch(child, memo)
+        _set_child(inner, name, _unpatch(child, memo))
     memo[id(module)] = inner
     return inner
 
@@ -597,7 +683,7 @@ def make_act_T_network(net: nn.Module, act_T_config: Tree, inplace: bool = False
     """
     _validate_act_tree(net, act_T_config, "")
     if not inplace:
-        net = copy.deepcopy(net)
+        net = _deepcopy(net)
     memo: dict[int, nn.Module] = {}
     patched = _patch_acts(net, act_T_config, memo)
     _share_patches(net, memo)
@@ -637,7 +723,7 @@ def _patch_acts(module: nn.Module, tree: Tree, memo: dict[int, nn.Module]) -> nn
         if key:
             child = inner._modules[key]
             if child is not None:
-                inner._modules[key] = _patch_acts(child, node, memo)
+                _set_child(inner, key, _patch_acts(child, node, memo))
     fn = tree.get("")
     patched: nn.Module = ActWrapper(module, fn) if fn is not None else module
     memo[id(module)] = patched
