@@ -446,8 +446,10 @@ def output_metadata(plan: Plan, *, version: str, input_sha256: str | None) -> di
     """The ``__metadata__`` of a burned-in safetensors file.
 
     Keys: ``rockq.format`` (``"burned"``), ``rockq.version``, ``rockq.recipe`` (its text),
-    ``rockq.recipe_source``, ``rockq.seed``, ``rockq.input_sha256`` and ``rockq.tensors``,
-    a JSON object mapping each transformed tensor to its family, transform and arguments.
+    ``rockq.recipe_source``, ``rockq.seed``, ``rockq.input_sha256``, ``rockq.tensors``,
+    a JSON object mapping each transformed tensor to its family, transform and arguments,
+    and ``rockq.families``, a JSON object mapping every tensor to its family (or ``null``),
+    so a report read back from the file shows the families the network gave.
     """
     per_tensor = {
         t.info.name: {
@@ -466,7 +468,11 @@ def output_metadata(plan: Plan, *, version: str, input_sha256: str | None) -> di
         "rockq.recipe_source": plan.recipe.source,
         "rockq.seed": str(plan.seed),
         "rockq.input_sha256": input_sha256 or "",
-        "rockq.tensors": json.dumps(per_tensor, sort_keys=True),
+        # Network order and the recipe's argument order (both fixed by the inputs), not
+        # sorted keys: `rockq report` rebuilds the transform text from this and must show
+        # it as the burn-in report did.
+        "rockq.tensors": json.dumps(per_tensor),
+        "rockq.families": json.dumps({t.info.name: t.info.family for t in plan.tensors}),
     }
 
 
@@ -537,9 +543,10 @@ def checkpoint_report(
     if path.is_dir() or is_safetensors(path):
         source = open_tensors(path)
         described = _described_tensors(source.metadata, str(path))
+        recorded_order = "rockq.families" in source.metadata
         names: Iterable[tuple[str, Tensor]] = source.iter_tensors()
     else:
-        described = {}
+        described, recorded_order = {}, False
         names = load_state_dict_file(path, trust=trust).items()
     entries = []
     for name, tensor in names:
@@ -555,6 +562,9 @@ def checkpoint_report(
         entries.append(
             tensor_report(name, tensor, family=family, transform=transform, reference=ref)
         )
+    # A file lays tensors out by dtype; list them in the network's order when it is recorded.
+    order = {name: i for i, name in enumerate(described)} if recorded_order else {}
+    entries.sort(key=lambda entry: order.get(entry.name, len(order)))
     return Report.build(entries, limits=limits, meta=meta)
 
 
@@ -562,21 +572,25 @@ def _described_tensors(
     metadata: Mapping[str, str], path: str
 ) -> dict[str, tuple[str | None, str | None]]:
     """Family and transform text per tensor, from a burned-in file's metadata."""
-    text = metadata.get("rockq.tensors")
-    if not text:
-        return {}
+    result: dict[str, tuple[str | None, str | None]] = {}
+    key = "rockq.families"
     try:
-        described = json.loads(text)
-        return {
-            name: (entry.get("family"), _transform_text(entry["transform"], entry.get("args", {})))
-            for name, entry in described.items()
-        }
+        families = json.loads(metadata.get(key) or "{}")
+        for name, family in families.items():
+            if family is not None and not isinstance(family, str):
+                raise TypeError(name)
+            result[name] = (family, None)
+        key = "rockq.tensors"
+        for name, entry in json.loads(metadata.get(key) or "{}").items():
+            text = _transform_text(entry["transform"], entry.get("args", {}))
+            result[name] = (entry.get("family"), text)
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(
-            "has malformed 'rockq.tensors' metadata; write the file again with rockq",
+            f"has malformed '{key}' metadata; write the file again with rockq",
             path=path,
-            key="rockq.tensors",
+            key=key,
         ) from None
+    return result
 
 
 def _transform_text(name: str, args: Mapping[str, Any]) -> str:
