@@ -853,6 +853,9 @@ def test_patched_from_arch_needs_trust(tmp_path: Path, pkg: str) -> None:
         f"{out}: rebuilding the network runs factory '{spec}' named in the file; "
         f"if you trust package '{pkg}', pass --trust {pkg}"
     )
+    bare = load_patched(out, rebuild=False)  # tensors and metadata need no trust
+    assert bare.network is None and bare.recipe == "r" and bare.source == loaded.source
+    assert torch.equal(bare.state_dict["out.weight"], net.state_dict()["out.weight"])
     ckpt = load_patched(out, trust=[pkg])
     assert ckpt.seed is None and ckpt.network is not None
     assert torch.equal(ckpt.network.state_dict()["out.weight"], net.state_dict()["out.weight"])

@@ -3,14 +3,14 @@
 Networks come from three kinds of input, picked by :func:`load_network`:
 
 * **A whole-module pickle** (``torch.save(model)``), loaded without running arbitrary
-  code. The pickle's globals are listed statically first and each must be on an
-  allowlist: torch's ``nn`` module classes (``torch.nn.modules.*``, ``torch.nn.parameter``),
-  the public functions of ``torch.nn.functional`` (activations stored as attributes),
-  ``transform_core``'s modules and transforms (``transform_core.quantise``), and packages
-  the user trusts
-  (``trust=["pkg"]``, ``--trust pkg`` on the command line). Torch's ``weights_only``
-  unpickler then loads the file with exactly those globals allowed, so tensor rebuild
-  helpers and plain containers work, and nothing else can be called.
+  code. The pickle's globals are listed statically first, without importing anything,
+  and each must be on an allowlist: torch's ``nn`` module classes (``torch.nn.modules.*``,
+  ``torch.nn.parameter``), the public functions of ``torch.nn.functional`` (activations
+  stored as attributes), ``transform_core``'s modules and transforms
+  (``transform_core.quantise``), and the packages the user trusts (``trust=["pkg"]``,
+  ``--trust pkg`` on the command line; trusting a package lets the pickle call anything
+  defined in it). Torch's ``weights_only`` unpickler then loads the file with exactly
+  those globals allowed, besides its own tensor rebuild helpers and plain containers.
 * **A state dict plus an architecture**: a ``.pt``/``.pth`` state dict (loaded with
   ``weights_only``) or safetensors, and ``arch="package.module:factory"`` (with optional
   keyword arguments) that builds the network. Keys and shapes must match exactly.
@@ -80,6 +80,7 @@ from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
 from transform_core.errors import CheckpointError, did_you_mean
 from transform_core.safetensors_io import (
+    KNOWN_FORMATS,
     PathLike,
     TensorSource,
     is_safetensors,
@@ -302,7 +303,7 @@ def _allowed_builtin(module: str, name: str, obj: object) -> bool:
     """Whether a global outside the trusted packages is on the built-in allowlist."""
     if "." in name or name.startswith("_"):
         return False
-    if module.startswith("torch.nn.modules") or module == "torch.nn.parameter":
+    if _under(module, ["torch.nn.modules", "torch.nn.parameter"]):
         return isinstance(obj, type) and obj.__module__.startswith("torch.nn.")
     if module == "torch.nn.functional":
         if isinstance(obj, types.FunctionType):
@@ -325,10 +326,8 @@ def _allowed_builtin(module: str, name: str, obj: object) -> bool:
 
 
 def _builtin_candidate(module: str) -> bool:
-    return (
-        module.startswith("torch.nn.modules")
-        or module in ("torch.nn.parameter", "torch.nn.functional")
-        or _under(module, ["transform_core"])
+    return _under(
+        module, ["torch.nn.modules", "torch.nn.parameter", "torch.nn.functional", "transform_core"]
     )
 
 
@@ -370,7 +369,11 @@ def _allowlist(
         if _under(module, trust):
             obj = _resolve(module, name, label)
             if isinstance(obj, types.ModuleType):
-                raise CheckpointError(refusal.replace("not allowed", "a module"), path=label)
+                raise CheckpointError(
+                    f"the pickle needs global '{full}', which is a module, not a class or "
+                    "function; this file cannot be loaded safely",
+                    path=label,
+                )
             home = getattr(obj, "__module__", None) or module
             if not _under(home, trust):
                 # A trusted package re-exports something from elsewhere (`from os import
@@ -411,7 +414,7 @@ def _safe_load_bytes(data: bytes, label: str, trust: tuple[str, ...]) -> object:
             else "not a torch.save file"
         )
         raise CheckpointError(
-            f"is {kind}; expected {_FORMATS_HINT}; re-save the network with a current torch.save",
+            f"is {kind}; expected {KNOWN_FORMATS}; re-save the network with a current torch.save",
             path=label,
         )
     found = _pickle_globals(data, label)
@@ -431,9 +434,6 @@ def _safe_load_bytes(data: bytes, label: str, trust: tuple[str, ...]) -> object:
             "its state dict with --arch",
             path=label,
         ) from None
-
-
-_FORMATS_HINT = "a .pt/.pth file from torch.save, a .safetensors file, or a folder of shards"
 
 
 def _module_from_bytes(data: bytes, label: str, trust: tuple[str, ...]) -> nn.Module:
@@ -573,10 +573,23 @@ def _listing(items: Sequence[str], what: str, limit: int = 3) -> str:
     return f"{len(items)} {what}{'s' if len(items) != 1 else ''} ({shown})"
 
 
+_ARCH_FIX = "check that --arch and --arch-kwargs build the network these weights came from"
+
+
 def load_state_dict_strict(
-    module: nn.Module, state: Mapping[str, torch.Tensor], *, path: str | None = None
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    path: str | None = None,
+    fix: str = _ARCH_FIX,
 ) -> None:
     """Load ``state`` into ``module``, refusing missing keys, unexpected keys and shape mismatches.
+
+    Args:
+        module: The network.
+        state: The state dict.
+        path: The file ``state`` came from, for the error message.
+        fix: What the error message tells the user to do.
 
     Raises:
         CheckpointError: One line listing the first few problems of each kind with counts.
@@ -607,9 +620,7 @@ def load_state_dict_strict(
     ]
     if problems:
         raise CheckpointError(
-            f"the state dict does not fit the network: {'; '.join(problems)}; check that "
-            "--arch and --arch-kwargs build the network these weights came from",
-            path=path,
+            f"the state dict does not fit the network: {'; '.join(problems)}; {fix}", path=path
         )
     try:
         module.load_state_dict(dict(state), strict=True)
@@ -681,7 +692,7 @@ def load_network(
     label = str(path)
     target = Path(path)
     if not target.exists():
-        raise CheckpointError(f"no such file or folder; expected {_FORMATS_HINT}", path=label)
+        raise CheckpointError(f"no such file or folder; expected {KNOWN_FORMATS}", path=label)
     if arch is not None:
         state = load_state_dict_file(path, trust=trusted)
         module = build_from_arch(arch, kwargs)
@@ -834,7 +845,9 @@ def is_patched(path: PathLike) -> bool:
         return False
 
 
-def load_patched(path: PathLike, *, trust: Iterable[str] = ()) -> PatchedCheckpoint:
+def load_patched(
+    path: PathLike, *, trust: Iterable[str] = (), rebuild: bool = True
+) -> PatchedCheckpoint:
     """Read a patched checkpoint and rebuild its unpatched network.
 
     The network comes from the embedded pickle (through the allowlist) or from the
@@ -844,6 +857,8 @@ def load_patched(path: PathLike, *, trust: Iterable[str] = ()) -> PatchedCheckpo
     Args:
         path: The patched ``.safetensors`` file.
         trust: Packages the embedded pickle or the recorded factory may use.
+        rebuild: Rebuild the network; with ``False`` only tensors and metadata are read,
+            ``network`` is ``None`` and nothing needs trusting.
 
     Raises:
         CheckpointError: Not a patched checkpoint, a newer format version, malformed
@@ -893,7 +908,7 @@ def load_patched(path: PathLike, *, trust: Iterable[str] = ()) -> PatchedCheckpo
     embedded = extra.pop("network", None)
     network_bytes = None if embedded is None else embedded.numpy().tobytes()
     network: nn.Module | None = None
-    if source.kind == "pickle":
+    if rebuild and source.kind == "pickle":
         if network_bytes is None:
             raise CheckpointError(
                 f"records a pickled network but holds no {_NETWORK_KEY!r} tensor; re-create it "
@@ -901,7 +916,7 @@ def load_patched(path: PathLike, *, trust: Iterable[str] = ()) -> PatchedCheckpo
                 path=label,
             )
         network = _module_from_bytes(network_bytes, f"{label} ({_NETWORK_KEY})", trusted)
-    elif source.kind == "arch":
+    elif rebuild and source.kind == "arch":
         arch = cast(str, source.arch)
         package = arch.partition(":")[0]
         if not _under(package, trusted):
@@ -913,7 +928,8 @@ def load_patched(path: PathLike, *, trust: Iterable[str] = ()) -> PatchedCheckpo
             )
         network = build_from_arch(arch, source.arch_kwargs)
     if network is not None:
-        load_state_dict_strict(network, state_dict, path=label)
+        fix = "the file is inconsistent; re-create it with rockq patch"
+        load_state_dict_strict(network, state_dict, path=label, fix=fix)
     return PatchedCheckpoint(
         path=label,
         sha256=sha256_file(path),

@@ -76,7 +76,7 @@ _RANK = {name: rank for rank, (name, _) in enumerate(_DTYPE_ORDER)}
 # safetensors refuses headers above 100 MB; a larger length field means a foreign file.
 _MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 1 << 20
-_KNOWN_FORMATS = "a .safetensors file, a .pt/.pth file from torch.save, or a folder with a *.safetensors.index.json"
+KNOWN_FORMATS = "a .safetensors file, a .pt/.pth file from torch.save, or a folder with a *.safetensors.index.json"
 
 
 def sha256_file(path: PathLike) -> str:
@@ -100,7 +100,7 @@ def sha256_file(path: PathLike) -> str:
     return digest.hexdigest()
 
 
-def require_file(path: PathLike, *, expected: str = _KNOWN_FORMATS) -> Path:
+def require_file(path: PathLike, *, expected: str = KNOWN_FORMATS) -> Path:
     """Return ``path`` as a :class:`~pathlib.Path` if it is an existing, non-empty file.
 
     Raises:
@@ -201,7 +201,7 @@ def read_header(path: PathLike) -> SafetensorsHeader:
         if length > _MAX_HEADER or length > size - 8:
             raise CheckpointError(
                 f"is not a safetensors file or is truncated: its first 8 bytes give a header of "
-                f"{length} bytes but the file has {size} bytes; expected {_KNOWN_FORMATS}",
+                f"{length} bytes but the file has {size} bytes; expected {KNOWN_FORMATS}",
                 path=label,
             )
         raw = handle.read(length)
@@ -209,7 +209,7 @@ def read_header(path: PathLike) -> SafetensorsHeader:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(
-            f"is not a safetensors file: its header is not valid JSON ({err}); expected {_KNOWN_FORMATS}",
+            f"is not a safetensors file: its header is not valid JSON ({err}); expected {KNOWN_FORMATS}",
             path=label,
         ) from None
     if not isinstance(header, dict):
