@@ -368,17 +368,17 @@ ERROR_CASES = {
           decays: []
         params: []
         """,
-        "r.yaml:3: families.decays: must be a non-empty list of globs on tensor names, got []",
+        "r.yaml:3: families.decays: must be a non-empty list of name patterns, got []",
     ),
-    "families regex": (
+    "families bad regex": (
         """
         version: 1
         families:
-          decays: ["*.alpha", "re:.*beta"]
+          decays: ["*.alpha", "re:(beta"]
         params: []
         """,
-        "r.yaml:3: families.decays[1]: family patterns are globs, got 're:.*beta'; 're:' "
-        "regexes are for a rule's 'match'",
+        "r.yaml:3: families.decays[1]: bad regular expression '(beta': missing ), unterminated "
+        "subpattern at position 0; fix it or drop the 're:' prefix to use a glob",
     ),
     "glob in two families": (
         """
@@ -443,7 +443,7 @@ version: 1
 description: 4-bit stochastic weights, 8-bit biases
 seed: 7
 families:
-  decays: ["*.alpha", "*.beta"]
+  decays: ["*.alpha", "re:.*beta"]
 params:
   - family: weights
     transform: stochastic_rounding
@@ -466,8 +466,8 @@ def test_full_recipe_fields() -> None:
     recipe = parse_recipe(FULL, source="full.yaml")
     assert (recipe.version, recipe.seed, recipe.source) == (1, 7, "full.yaml")
     assert recipe.description == "4-bit stochastic weights, 8-bit biases"
-    assert recipe.families == {"decays": ("*.alpha", "*.beta")}
-    assert recipe.family_rules() == {"*.alpha": "decays", "*.beta": "decays"}
+    assert recipe.families == {"decays": ("*.alpha", "re:.*beta")}
+    assert recipe.family_rules() == {"*.alpha": "decays", "re:.*beta": "decays"}
     assert recipe.text == FULL
     weights, biases, decays = recipe.params
     assert weights.transform is get_transform("stochastic_rounding")
@@ -524,6 +524,7 @@ def rule(**fields: object) -> Rule:
         ({"family": "weights"}, "fc.bias", "biases", "Linear", False),
         ({"family": "weights"}, "fc.weight", None, "Linear", False),
         ({"match": "*.weight"}, "enc.fc.weight", None, "Linear", True),
+        ({"match": "*.weight"}, "weight", None, "Linear", True),  # a top-level tensor too
         ({"match": "*.weight"}, "enc.fc.Weight", None, "Linear", False),  # case-sensitive
         ({"match": "enc.*"}, "enc.fc.bias", "biases", "Linear", True),
         ({"match": r"re:.*\.bias"}, "fc.bias", None, "Linear", True),
@@ -813,3 +814,18 @@ def test_alias_bomb_is_an_error() -> None:
     with pytest.raises(RecipeError, match="expand to more than 100000 items") as info:
         parse_recipe(text, source="r.yaml")
     assert info.value.line == 2
+
+
+def test_family_rules_feed_param_families() -> None:
+    from transform_core.families import param_families
+
+    class Leaky(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.alpha = torch.nn.Parameter(torch.full((3,), 0.9))
+            self.fc = torch.nn.Linear(3, 3)
+
+    recipe = parse_recipe(FULL)
+    families = param_families(torch.nn.Sequential(Leaky()), recipe.family_rules())
+    assert families["0.alpha"] == "decays"
+    assert families["0.fc.weight"] == "weights"

@@ -5,7 +5,7 @@ A recipe (format version 1) looks like this::
     version: 1
     description: 4-bit stochastic weights, 8-bit biases
     seed: 0                       # optional; seeds every random transform
-    families:                     # optional extra family rules: family -> globs on names
+    families:                     # optional extra family rules: family -> name patterns
       decays: ["*.alpha", "*.beta"]
     params:                       # ordered; a later rule wins for a tensor two rules match
       - family: weights           # select by family, or by match: "glob" / match: "re:regex",
@@ -16,6 +16,13 @@ A recipe (format version 1) looks like this::
       - module: Linear
         transform: deterministic_rounding
         args: {num_levels: 255}
+    finetune:                     # optional: quantisation-aware fine-tuning
+      epochs: 10                  # see transform_core.finetune for every key
+
+Name patterns (``match``, ``families``) are globs matched against the whole qualified name
+(``*`` also matches dots; ``*.alpha`` also matches a top-level ``alpha``), or ``re:`` and a
+regular expression that must match the whole name; see
+:func:`transform_core.families.name_matches`. ``module`` is a glob on the class name.
 
 Parsing is strict: unknown keys, duplicate keys, wrong types and out-of-range arguments are
 errors, each a :class:`~transform_core.errors.RecipeError` that names the file, the line and the
@@ -46,13 +53,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from transform_core.errors import RecipeError, did_you_mean
+from transform_core.families import name_matches
 from transform_core.registry import (
     BoundTransform,
     TransformSpec,
@@ -60,6 +68,9 @@ from transform_core.registry import (
     get_transform,
     validate_args,
 )
+
+if TYPE_CHECKING:
+    from transform_core.finetune import FinetuneConfig
 
 __all__ = [
     "RECIPE_VERSION",
@@ -80,17 +91,11 @@ _MAX_VALUE_NODES = 100_000
 
 # Top-level keys. New sections (fine-tuning, hardware limits) get a parser here and a field on
 # Recipe; anything not listed stays an error.
-_TOP_KEYS = ("version", "description", "seed", "families", "params", "activations")
+_TOP_KEYS = ("version", "description", "seed", "families", "params", "activations", "finetune")
 _RULE_KEYS = {
     "params": ("family", "match", "module", "transform", "args", "optional"),
     "activations": ("match", "module", "transform", "args", "optional"),
 }
-
-
-def _glob_or_regex_matches(pattern: str, text: str) -> bool:
-    if pattern.startswith(_REGEX_PREFIX):
-        return re.fullmatch(pattern[len(_REGEX_PREFIX) :], text) is not None
-    return fnmatch.fnmatchcase(text, pattern)
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,8 @@ class Rule:
         transform: The transform to apply.
         args: Its checked arguments.
         family: For ``params``: the parameter family selected, or ``None``.
-        match: A glob on qualified names, or ``"re:"`` and a regular expression (full match).
+        match: A name pattern: a glob on qualified names, or ``"re:"`` and a regular
+            expression (full match).
         module: A glob on the class name of the module owning the tensor (or producing the
             activation); narrows the selection.
         optional: If false, a rule that matches nothing is an error.
@@ -161,7 +167,7 @@ class Rule:
             return False
         if self.family is not None and family != self.family:
             return False
-        return self.match is None or _glob_or_regex_matches(self.match, name)
+        return self.match is None or name_matches(name, self.match)
 
 
 @dataclass(frozen=True)
@@ -172,11 +178,12 @@ class Recipe:
         version: The format version (always 1).
         description: One line saying what the recipe does.
         seed: The recipe seed for random transforms, or ``None``.
-        families: Extra family rules: family name -> globs on qualified tensor names.
+        families: Extra family rules: family name -> name patterns (globs or ``re:``).
         params: Parameter rules, in order; a later rule wins.
         activations: Activation rules, in order; a later rule wins.
         text: The recipe's YAML text.
         source: Where it came from: a file path, ``builtin:NAME`` or ``<string>``.
+        finetune: The ``finetune:`` section, or ``None`` when there is none.
     """
 
     version: int
@@ -187,9 +194,10 @@ class Recipe:
     activations: tuple[Rule, ...]
     text: str = field(repr=False)
     source: str
+    finetune: FinetuneConfig | None = field(default=None, hash=False)
 
     def family_rules(self) -> dict[str, str]:
-        """Return the extra family rules as glob -> family, as ``param_families`` takes them.
+        """Return the extra family rules as pattern -> family, as ``param_families`` takes them.
 
         Example:
             >>> parse_recipe(
@@ -198,7 +206,9 @@ class Recipe:
             ... ).family_rules()
             {'*.alpha': 'decays'}
         """
-        return {glob: family for family, globs in self.families.items() for glob in globs}
+        return {
+            pattern: family for family, patterns in self.families.items() for pattern in patterns
+        }
 
     def rule_for(
         self, section: str, name: str, family: str | None, module_class: str
@@ -391,6 +401,7 @@ class _Parser:
             "families": self.families,
             "params": lambda n: self.rules("params", n),
             "activations": lambda n: self.rules("activations", n),
+            "finetune": self.finetune,
         }
         parsed = {name: parsers[name](top[name][1]) for name in parsers if name in top}
         params: tuple[Rule, ...] = parsed.get("params", ())
@@ -410,6 +421,7 @@ class _Parser:
             activations=activations,
             text=self.text,
             source=self.source,
+            finetune=parsed.get("finetune"),
         )
 
     def version(self, root: Node, top: dict[str, tuple[Node, Node]]) -> int:
@@ -437,6 +449,12 @@ class _Parser:
             raise self.error(f"must be an integer, got {_show(value)}", node, "seed")
         return value
 
+    def finetune(self, node: Node) -> FinetuneConfig:
+        # Imported here: the training code needs torch's optimisers, parsing alone does not.
+        from transform_core.finetune import parse_finetune_section
+
+        return parse_finetune_section(self, node)
+
     def families(self, node: Node) -> dict[str, tuple[str, ...]]:
         families: dict[str, tuple[str, ...]] = {}
         owner: dict[str, str] = {}
@@ -444,32 +462,25 @@ class _Parser:
             key = f"families.{name}"
             if not isinstance(value_node, SequenceNode) or not value_node.value:
                 raise self.error(
-                    f"must be a non-empty list of globs on tensor names, got "
+                    f"must be a non-empty list of name patterns, got "
                     f"{_show(self.value(value_node, key))}",
                     value_node,
                     key,
                 )
-            globs = []
-            for i, glob_node in enumerate(value_node.value):
-                glob_key = f"{key}[{i}]"
-                glob = self.string(glob_node, glob_key, "a glob on tensor names")
-                if glob.startswith(_REGEX_PREFIX):
+            patterns = []
+            for i, pattern_node in enumerate(value_node.value):
+                pattern_key = f"{key}[{i}]"
+                pattern = self.pattern(pattern_node, pattern_key)
+                if pattern in owner:
                     raise self.error(
-                        f"family patterns are globs, got '{glob}'; 're:' regexes are for a "
-                        "rule's 'match'",
-                        glob_node,
-                        glob_key,
-                    )
-                if glob in owner:
-                    raise self.error(
-                        f"pattern '{glob}' is already in family '{owner[glob]}'; "
+                        f"pattern '{pattern}' is already in family '{owner[pattern]}'; "
                         "a tensor belongs to one family",
-                        glob_node,
-                        glob_key,
+                        pattern_node,
+                        pattern_key,
                     )
-                owner[glob] = name
-                globs.append(glob)
-            families[name] = tuple(globs)
+                owner[pattern] = name
+                patterns.append(pattern)
+            families[name] = tuple(patterns)
         return families
 
     def rules(self, section: str, node: Node) -> tuple[Rule, ...]:
