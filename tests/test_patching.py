@@ -739,3 +739,52 @@ def test_wrapper_reprs_name_the_transforms() -> None:
     T_net = make_param_T_network(small_net(), {"0": {"weight": ROUND}})
     assert "weight: functools.partial" in repr(T_net[0])
     assert "output:" in repr(ActWrapper(nn.ReLU(), _halve))
+
+
+# --------------------------------------------------------------------------------------
+# Modules that read their children's tensors directly
+
+
+def test_attention_out_projection_is_transformed_in_forward() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True)).eval()
+    cfg = make_param_T_config(net, ROUND, "weights")
+    assert cfg == {"0": {"in_proj_weight": ROUND, "out_proj": {"weight": ROUND}}}
+    T_net = make_param_T_network(net, cfg).eval()
+    x = torch.randn(2, 3, 4)
+    patched, _ = T_net[0](x, x, x, need_weights=False)
+    burned = remove_T_net(apply_T(T_net)).eval()
+    expected, _ = burned[0](x, x, x, need_weights=False)
+    assert torch.allclose(patched, expected, atol=1e-6)
+    # Both projections were burned in; gradients reach both raw weights.
+    assert torch.equal(burned[0].out_proj.weight, ROUND(net[0].out_proj.weight))
+    T_net[0](x, x, x, need_weights=False)[0].sum().backward()
+    assert T_net[0]._mod.in_proj_weight.grad.abs().sum() > 0
+    assert T_net[0]._mod.out_proj._mod.weight.grad.abs().sum() > 0
+
+
+def test_attention_is_wrapped_when_only_a_child_is_configured() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True)).eval()
+    T_net = make_param_T_network(net, {"0": {"out_proj": {"bias": _halve}}}).eval()
+    assert isinstance(T_net[0], TWrapper)
+    assert T_net[0].T_config == {}
+    x = torch.randn(1, 3, 4)
+    burned = remove_T_net(apply_T(T_net)).eval()
+    assert torch.equal(burned[0].out_proj.bias, net[0].out_proj.bias * 0.5)
+    assert torch.allclose(T_net[0](x, x, x)[0], burned[0](x, x, x)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train-path", "fast-path"])
+def test_transformer_layer_patched_forward_equals_burn_in(grad: bool) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True))
+    net.eval()
+    cfg = make_param_T_config(net, ROUND, "weights")
+    tree_update(cfg, make_param_T_config(net, _halve, "norms"))
+    T_net = make_param_T_network(net, cfg).eval()
+    burned = remove_T_net(apply_T(T_net)).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.set_grad_enabled(grad):
+        assert torch.allclose(T_net(x), burned(x), atol=1e-5)
+        assert not torch.allclose(T_net(x), net(x), atol=1e-3)
