@@ -788,3 +788,27 @@ def test_transformer_layer_patched_forward_equals_burn_in(grad: bool) -> None:
     with torch.set_grad_enabled(grad):
         assert torch.allclose(T_net(x), burned(x), atol=1e-5)
         assert not torch.allclose(T_net(x), net(x), atol=1e-3)
+
+
+def test_act_wrapper_keeps_named_tuple_outputs() -> None:
+    from typing import NamedTuple
+
+    class Out(NamedTuple):
+        value: Tensor
+        aux: Tensor
+
+    class Pair(nn.Module):
+        def forward(self, x: Tensor) -> Out:
+            return Out(x, x + 1)
+
+    out = ActWrapper(Pair(), _halve)(torch.tensor([2.0]))
+    assert isinstance(out, Out)
+    assert out.value.item() == 1.0
+    assert out.aux.item() == 3.0
+
+
+def test_config_that_is_not_a_mapping_fails() -> None:
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        make_param_T_network(small_net(), [ROUND])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        make_act_T_network(small_net(), "relu")  # type: ignore[arg-type]

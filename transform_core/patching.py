@@ -227,7 +227,9 @@ class ActWrapper(_Wrapper):
         if fn is None:
             return out
         if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
-            return (fn(out[0]), *out[1:])
+            items = (fn(out[0]), *out[1:])
+            # A named tuple keeps its type, so that callers can still read its fields.
+            return type(out)(*items) if hasattr(out, "_fields") else items
         if isinstance(out, Tensor):
             return fn(out)
         raise TypeError(
