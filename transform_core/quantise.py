@@ -23,9 +23,12 @@ Where the reference misbehaves, these functions define the result instead:
   ``-inf``/``+inf`` map to the ends of the output range.
 - Values outside an explicit input range saturate at the ends of the output range.
 - A zero-width input range (an all-zero tensor, or a constant one with
-  ``maintain_zero=False``) gives finite values: with the default output range the values
-  are returned unchanged (zeros stay zeros, a constant stays itself); with an explicit
-  output range they map to its level nearest zero (``maintain_zero``) or to its start.
+  ``maintain_zero=False``) gives finite values: with the default output range the finite
+  values are returned unchanged (zeros stay zeros, a constant stays itself); with an
+  explicit output range they map to its level nearest zero (``maintain_zero``) or to its
+  start.
+- The top of the output range, and with ``maintain_zero`` a level meant to be zero, are
+  exact, where ``min + k * quantum`` alone could miss them by a rounding error.
 - Integer tensors are promoted to the default floating-point dtype.
 """
 
@@ -195,6 +198,11 @@ def _finite_range(
     """
     dims = reduce_dims if reduce_dims is not None else tuple(range(value.dim()))
     keep = reduce_dims is not None
+    if value.numel() == 0:
+        # Reductions refuse empty tensors; an empty slice has no finite value, so [0, 0].
+        shape = [1 if d in dims else n for d, n in enumerate(value.shape)] if keep else []
+        zero = value.new_zeros(shape)
+        return zero, zero
     if maintain_zero:
         peak = value.abs().amax(dim=dims, keepdim=keep) if value.dim() else value.abs()
         if not bool(torch.isfinite(peak).all()):
@@ -236,6 +244,7 @@ class _Plan:
         out_width = out_hi - out_lo
         self.top = float(steps)
         self.out_lo = out_lo
+        self.out_hi = out_hi
         self.out_quantum = out_width / steps
         degenerate: Tensor | bool
         safe_quantum: Bound
@@ -253,10 +262,20 @@ class _Plan:
         if maintain_zero and not default_output:
             self.fallback_level = _nearest_level_to_zero(out_lo, self.out_quantum, steps)
         self.default_output = default_output
+        # lo + k * quantum can miss zero by an ulp; with maintain_zero the level meant to be
+        # zero is pinned to exactly zero (None: no level sits on zero).
+        self.zero_level = (
+            _zero_level(out_lo, out_hi, self.out_quantum, steps) if maintain_zero else None
+        )
 
     @property
-    def scale(self) -> Bound:
-        """d(output)/d(input) of the affine map, used as the straight-through gradient."""
+    def scale(self) -> Bound | None:
+        """d(output)/d(input) of the affine map, used as the straight-through gradient.
+
+        ``None`` (the identity) when the output range is the input range, zero-width included.
+        """
+        if self.default_output:
+            return None
         return self.out_quantum / self.in_quantum
 
     def levels(self, value: Tensor) -> Tensor:
@@ -265,25 +284,46 @@ class _Plan:
     def finish(self, value: Tensor, levels: Tensor) -> Tensor:
         """Saturate level indices, map them to the output space, and handle edge cases."""
         levels = levels.clamp_(0.0, self.top)  # NaN stays NaN; +-inf saturate
+        # A zero-width input range with an explicit output range: finite values go to the
+        # fallback level, infinities keep their saturated ends. With the default output range
+        # nothing is needed: every finite value sits at level 0, which is the value itself.
+        if not self.default_output:
+            if isinstance(self.degenerate, bool):
+                if self.degenerate:
+                    levels = torch.where(torch.isfinite(value), self.fallback_level, levels)
+            elif bool(self.degenerate.any()):
+                fallback = self.degenerate & torch.isfinite(value)
+                levels = torch.where(fallback, self.fallback_level, levels)
+        # lo + top * quantum can miss the top of the range by an ulp, either way.
+        at_top = levels == self.top
+        at_zero = None if self.zero_level is None else levels == self.zero_level
         out = levels.mul_(self.out_quantum).add_(self.out_lo)
-        if isinstance(self.degenerate, bool):
-            if not self.degenerate:
-                return out
-            if self.default_output:
-                return value.clone()
-            return torch.where(
-                torch.isnan(value), value, self.fallback_level * self.out_quantum + self.out_lo
-            ).to(value.dtype)
-        if not bool(self.degenerate.any()):
-            return out
-        replacement = (
-            value
-            if self.default_output
-            else torch.where(
-                torch.isnan(value), value, self.fallback_level * self.out_quantum + self.out_lo
-            )
+        out.masked_fill_(at_top, self.out_hi)
+        if at_zero is not None:
+            out.masked_fill_(at_zero, 0.0)
+        return out
+
+
+def _zero_level(out_lo: Bound, out_hi: Bound, out_quantum: Bound, steps: int) -> Bound | None:
+    """The level index meant to be zero, or ``None`` (``-1`` for tensor bounds) if none is.
+
+    Python bounds are checked in double precision, far finer than any tensor dtype. Tensor
+    bounds (the data's own range) are checked without a device sync, and only for the
+    symmetric ranges that ``maintain_zero`` makes, whose middle level is zero.
+    """
+    if isinstance(out_lo, Tensor) or isinstance(out_hi, Tensor) or isinstance(out_quantum, Tensor):
+        if steps % 2:
+            return None
+        symmetric = (torch.as_tensor(out_lo) == -torch.as_tensor(out_hi)) & (
+            torch.as_tensor(out_hi) > 0
         )
-        return torch.where(self.degenerate, replacement, out)
+        return torch.where(symmetric, steps / 2, -1.0)
+    if out_quantum <= 0:
+        return None
+    level = round(-out_lo / out_quantum)
+    if 0 <= level <= steps and abs(level * out_quantum + out_lo) <= 1e-12 * abs(out_lo):
+        return float(level)
+    return None
 
 
 def _nearest_level_to_zero(out_lo: Bound, out_quantum: Bound, steps: int) -> Bound:
@@ -472,10 +512,11 @@ def int_quant(
     """Scale values so that the largest magnitude becomes ``2**(n_bits-1) - 1``, then round.
 
     The result holds signed integers (as floats) in ``[-(2**(n_bits-1) - 1), 2**(n_bits-1) - 1]``.
-    With ``map_to_max``, those integers are then spread over the larger range of
-    ``max_n_bits`` bits. Without ``maintain_zero``, the data are first centred on the
-    midpoint of their range, so that they use the whole integer range. An all-zero tensor
-    stays zero. The gradient is the scale factor (straight through the rounding).
+    With ``map_to_max``, the largest magnitude becomes ``2**(max_n_bits-1) - 1`` instead
+    (as in the reference, ``n_bits`` then has no effect). Without ``maintain_zero``, the
+    data are first centred on the midpoint of their range, so that they use the whole
+    integer range. An all-zero tensor stays zero. The gradient is the scale factor
+    (straight through the rounding).
 
     Args:
         value: Values to quantise.
@@ -554,7 +595,8 @@ def dropout(
     param = _as_float(param)
     # torch.rand draws from [0, 1), so this keeps each value with probability 1 - dropout_prob.
     keep = torch.rand(param.shape, generator=generator, device=param.device) >= dropout_prob
-    return param * keep
+    # masked_fill rather than a product: a dropped inf or NaN is zero too, not NaN.
+    return param.masked_fill(~keep, 0.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -589,13 +631,15 @@ class class_calc_q_decay:  # the reference API's name, kept
         # The largest shift whose decay 1 - 2**-n is still below 1 in this dtype.
         max_shift = round(-math.log2(torch.finfo(decay.dtype).eps)) + 1
         with torch.no_grad():
-            inside = (decay > 0) & (decay < 1)
-            safe = torch.where(inside, decay, torch.full_like(decay, 0.5))
-            tau = -self.dt / torch.log(safe)
-            shift = torch.round(torch.log2(tau / self.dt)).clamp_(0, max_shift)
+            # Half-precision logarithms are too coarse to place n reliably.
+            work = decay.float() if torch.finfo(decay.dtype).bits < 32 else decay
+            inside = (work > 0) & (work < 1)
+            safe = torch.where(inside, work, torch.full_like(work, 0.5))
+            # tau / dt = -1 / log(decay): dt cancels, and dividing by it first would underflow.
+            shift = torch.round(torch.log2(-1.0 / torch.log(safe))).clamp_(0, max_shift)
             shift = torch.where(decay >= 1, float(max_shift), shift)
             shift = torch.where(decay <= 0, 0.0, shift)
-            out = 1.0 - torch.exp2(-shift)
+            out = (1.0 - torch.exp2(-shift)).to(decay.dtype)
             return torch.where(torch.isnan(decay), decay, out)
 
     def __call__(self, decay: Tensor) -> Tensor:
