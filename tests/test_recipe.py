@@ -59,7 +59,7 @@ ERROR_CASES = {
         parms: []
         """,
         "r.yaml:2: parms: unknown key 'parms' (did you mean 'params'?); expected one of "
-        "version, description, seed, families, params, activations",
+        "version, description, seed, families, params, activations, finetune",
     ),
     "unknown rule key": (
         """
@@ -781,7 +781,7 @@ def test_any_extra_rule_key_or_arg_is_reported_with_its_line(key: str, value: ob
     shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
     text = (
         "version: 1\nparams:\n  - family: weights\n    transform: deterministic_rounding\n"
-        f"    args:\n      {key}: {shown}\n"
+        f'    args:\n      "{key}": {shown}\n'
     )
     try:
         parse_recipe(text, source="r.yaml")
