@@ -153,7 +153,7 @@ class Plan:
         """Total size in bits before and after, at each tensor's dtype or recipe bit width."""
         before = after = 0
         for entry in self.tensors:
-            width = _DTYPE_BITS.get(entry.info.dtype, 32)
+            width = _storage_bits(entry.info.dtype)
             before += entry.info.numel * width
             bound = self.transform_for(entry)
             bits = bound.bits if bound is not None else None
@@ -219,6 +219,13 @@ def _seed(recipe: Recipe, seed: int | None) -> int:
     if seed is not None:
         return seed
     return recipe.seed if recipe.seed is not None else 0
+
+
+def _storage_bits(dtype: str) -> int:
+    # Every dtype, not only the float ones a recipe may select: an int64 step counter
+    # takes 64 bits before and after.
+    found = getattr(torch, dtype, None)
+    return found.itemsize * 8 if isinstance(found, torch.dtype) else 32
 
 
 def _selectable(info: TensorInfo) -> bool:
@@ -485,14 +492,11 @@ def _reference_tensors(path: Path, trust: Iterable[str]) -> Callable[[str], Tens
         source = open_tensors(path)
         return lambda name: source.get(name) if name in source else None
     if is_patched(path):
-        state = load_patched(path, trust=trust).state_dict
+        # Only the tensors are needed: no network is rebuilt, so no code runs.
+        state = load_patched(path, trust=trust, rebuild=False).state_dict
     else:
-        try:
-            state = load_state_dict_file(path, trust=trust)
-        except CheckpointError:
-            from transform_core.checkpoint import load_pickled_module
-
-            state = load_pickled_module(path, trust=trust).state_dict()
+        # A state dict, or a whole-module pickle through the safe loader.
+        state = load_state_dict_file(path, trust=trust)
     return state.get
 
 
