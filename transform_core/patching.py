@@ -364,7 +364,10 @@ def make_param_T_network(net: nn.Module, T_config_tree: Tree, inplace: bool = Fa
     Each module named in the tree with tensors to transform is replaced by a
     :class:`TWrapper` around it. The network keeps its structure and behaviour otherwise,
     at any depth and in any container (``Sequential``, ``ModuleList``, ``ModuleDict``,
-    plain attributes). A module shared by several parents gets one wrapper, used by all.
+    plain attributes). A module shared by several parents gets one wrapper, used by all;
+    a tensor tied between modules is transformed in every module that uses it; and
+    ``MultiheadAttention`` and the ``Transformer*Layer`` modules, which read their
+    children's tensors directly, see them transformed too.
 
     Args:
         net: The network to patch.
