@@ -56,6 +56,20 @@ Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing outp
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+DataOption = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Training data: a .safetensors file with 'inputs' and 'targets' (and optional "
+        "'val_inputs', 'val_targets'), or 'package.module:function' returning "
+        "(train_loader, val_loader).",
+    ),
+]
+Device = Annotated[str, typer.Option(help="Where to train: auto, cpu or cuda.")]
+Resume = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue an interrupted run from the output's last checkpoint."),
+]
 AllowNonfinite = Annotated[
     bool,
     typer.Option("--allow-nonfinite", help="Accept NaN or Inf values in the input's parameters."),
@@ -277,10 +291,23 @@ def patch(
     json_output: Json = False,
     force: Force = False,
     allow_nonfinite: AllowNonfinite = False,
+    finetune: Annotated[
+        bool,
+        typer.Option(
+            "--finetune", help="Fine-tune the patched network (the recipe's finetune section)."
+        ),
+    ] = False,
+    data: DataOption = None,
+    device: Device = "auto",
+    resume: Resume = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Patch a network with a recipe's transforms and write a patched checkpoint."""
+    """Patch a network with a recipe's transforms and write a patched checkpoint.
+
+    With --finetune, train the patched network on --data first; the checkpoint is rewritten
+    as training goes, and --resume picks up an interrupted run.
+    """
     from transform_core.checkpoint import save_patched
     from transform_core.errors import CheckpointError
     from transform_core.pipeline import patch_network, plan_network
@@ -309,6 +336,18 @@ def patch(
     if not allow_nonfinite:
         _check_finite(iter(net.state_dict().items()), model)
     target = output or _default_output(model, ".patched.safetensors")
+    if finetune or data is not None or resume:
+        _finetune_run(
+            net,
+            plan,
+            data=data,
+            device=device,
+            resume=resume,
+            target=_target(target, loaded.source, parsed.text, loaded.network_bytes, model, force),
+            trust=trust,
+            quiet=quiet,
+        )
+        return
     # Patching builds every wrapper and binds every transform: a recipe that cannot
     # patch this network fails here, before anything is written.
     patch_network(net, plan, inplace=False)
@@ -325,6 +364,119 @@ def patch(
     transformed = sum(1 for t in plan.tensors if t.rule is not None)
     if not quiet:
         typer.echo(f"wrote {target}: {transformed} of {len(plan.tensors)} tensors patched")
+
+
+def _target(
+    path: Path, source: Any, recipe: str, network_bytes: bytes | None, input_: Path, force: bool
+) -> Any:
+    from transform_core.finetune import CheckpointTarget
+
+    return CheckpointTarget(path, source, recipe, network_bytes, (input_,), force)
+
+
+def _finetune_run(
+    net: Any,
+    plan: Any,
+    *,
+    data: str | None,
+    device: str,
+    resume: bool,
+    target: Any,
+    trust: list[str] | None,
+    quiet: bool,
+) -> None:
+    """Fine-tune ``net`` patched by ``plan``, writing checkpoints at ``target``."""
+    import os
+
+    from transform_core.checkpoint import is_patched, load_patched
+    from transform_core.data import load_data
+    from transform_core.errors import ConfigError, RecipeError
+    from transform_core.finetune import finetune, log_path_for, resolve_device
+    from transform_core.pipeline import patch_network, plan_network
+
+    recipe = plan.recipe
+    if recipe.finetune is None:
+        raise RecipeError(
+            "has no 'finetune:' section; add one (for example 'finetune: {epochs: 10}') to "
+            "fine-tune",
+            path=None if recipe.source.startswith("<") else recipe.source,
+            key="finetune",
+        )
+    if data is None:
+        raise ConfigError("is required to fine-tune; pass the training data", key="--data")
+    dataset = load_data(data)
+    torch_device = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    float_net, checkpoint = net, None
+    if resume:
+        if not is_patched(target.path):
+            raise ConfigError(
+                f"found no checkpoint to resume from at {target.path}; run without --resume "
+                "to start, or pass the -o of the interrupted run",
+                key="--resume",
+            )
+        checkpoint = load_patched(target.path, trust=trust or ())
+        if checkpoint.recipe != recipe.text or checkpoint.network is None:
+            raise ConfigError(
+                "was written by a run with another recipe or network; resume with the same "
+                "recipe, or drop --resume and pick another -o",
+                path=str(target.path),
+                key="--resume",
+            )
+        net = checkpoint.network
+        plan = plan_network(net, recipe, seed=plan.seed)
+        float_net = None
+    T_net = patch_network(net, plan, inplace=checkpoint is not None)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with _training_progress(quiet or not rank0) as on_event:
+        result = finetune(
+            T_net,
+            plan,
+            recipe.finetune,
+            dataset,
+            float_net=float_net,
+            target=target,
+            resume=checkpoint,
+            device=torch_device,
+            on_event=on_event,
+        )
+    if quiet or not rank0:
+        return
+    shown = {k: "-" if v is None else f"{v:.4f}" for k, v in result.metrics.items()}
+    typer.echo(
+        f"{result.metric} on {result.evaluated_on} data: float {shown['float']}, "
+        f"post-training {shown['post_training']}, fine-tuned {shown['finetuned']}"
+    )
+    typer.echo(f"wrote {target.path} after {result.steps} steps (log {log_path_for(target.path)})")
+
+
+@contextmanager
+def _training_progress(quiet: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A Rich progress bar on stderr: epoch, step, loss and the metric."""
+    if quiet:
+        yield lambda event: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  metric {task.fields[metric]}"),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("train", total=None, epoch=0, loss="-", metric="-")
+
+        def update(event: dict[str, Any]) -> None:
+            fields: dict[str, Any] = {"epoch": event["epoch"], "total": event["total_steps"]}
+            if event["kind"] == "train":
+                fields["loss"] = f"{event['loss']:.4f}"
+            elif event["kind"] == "eval" and event.get("metric") is not None:
+                fields["metric"] = f"{event['metric']:.4f}"
+            progress.update(task, completed=event["step"], **fields)
+
+        yield update
 
 
 def _write_outputs(report: Any, target: Path, force: bool, inputs: list[Path]) -> tuple[Path, Path]:
@@ -442,6 +594,9 @@ def burn_in_command(
     plan = plan_network(ckpt.network, recipe, seed=seed if seed is not None else ckpt.seed)
     target = output or _default_output(checkpoint, ".quantised.safetensors")
     meta = _report_meta(plan, ckpt.source) | {"checkpoint": str(checkpoint)}
+    if "finetune" in ckpt.state:
+        # What the transforms cost and what fine-tuning won back, in the report.
+        meta["finetune"] = ckpt.state["finetune"].get("metrics")
     report = _run_burn_in(
         ckpt.network,
         plan,
@@ -453,6 +608,57 @@ def burn_in_command(
         meta=meta,
     )
     _show_report(report, quiet, target)
+
+
+@app.command("finetune")
+@handle_errors
+def finetune_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Patched checkpoint from 'rockq patch'.")],
+    data: DataOption = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Fine-tuned patched checkpoint (default CHECKPOINT.finetuned.safetensors).",
+        ),
+    ] = None,
+    device: Device = "auto",
+    resume: Resume = False,
+    trust: Trust = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Fine-tune a patched checkpoint with its recipe's finetune section."""
+    from transform_core.checkpoint import is_patched, load_patched
+    from transform_core.errors import CheckpointError
+    from transform_core.pipeline import plan_network
+    from transform_core.recipe import parse_recipe
+    from transform_core.safetensors_io import require_file
+
+    require_file(checkpoint, expected="a patched checkpoint written by 'rockq patch'")
+    if not is_patched(checkpoint):
+        raise CheckpointError(
+            "is not a patched checkpoint; create one with 'rockq patch MODEL RECIPE'",
+            path=str(checkpoint),
+        )
+    ckpt = load_patched(checkpoint, trust=trust or ())
+    if ckpt.network is None:
+        raise CheckpointError("holds no network to train", path=str(checkpoint))
+    recipe = parse_recipe(ckpt.recipe, source=f"{checkpoint} (recipe)")
+    plan = plan_network(ckpt.network, recipe, seed=ckpt.seed)
+    target = output or _default_output(checkpoint, ".finetuned.safetensors")
+    _finetune_run(
+        ckpt.network,
+        plan,
+        data=data,
+        device=device,
+        resume=resume,
+        target=_target(target, ckpt.source, ckpt.recipe, ckpt.network_bytes, checkpoint, force),
+        trust=trust,
+        quiet=quiet,
+    )
 
 
 @app.command()
