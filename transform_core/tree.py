@@ -76,7 +76,9 @@ def tree_update(target: MutableMapping[str, Any], additional: Tree) -> MutableMa
         if _is_branch(node) and isinstance(current, MutableMapping):
             tree_update(current, node)
         elif _is_branch(node):
-            target[key] = tree_update({}, node)
+            # A read-only branch of the target is copied first, so its keys are kept.
+            start = tree_update({}, current) if isinstance(current, Mapping) else {}
+            target[key] = tree_update(start, node)
         else:
             target[key] = node
     return target
@@ -85,7 +87,8 @@ def tree_update(target: MutableMapping[str, Any], additional: Tree) -> MutableMa
 def tree_flatten(tree: Tree) -> tuple[list[Any], list[KeyPath]]:
     """Return the leaves and their key paths, in the same order.
 
-    :func:`tree_unflatten` rebuilds the tree from them.
+    :func:`tree_unflatten` rebuilds the tree from them. An empty branch holds no leaf, so
+    it is not rebuilt.
     """
     leaves: list[Any] = []
     paths: list[KeyPath] = []
