@@ -36,6 +36,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from transform_core.errors import ConfigError
+
 __all__ = [
     "BUILTIN_FAMILIES",
     "TensorInfo",
@@ -164,6 +166,11 @@ def _declared_families(module: nn.Module) -> Mapping[str, str]:
 def _iter_tensors(net: nn.Module) -> Iterator[tuple[str, str, nn.Module, str, torch.Tensor, bool]]:
     for module_path, module in net.named_modules():
         for attr, tensor in module._parameters.items():
+            if isinstance(tensor, nn.parameter.UninitializedParameter):
+                raise ConfigError(
+                    f"'{_join(module_path, attr)}' of {type(module).__name__} is not "
+                    "initialised yet (a lazy module); run one forward pass before patching"
+                )
             if tensor is not None:
                 yield _join(module_path, attr), module_path, module, attr, tensor, False
         for attr, tensor in module._buffers.items():

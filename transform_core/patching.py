@@ -540,7 +540,8 @@ def apply_T(
             tensors that are about to be replaced are not copied first.
         on_tensor: Called as ``on_tensor(name, raw, transformed)`` for each tensor, before
             ``raw`` is overwritten, with its qualified name in the un-patched network
-            (``"encoder.0.weight"``); use it to report on tensors one at a time.
+            (``"encoder.0.weight"``); use it to report on tensors one at a time. With a
+            callback and without ``inplace``, the whole network is copied first.
 
     Returns:
         The burned-in network.
