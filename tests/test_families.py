@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from transform_core.errors import ConfigError
 from transform_core.families import (
     BUILTIN_FAMILIES,
     family_for_name,
@@ -297,3 +298,10 @@ def test_tensor_info_fields() -> None:
     assert info.shape == (4, 2, 3)
     assert info.dtype == "float64"
     assert info.numel == 24
+
+
+@pytest.mark.filterwarnings("ignore:Lazy modules:UserWarning")
+def test_lazy_module_before_its_first_forward_is_a_clear_error() -> None:
+    net = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(ConfigError, match=r"'0.weight' of LazyLinear is not initialised"):
+        tensor_infos(net)
