@@ -36,6 +36,13 @@ from torch import Tensor, nn
 
 from transform_core.errors import CheckpointError, RecipeError
 from transform_core.families import TensorInfo, family_for_name, tensor_infos
+from transform_core.groups import (
+    GroupInstance,
+    attach_scale_groups,
+    frozen_ranges,
+    grouped_transforms,
+    resolve_scale_groups,
+)
 from transform_core.patching import (
     _logical_modules,
     apply_T,
@@ -113,12 +120,14 @@ class Plan:
         seed: The seed random transforms derive their per-tensor seeds from.
         tensors: One entry per tensor, in the network's order.
         modules: One entry per module whose output is transformed.
+        groups: The scale-group instances (see :mod:`transform_core.groups`).
     """
 
     recipe: Recipe
     seed: int
     tensors: tuple[TensorPlan, ...]
     modules: tuple[ModulePlan, ...] = ()
+    groups: tuple[GroupInstance, ...] = ()
 
     def transform_for(self, entry: TensorPlan) -> BoundTransform | None:
         """The transform bound for one tensor, seeded from the plan's seed and its name."""
@@ -204,6 +213,7 @@ class Plan:
                 if len(m.matched_by) > 1
             ],
             "size_bits": {"before": before, "after": after},
+            "scale_groups": [g.to_dict() for g in self.groups],
         }
 
 
@@ -268,7 +278,9 @@ def plan_network(net: nn.Module, recipe: Recipe, *, seed: int | None = None) -> 
             )
             if matched:
                 modules.append(ModulePlan(path, type(module).__name__, matched[-1], matched))
-    return Plan(recipe, _seed(recipe, seed), _plan_tensors(infos, recipe), tuple(modules))
+    tensors = _plan_tensors(infos, recipe)
+    groups = resolve_scale_groups(recipe, tensors)
+    return Plan(recipe, _seed(recipe, seed), tensors, tuple(modules), groups)
 
 
 def plan_tensors(
@@ -298,6 +310,15 @@ def plan_tensors(
             path=path,
             line=rule.line,
             key=rule.label,
+        )
+    if recipe.scale_groups:
+        group = recipe.scale_groups[0]
+        raise RecipeError(
+            "scale groups need a network to pair tensors and read their ranges, and this "
+            "input is a bare tensor file; pass the network with --arch",
+            path=path,
+            line=group.line,
+            key=group.label,
         )
     for rule in recipe.params:
         if rule.module is not None:
@@ -339,13 +360,16 @@ def patch_network(net: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mo
         The patched network.
     """
     params: dict[str, Any] = {}
+    by_name = {t.info.name: t for t in plan.tensors}
+    grouped = grouped_transforms(plan.groups, lambda name: plan.transform_for(by_name[name]))
     for entry in plan.tensors:
-        bound = plan.transform_for(entry)
+        bound = grouped.get(entry.info.name) or plan.transform_for(entry)
         if bound is not None:
             info = entry.info
             path = (*info.module_path.split("."), info.attr) if info.module_path else (info.attr,)
             set_nested(params, path, bound)
     patched = make_param_T_network(net, params, inplace=inplace)
+    attach_scale_groups(patched, grouped)
     if plan.modules:
         acts: dict[str, Any] = {}
         for module in plan.modules:
@@ -391,7 +415,8 @@ def burn_in(
         if progress is not None:
             progress(name)
 
-    apply_T(T_net, inplace=True, on_tensor=record)
+    with frozen_ranges(T_net):
+        apply_T(T_net, inplace=True, on_tensor=record)
     net = remove_T_net(T_net, inplace=True)
     state = net.state_dict()
     ordered = []
@@ -401,7 +426,7 @@ def burn_in(
             ordered.append(entries[name])
         elif name in state:
             ordered.append(tensor_report(name, state[name], family=entry.info.family))
-    return net, Report.build(ordered, meta=meta)
+    return net, Report.build(ordered, limits=plan.recipe.limits, meta=meta)
 
 
 def burn_in_tensors(
@@ -446,7 +471,7 @@ def burn_in_tensors(
             del raw, value
             if progress is not None:
                 progress(name)
-    return Report.build(entries, meta=meta)
+    return Report.build(entries, limits=plan.recipe.limits, meta=meta)
 
 
 def output_metadata(plan: Plan, *, version: str, input_sha256: str | None) -> dict[str, str]:
@@ -519,7 +544,8 @@ def checkpoint_report(
         path: The checkpoint.
         reference: Original tensors (any of the same kinds of file, or a whole-module
             pickle) to compute errors against, matched by name.
-        limits: Family -> ``(signed, bits)`` to check.
+        limits: Family -> ``(signed, bits)`` to check; by default the limits of the recipe
+            recorded in a rockq-written file (none for other files).
         trust: Packages a pickled or recorded network may use.
 
     Raises:
@@ -543,19 +569,25 @@ def checkpoint_report(
             ckpt.network, parse_recipe(ckpt.recipe, f"{path} (recipe)"), seed=ckpt.seed
         )
         _, built = burn_in(patch_network(ckpt.network, plan, inplace=True), plan, meta=meta)
-        return Report.build(built.tensors, limits=limits, meta=meta)
+        checked = plan.recipe.limits if limits is None else limits
+        return Report.build(built.tensors, limits=checked, meta=meta)
     if path.is_dir() or is_safetensors(path):
         source = open_tensors(path)
         described = _described_tensors(source.metadata, str(path))
         recorded_order = "rockq.families" in source.metadata
+        if limits is None and source.metadata.get("rockq.recipe"):
+            recipe_text = source.metadata["rockq.recipe"]
+            limits = parse_recipe(recipe_text, f"{path} (recipe)").limits
         names: Iterable[tuple[str, Tensor]] = source.iter_tensors()
     else:
         described, recorded_order = {}, False
         names = load_state_dict_file(path, trust=trust).items()
     entries = []
+    compared = 0
     for name, tensor in names:
         family, transform = described.get(name, (family_for_name(name), None))
         ref = lookup(name) if lookup is not None else None
+        compared += ref is not None
         if ref is not None and tuple(ref.shape) != tuple(tensor.shape):
             raise CheckpointError(
                 f"has shape {tuple(ref.shape)} in the reference but {tuple(tensor.shape)} in "
@@ -565,6 +597,13 @@ def checkpoint_report(
             )
         entries.append(
             tensor_report(name, tensor, family=family, transform=transform, reference=ref)
+        )
+    if lookup is not None and entries and not compared:
+        # Without this the report would quietly show no error columns at all.
+        raise CheckpointError(
+            f"holds none of the checkpoint's {len(entries)} tensor names (such as "
+            f"'{entries[0].name}'); give the file the checkpoint was made from",
+            path=str(reference),
         )
     # A file lays tensors out by dtype; list them in the network's order when it is recorded.
     order = {name: i for i, name in enumerate(described)} if recorded_order else {}

@@ -18,6 +18,12 @@ A recipe (format version 1) looks like this::
         args: {num_levels: 255}
     finetune:                     # optional: quantisation-aware fine-tuning
       epochs: 10                  # see transform_core.finetune for every key
+    limits:                       # optional: integers the target accepts, per family
+      weights: {signed: true, bits: 8}
+    scale_groups:                 # optional: tensors whose range is computed together
+      - name: neuron_inputs       # see transform_core.groups
+        per: neuron
+        members: [{family: weights}, {family: thresholds, sets_range: false}]
 
 Name patterns (``match``, ``families``) are globs matched against the whole qualified name
 (``*`` also matches dots; ``*.alpha`` also matches a top-level ``alpha``), or ``re:`` and a
@@ -71,6 +77,7 @@ from transform_core.registry import (
 
 if TYPE_CHECKING:
     from transform_core.finetune import FinetuneConfig
+    from transform_core.groups import ScaleGroup
 
 __all__ = [
     "RECIPE_VERSION",
@@ -91,7 +98,19 @@ _MAX_VALUE_NODES = 100_000
 
 # Top-level keys. New sections (fine-tuning, hardware limits) get a parser here and a field on
 # Recipe; anything not listed stays an error.
-_TOP_KEYS = ("version", "description", "seed", "families", "params", "activations", "finetune")
+_TOP_KEYS = (
+    "version",
+    "description",
+    "seed",
+    "families",
+    "params",
+    "activations",
+    "finetune",
+    "limits",
+    "scale_groups",
+)
+_LIMIT_KEYS = ("signed", "bits")
+_MAX_LIMIT_BITS = 64
 _RULE_KEYS = {
     "params": ("family", "match", "module", "transform", "args", "optional"),
     "activations": ("match", "module", "transform", "args", "optional"),
@@ -184,6 +203,9 @@ class Recipe:
         text: The recipe's YAML text.
         source: Where it came from: a file path, ``builtin:NAME`` or ``<string>``.
         finetune: The ``finetune:`` section, or ``None`` when there is none.
+        limits: The ``limits:`` section: family -> ``(signed, bits)`` of the integers the
+            target accepts; reports check every tensor of these families against it.
+        scale_groups: The ``scale_groups:`` section (see :mod:`transform_core.groups`).
     """
 
     version: int
@@ -195,6 +217,8 @@ class Recipe:
     text: str = field(repr=False)
     source: str
     finetune: FinetuneConfig | None = field(default=None, hash=False)
+    limits: dict[str, tuple[bool, int]] = field(default_factory=dict, hash=False)
+    scale_groups: tuple[ScaleGroup, ...] = ()
 
     def family_rules(self) -> dict[str, str]:
         """Return the extra family rules as pattern -> family, as ``param_families`` takes them.
@@ -402,6 +426,8 @@ class _Parser:
             "params": lambda n: self.rules("params", n),
             "activations": lambda n: self.rules("activations", n),
             "finetune": self.finetune,
+            "limits": self.limits,
+            "scale_groups": self.scale_groups,
         }
         parsed = {name: parsers[name](top[name][1]) for name in parsers if name in top}
         params: tuple[Rule, ...] = parsed.get("params", ())
@@ -422,6 +448,8 @@ class _Parser:
             text=self.text,
             source=self.source,
             finetune=parsed.get("finetune"),
+            limits=parsed.get("limits", {}),
+            scale_groups=parsed.get("scale_groups", ()),
         )
 
     def version(self, root: Node, top: dict[str, tuple[Node, Node]]) -> int:
@@ -454,6 +482,43 @@ class _Parser:
         from transform_core.finetune import parse_finetune_section
 
         return parse_finetune_section(self, node)
+
+    def scale_groups(self, node: Node) -> tuple[ScaleGroup, ...]:
+        # Imported here: groups.py builds on this module's rules and errors.
+        from transform_core.groups import parse_scale_groups
+
+        return parse_scale_groups(self, node)
+
+    def limits(self, node: Node) -> dict[str, tuple[bool, int]]:
+        """``limits: {family: {signed: bool, bits: int}}``: the integers a target accepts."""
+        limits: dict[str, tuple[bool, int]] = {}
+        for name, (_, value_node) in self.items(node, "limits", "'limits'").items():
+            key = f"limits.{name}"
+            entries = self.items(value_node, key, f"'{key}' ({{signed: true, bits: 8}})")
+            self.check_keys(entries, _LIMIT_KEYS, key)
+            for needed in _LIMIT_KEYS:
+                if needed not in entries:
+                    raise self.error(
+                        f"missing '{needed}'; write the limit as {{signed: true, bits: 8}}",
+                        value_node,
+                        key,
+                    )
+            signed = self.boolean(entries["signed"][1], f"{key}.signed")
+            bits_node = entries["bits"][1]
+            bits = self.value(bits_node, f"{key}.bits")
+            if (
+                isinstance(bits, bool)
+                or not isinstance(bits, int)
+                or not 1 <= bits <= _MAX_LIMIT_BITS
+            ):
+                raise self.error(
+                    f"must be a whole number of bits from 1 to {_MAX_LIMIT_BITS}, "
+                    f"got {_show(bits)}",
+                    bits_node,
+                    f"{key}.bits",
+                )
+            limits[name] = (signed, bits)
+        return limits
 
     def families(self, node: Node) -> dict[str, tuple[str, ...]]:
         families: dict[str, tuple[str, ...]] = {}
