@@ -452,10 +452,13 @@ def _finetune_run(
 @contextmanager
 def _training_progress(quiet: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
     """A Rich progress bar on stderr: epoch, step, loss and the metric."""
-    if quiet:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    # Off a terminal the JSON-lines log has the same figures; a bar would be noise.
+    if quiet or not console.is_terminal:
         yield lambda event: None
         return
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with Progress(
@@ -463,7 +466,7 @@ def _training_progress(quiet: bool) -> Iterator[Callable[[dict[str, Any]], None]
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}  metric {task.fields[metric]}"),
-        console=Console(stderr=True),
+        console=console,
         transient=True,
     ) as progress:
         task = progress.add_task("train", total=None, epoch=0, loss="-", metric="-")
