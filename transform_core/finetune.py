@@ -902,6 +902,10 @@ def _run(
         ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(T_net, device_ids=ids)
     pos = _Position()
+    if resume is None:
+        # Dropout and unseeded transforms draw from torch's global generator: seed it, so
+        # that two runs with the same seed agree bit for bit.
+        torch.manual_seed(seed)
     epoch_rng = torch.get_rng_state()
     if resume is not None:
         pos, epoch_rng = _restore(resume, T_net, optimizer, device)

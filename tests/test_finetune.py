@@ -1,0 +1,448 @@
+"""Fine-tuning: the recipe section, the loop, exact resume, gradients, DDP and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from cli.main import app
+from transform_core.checkpoint import load_network, load_patched
+from transform_core.data import LoaderData, TensorData
+from transform_core.errors import ConfigError, RecipeError
+from transform_core.finetune import (
+    CheckpointTarget,
+    FinetuneConfig,
+    finetune,
+    log_path_for,
+    lr_factor,
+)
+from transform_core.pipeline import patch_network, plan_network
+from transform_core.recipe import Recipe, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECIPE = """\
+version: 1
+seed: 3
+params:
+  - family: weights
+    transform: stochastic_rounding
+    args: {num_levels: 3}
+  - family: biases
+    transform: deterministic_rounding
+    args: {num_levels: 255}
+finetune:
+  epochs: 3
+  batch_size: 16
+  optimizer: {name: adamw, lr: 0.01, weight_decay: 0.01}
+  schedule: {name: cosine, warmup_steps: 2}
+  checkpoint_every: 2
+  eval_every: 3
+"""
+
+
+def _net() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # Dropout draws from torch's global generator: resuming must restore it too.
+        return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+
+
+def _data(n: int = 50) -> TensorData:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n + 20, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return TensorData(x[:n], y[:n], x[n:], y[n:])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _setup(tmp_path: Path, text: str = RECIPE) -> tuple[Recipe, Any]:
+    torch.save(_net(), tmp_path / "net.pt")
+    return parse_recipe(text), load_network(tmp_path / "net.pt")
+
+
+def _run(recipe: Recipe, loaded: Any, out: Path, data: Any, stop_at: int | None = None) -> Any:
+    net = loaded.module
+    plan = plan_network(net, recipe)
+    target = CheckpointTarget(out, loaded.source, recipe.text, loaded.network_bytes)
+
+    def on_event(event: dict[str, Any]) -> None:
+        if stop_at is not None and event["kind"] == "train" and event["step"] == stop_at:
+            raise _Stop
+
+    assert recipe.finetune is not None
+    T_net = patch_network(net, plan)
+    return finetune(
+        T_net, plan, recipe.finetune, data, float_net=net, target=target, on_event=on_event
+    )
+
+
+def _resume(recipe: Recipe, out: Path, data: Any) -> Any:
+    ckpt = load_patched(out)
+    plan = plan_network(ckpt.network, recipe)
+    T_net = patch_network(ckpt.network, plan, inplace=True)
+    target = CheckpointTarget(out, ckpt.source, recipe.text, ckpt.network_bytes)
+    assert recipe.finetune is not None
+    return finetune(T_net, plan, recipe.finetune, data, target=target, resume=ckpt)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_patched(path).state_dict
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+# --- the recipe section ------------------------------------------------------------------
+
+
+def test_section_parses_into_a_config() -> None:
+    config = parse_recipe(RECIPE).finetune
+    assert config == FinetuneConfig(
+        epochs=3,
+        batch_size=16,
+        optimizer="adamw",
+        optimizer_args={"weight_decay": 0.01},
+        lr=0.01,
+        schedule="cosine",
+        warmup_steps=2,
+        checkpoint_every=2,
+        eval_every=3,
+    )
+    assert parse_recipe(RECIPE.split("finetune:")[0]).finetune is None
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("{epochs: 0}", "finetune.epochs: must be a whole number >= 1, got 0"),
+        ("{epochs: 2, steps: 5}", "finetune.steps: give 'epochs' or 'steps', not both"),
+        ("{epoch: 2}", "finetune.epoch: unknown key 'epoch' (did you mean 'epochs'?)"),
+        ("{optimizer: adma}", "finetune.optimizer: must be one of adam, adamw, sgd, got 'adma'"),
+        ("{optimizer: {name: sgd, lr: -1}}", "finetune.optimizer: sgd: Invalid learning rate"),
+        ("{optimizer: {name: sgd, betas: [0.9, 0.9]}}", "'sgd' has no argument 'betas'"),
+        ("{schedule: {name: step, step_size: 0}}", "finetune.schedule.step_size: must be a whole"),
+        ("{loss: crossentropy}", "(did you mean 'cross_entropy'?)"),
+        ("{reduce_time: max}", "finetune.reduce_time: must be one of sum, mean, last"),
+        ("{eval_every: weekly}", "finetune.eval_every: must be 'epoch' or a number of steps"),
+        ("[1, 2]", "finetune: 'finetune' must be a mapping"),
+    ],
+)
+def test_section_errors_name_line_and_key(section: str, expected: str) -> None:
+    text = RECIPE.split("finetune:")[0] + f"finetune: {section}\n"
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, source="r.yaml")
+    assert str(info.value).startswith("r.yaml:10: finetune")
+    assert expected in str(info.value)
+
+
+def test_schedules() -> None:
+    cosine = FinetuneConfig(schedule="cosine", lr=1.0, min_lr=0.1)
+    assert lr_factor(cosine, 0, 10) == 1.0 and lr_factor(cosine, 10, 10) == pytest.approx(0.1)
+    step = FinetuneConfig(schedule="step", step_size=3, gamma=0.5)
+    assert [lr_factor(step, s, 9) for s in (0, 2, 3, 6)] == [1.0, 1.0, 0.5, 0.25]
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+
+def test_gradients_reach_every_transformed_parameter() -> None:
+    net = _net()
+    plan = plan_network(net, parse_recipe(RECIPE))
+    T_net = patch_network(net, plan)
+    data = _data()
+    loss = nn.functional.cross_entropy(T_net(data.inputs), data.targets)
+    loss.backward()
+    transformed = {t.info.name for t in plan.tensors if t.rule is not None}
+    assert transformed == {"0.weight", "0.bias", "3.weight", "3.bias"}
+    grads = {
+        ".".join(p for p in name.split(".") if p != "_mod"): param.grad
+        for name, param in T_net.named_parameters()
+    }
+    for name in transformed:
+        grad = grads[name]
+        assert grad is not None and bool(grad.abs().sum() > 0), name
+
+
+def test_training_improves_the_quantised_metric_and_logs(tmp_path: Path) -> None:
+    recipe, loaded = _setup(tmp_path)
+    result = _run(recipe, loaded, tmp_path / "a.safetensors", _data(200))
+    assert result.steps == 3 * 13 and result.epochs == 3
+    assert set(result.metrics) == {"float", "post_training", "finetuned"}
+    assert result.metrics["finetuned"] > result.metrics["post_training"]
+    log = log_path_for(tmp_path / "a.safetensors").read_text().splitlines()
+    lines = [json.loads(line) for line in log]
+    kinds = {line["kind"] for line in lines}
+    assert kinds == {"train", "eval", "checkpoint"}
+    assert [line["step"] for line in lines if line["kind"] == "train"] == list(range(1, 40))
+    state = load_patched(tmp_path / "a.safetensors").state["finetune"]
+    assert state["step"] == 39 and state["metrics"] == result.metrics
+
+
+def test_same_seed_same_bits(tmp_path: Path) -> None:
+    recipe, loaded = _setup(tmp_path)
+    _run(recipe, loaded, tmp_path / "a.safetensors", _data())
+    _run(recipe, load_network(tmp_path / "net.pt"), tmp_path / "b.safetensors", _data())
+    _assert_identical(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize("stop_at", [3, 4, 9])
+def test_resumed_run_matches_uninterrupted_bit_for_bit(tmp_path: Path, stop_at: int) -> None:
+    recipe, loaded = _setup(tmp_path)
+    _run(recipe, loaded, tmp_path / "full.safetensors", _data())
+    with pytest.raises(_Stop):
+        _run(
+            recipe,
+            load_network(tmp_path / "net.pt"),
+            tmp_path / "cut.safetensors",
+            _data(),
+            stop_at=stop_at,
+        )
+    saved = load_patched(tmp_path / "cut.safetensors").state["finetune"]["step"]
+    assert saved == (stop_at - 1) // 2 * 2
+    result = _resume(recipe, tmp_path / "cut.safetensors", _data())
+    assert result.steps == 12
+    _assert_identical(tmp_path / "full.safetensors", tmp_path / "cut.safetensors")
+    full = load_patched(tmp_path / "full.safetensors")
+    cut = load_patched(tmp_path / "cut.safetensors")
+    for key, tensor in full.extra_tensors.items():
+        assert torch.equal(tensor, cut.extra_tensors[key]), key
+
+
+def test_resume_with_a_shuffling_dataloader(tmp_path: Path) -> None:
+    data = _data()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data.inputs, data.targets), batch_size=16, shuffle=True
+    )
+    loaders = LoaderData(loader, None, "tests:loader")
+    text = RECIPE.replace("checkpoint_every: 2", "checkpoint_every: 3")
+    recipe, loaded = _setup(tmp_path, text)
+    torch.manual_seed(5)
+    _run(recipe, loaded, tmp_path / "full.safetensors", loaders)
+    torch.manual_seed(5)
+    with pytest.raises(_Stop):
+        _run(
+            recipe,
+            load_network(tmp_path / "net.pt"),
+            tmp_path / "cut.safetensors",
+            loaders,
+            stop_at=5,
+        )
+    torch.manual_seed(99)  # a resumed process starts from an unrelated global state
+    _resume(recipe, tmp_path / "cut.safetensors", loaders)
+    _assert_identical(tmp_path / "full.safetensors", tmp_path / "cut.safetensors")
+
+
+def test_time_series_output_needs_reduce_time(tmp_path: Path) -> None:
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).unsqueeze(1).expand(-1, 5, -1)
+
+    net = Seq()
+    recipe = parse_recipe(RECIPE.replace("checkpoint_every: 2", "reduce_time: last"))
+    plan = plan_network(net, recipe)
+    assert recipe.finetune is not None
+    result = finetune(patch_network(net, plan), plan, recipe.finetune, _data())
+    assert result.steps == 12
+    bare = FinetuneConfig(epochs=1)
+    with pytest.raises(ConfigError, match="reduce_time"):
+        finetune(patch_network(net, plan), plan, bare, _data())
+
+
+def test_targets_the_loss_cannot_use_fail_before_writing(tmp_path: Path) -> None:
+    recipe, loaded = _setup(tmp_path)
+    data = _data()
+    bad = TensorData(data.inputs, data.targets + 5, data.val_inputs, data.val_targets + 5)
+    with pytest.raises(ConfigError, match="targets: loss 'cross_entropy' cannot compare"):
+        _run(recipe, loaded, tmp_path / "a.safetensors", bad)
+    assert not (tmp_path / "a.safetensors").exists()
+    assert not log_path_for(tmp_path / "a.safetensors").exists()
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def _cli_files(tmp_path: Path) -> None:
+    torch.save(_net(), tmp_path / "net.pt")
+    data = _data()
+    save_file(
+        {
+            "inputs": data.inputs,
+            "targets": data.targets,
+            "val_inputs": data.val_inputs,
+            "val_targets": data.val_targets,
+        },
+        str(tmp_path / "data.safetensors"),
+    )
+    (tmp_path / "r.yaml").write_text(RECIPE)
+
+
+def test_cli_patch_finetune_then_finetune_again(tmp_path: Path) -> None:
+    _cli_files(tmp_path)
+    runner = CliRunner()
+    out = tmp_path / "out.safetensors"
+    args = [
+        "patch",
+        str(tmp_path / "net.pt"),
+        str(tmp_path / "r.yaml"),
+        "--finetune",
+        "--data",
+        str(tmp_path / "data.safetensors"),
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "accuracy on validation data: float" in result.output
+    assert load_patched(out).state["finetune"]["step"] == 12
+    again = runner.invoke(
+        app, ["finetune", str(out), "--data", str(tmp_path / "data.safetensors"), "-q"]
+    )
+    assert again.exit_code == 0 and again.output == ""
+    assert (tmp_path / "out.finetuned.safetensors").is_file()
+    resumed = runner.invoke(app, [*args, "--resume", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "files", "expected"),
+    [
+        ([], {}, "--data: is required to fine-tune"),
+        (["--data", "nowhere.safetensors"], {}, "nowhere.safetensors: no such file"),
+        (
+            ["--data", "d.safetensors"],
+            {"inputs": torch.zeros(3, 4)},
+            "d.safetensors: targets: missing tensor 'targets'",
+        ),
+        (
+            ["--data", "d.safetensors"],
+            {"inputs": torch.zeros(3, 4), "targets": torch.zeros(2, dtype=torch.long)},
+            "targets: has shape (2,) but 'inputs' has 3 sample(s)",
+        ),
+        (
+            ["--data", "data.safetensors", "--resume"],
+            {},
+            "--resume: found no checkpoint to resume from",
+        ),
+        (
+            ["--data", "data.safetensors", "--device", "tpu"],
+            {},
+            "--device: must be one of auto, cpu, cuda",
+        ),
+    ],
+)
+def test_cli_errors_exit_2_and_write_nothing(
+    tmp_path: Path, extra: list[str], files: dict[str, torch.Tensor], expected: str
+) -> None:
+    _cli_files(tmp_path)
+    if files:
+        save_file(files, str(tmp_path / "d.safetensors"))
+    os.chdir(tmp_path)
+    result = CliRunner().invoke(
+        app, ["patch", "net.pt", "r.yaml", "--finetune", "-o", "out.safetensors", *extra]
+    )
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_recipe_without_section(tmp_path: Path) -> None:
+    _cli_files(tmp_path)
+    result = CliRunner().invoke(
+        app,
+        [
+            "patch",
+            str(tmp_path / "net.pt"),
+            "ternary",
+            "--finetune",
+            "--data",
+            str(tmp_path / "data.safetensors"),
+        ],
+    )
+    assert result.exit_code == 2 and "has no 'finetune:' section" in result.output
+
+
+# --- more than one process ---------------------------------------------------------------------
+
+_DDP_SCRIPT = """
+import sys, torch
+import torch.distributed as dist
+from transform_core.checkpoint import load_network
+from transform_core.finetune import CheckpointTarget, finetune
+from transform_core.pipeline import patch_network, plan_network
+from transform_core.recipe import parse_recipe
+from tests.test_finetune import RECIPE, _data
+
+folder = sys.argv[1]
+recipe = parse_recipe(RECIPE)
+loaded = load_network(folder + "/net.pt")
+plan = plan_network(loaded.module, recipe)
+T_net = patch_network(loaded.module, plan)
+target = CheckpointTarget(__import__("pathlib").Path(folder + "/ddp.safetensors"),
+                          loaded.source, recipe.text, loaded.network_bytes)
+dist.init_process_group("gloo")
+finetune(T_net, plan, recipe.finetune, _data(51), target=target)
+torch.save(T_net.state_dict(), f"{folder}/rank{dist.get_rank()}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    torch.save(net, tmp_path / "net.pt")
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(_DDP_SCRIPT))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*torchrun, str(script), str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    # One process, same global batch (51 samples: the last batch of 3 splits 2 + 1).
+    recipe = parse_recipe(RECIPE)
+    loaded = load_network(tmp_path / "net.pt")
+    plan = plan_network(loaded.module, recipe)
+    T_net = patch_network(loaded.module, plan)
+    assert recipe.finetune is not None
+    finetune(T_net, plan, recipe.finetune, _data(51))
+    for key, value in T_net.state_dict().items():
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted(
+        ["ddp.finetune.jsonl", "ddp.py", "ddp.safetensors", "net.pt", "rank0.pt", "rank1.pt"]
+    )
+    assert load_patched(tmp_path / "ddp.safetensors").state["finetune"]["step"] == 12
