@@ -5,7 +5,8 @@ result. torch and the library are imported inside the commands, so ``rockq --hel
 stays fast.
 
 Exit codes: 0 success, 1 internal error, 2 bad input (one line on stderr, naming the file,
-key or tensor and the fix; ``--debug`` shows the traceback), 130 interrupted.
+key or tensor and the fix; ``--debug`` shows the traceback), 3 ``report --check`` found a
+tensor outside its hardware limit, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_LIMITS = 3
 
 # --- shared options ------------------------------------------------------------------------
 
@@ -202,7 +204,7 @@ def _check_finite(named: Iterator[tuple[str, Any]], path: Path) -> None:
 
 def _default_output(source: Path, suffix: str) -> Path:
     name = source.name
-    for ending in (".patched.safetensors", ".safetensors", ".pt", ".pth", ".bin"):
+    for ending in (".patched.safetensors", ".safetensors", ".pt", ".pth", ".bin", ".json"):
         if name.endswith(ending):
             name = name[: -len(ending)]
             break
@@ -781,14 +783,31 @@ def report(
     markdown: Annotated[
         Path | None, typer.Option(help="Also write the report as Markdown to this file.")
     ] = None,
+    limits: Annotated[
+        str | None,
+        typer.Option(
+            help="Recipe (path or built-in name) whose 'limits' to check; default: the limits "
+            "of the recipe recorded in the checkpoint."
+        ),
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help=f"Exit {EXIT_LIMITS} when a tensor breaks its limit."),
+    ] = False,
     trust: Trust = None,
     force: Force = False,
     debug: Debug = False,
 ) -> None:
-    """Show the bit-width report of a checkpoint: values used, bits, grid, range and error."""
-    from transform_core.pipeline import checkpoint_report
+    """Show the bit-width report of a checkpoint: values used, bits, grid, range and error.
 
-    built = checkpoint_report(checkpoint, reference=reference, trust=trust or ())
+    Tensors of a family with a hardware limit are checked against it; with --check, any
+    violation makes the command exit 3.
+    """
+    from transform_core.pipeline import checkpoint_report
+    from transform_core.recipe import load_recipe
+
+    chosen = load_recipe(limits).limits if limits is not None else None
+    built = checkpoint_report(checkpoint, reference=reference, limits=chosen, trust=trust or ())
     if markdown is not None:
         from transform_core.safetensors_io import atomic_output
 
@@ -798,6 +817,11 @@ def report(
         typer.echo(built.to_json())
     else:
         _show_report(built, False)
+    if check and not built.ok:
+        if json_output:
+            # The reason is in the JSON on stdout; stderr still says why the exit code.
+            typer.echo(f"rockq: {len(built.violations)} limit violation(s)", err=True)
+        raise typer.Exit(EXIT_LIMITS)
 
 
 @app.command()

@@ -79,6 +79,7 @@ from torch import nn
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
 from transform_core.errors import CheckpointError, did_you_mean
+from transform_core.rockpool_support import load_rockpool_params
 from transform_core.safetensors_io import (
     KNOWN_FORMATS,
     PathLike,
@@ -664,7 +665,9 @@ def load_network(
     """Load a network (or, for bare tensors, a tensor reader) from ``path``.
 
     * With ``arch``: ``path`` is a state dict (``.pt``/``.pth``, safetensors or a shard
-      folder), loaded strictly into ``build_from_arch(arch, arch_kwargs)``.
+      folder), loaded strictly into ``build_from_arch(arch, arch_kwargs)``, or a Rockpool
+      parameter file (``.json``, from ``net.save(path)``), loaded with
+      :func:`~transform_core.rockpool_support.load_rockpool_params`.
     * A patched checkpoint: rebuilt with :func:`load_patched`.
     * Other safetensors files and shard folders: tensor mode, ``module`` is ``None``.
     * Anything else: a whole-module pickle, loaded through the allowlist.
@@ -693,6 +696,14 @@ def load_network(
     target = Path(path)
     if not target.exists():
         raise CheckpointError(f"no such file or folder; expected {KNOWN_FORMATS}", path=label)
+    if arch is not None and target.suffix == ".json" and target.is_file():
+        # Rockpool's own parameter file (net.save(path)): names and shapes are checked.
+        module = build_from_arch(arch, kwargs)
+        load_rockpool_params(module, target)
+        info = SourceInfo(
+            "arch", label, sha256_file(path), arch=arch, arch_kwargs=kwargs, trust=trusted
+        )
+        return LoadedNetwork(module, info)
     if arch is not None:
         state = load_state_dict_file(path, trust=trusted)
         module = build_from_arch(arch, kwargs)

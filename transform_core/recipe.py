@@ -683,7 +683,7 @@ def builtin_recipes() -> dict[str, str]:
 
     Example:
         >>> sorted(builtin_recipes())
-        ['int8', 'int8-act', 'qat4', 'ternary']
+        ['int8', 'int8-act', 'qat4', 'ternary', 'xylo']
     """
     recipes: dict[str, str] = {}
     for name, entry in sorted(_builtin_files().items()):
