@@ -144,10 +144,14 @@ def _console(quiet: bool = False) -> Any:
 @contextmanager
 def _progress(quiet: bool, total: int, what: str) -> Iterator[Callable[[str], None]]:
     """A Rich progress bar on stderr, advanced once per tensor."""
-    if quiet or total == 0:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    # Off a terminal a bar is noise: Rich would still end it with a blank line, which
+    # would break the one-line error contract of piped stderr.
+    if quiet or total == 0 or not console.is_terminal:
         yield lambda name: None
         return
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with Progress(
@@ -155,7 +159,7 @@ def _progress(quiet: bool, total: int, what: str) -> Iterator[Callable[[str], No
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[tensor]}"),
-        console=Console(stderr=True),
+        console=console,
         transient=True,
     ) as progress:
         task = progress.add_task(what, total=total, tensor="")
