@@ -560,7 +560,7 @@ def test_channel_rounding_dim_keyword_matches_transpose() -> None:
 
 
 def test_channel_rounding_non_finite_stays_in_its_channel() -> None:
-    w = torch.tensor([[NAN, 1.0], [0.5, -0.5], [INF, 0.25]])
+    w = torch.tensor([[NAN, 1.0], [0.5, -0.5], [INF, 0.5]])  # column 1 sits on its levels
     out = stochastic_channel_rounding(w, [-1.0, 1.0], num_levels=5, generator=_gen())
     assert torch.isnan(out[0, 0]) and out[2, 0].item() == 1.0 and out[1, 0].item() == 1.0
     assert bool(torch.isfinite(out[:, 1]).all())
