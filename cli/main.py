@@ -488,16 +488,31 @@ def _training_progress(quiet: bool) -> Iterator[Callable[[dict[str, Any]], None]
         yield update
 
 
-def _write_outputs(report: Any, target: Path, force: bool, inputs: list[Path]) -> tuple[Path, Path]:
+@contextmanager
+def _outputs(
+    target: Path, force: bool, inputs: list[Path]
+) -> Iterator[tuple[Path, Callable[[Any], None]]]:
+    """A temporary file for the tensors and a writer of the two reports beside them.
+
+    Nothing is moved into place until all three are written, the tensors last, so an
+    interrupted run leaves no tensors without their report (and usually nothing at all).
+    """
+    from contextlib import ExitStack
+
     from transform_core.safetensors_io import atomic_output
 
-    json_path = target.with_name(target.name.removesuffix(".safetensors") + ".report.json")
-    md_path = target.with_name(target.name.removesuffix(".safetensors") + ".report.md")
-    with atomic_output(json_path, force=force, inputs=inputs) as tmp:
-        tmp.write_text(report.to_json() + "\n")
-    with atomic_output(md_path, force=force, inputs=inputs) as tmp:
-        tmp.write_text(report.to_markdown())
-    return json_path, md_path
+    stem = target.name.removesuffix(".safetensors")
+    paths = (target, target.with_name(stem + ".report.json"), target.with_name(stem + ".report.md"))
+    with ExitStack() as stack:
+        tmp, tmp_json, tmp_md = (
+            stack.enter_context(atomic_output(path, force=force, inputs=inputs)) for path in paths
+        )
+
+        def write_reports(report: Any) -> None:
+            tmp_json.write_text(report.to_json() + "\n")
+            tmp_md.write_text(report.to_markdown())
+
+        yield tmp, write_reports
 
 
 def _check_outputs_free(target: Path, force: bool, inputs: list[Path]) -> None:
@@ -534,8 +549,9 @@ def _run_burn_in(
     with _progress(quiet, total, "burn-in") as advance:
         burned, report = burn_in(patched, plan, progress=advance, meta=meta)
     metadata = output_metadata(plan, version=__version__, input_sha256=source_sha)
-    save_safetensors(burned.state_dict(), target, metadata, force=force, inputs=inputs)
-    _write_outputs(report, target, force, inputs)
+    with _outputs(target, force, inputs) as (tmp, write_reports):
+        save_safetensors(burned.state_dict(), tmp, metadata, force=True)
+        write_reports(report)
     return report
 
 
@@ -734,7 +750,7 @@ def _quantize_tensors(
     from transform_core import __version__
     from transform_core.errors import CheckpointError
     from transform_core.pipeline import burn_in_tensors, output_metadata, plan_tensors
-    from transform_core.safetensors_io import SafetensorsWriter, atomic_output
+    from transform_core.safetensors_io import SafetensorsWriter
 
     source = loaded.tensors
     infos = source.infos()
@@ -759,18 +775,19 @@ def _quantize_tensors(
                 )
             yield name, tensor
 
-    with atomic_output(output, force=force, inputs=[model]) as tmp, tmp.open("wb") as handle:
-        writer = SafetensorsWriter(handle, specs, metadata)
-        with _progress(quiet, len(infos), "quantise") as advance:
-            report = burn_in_tensors(
-                checked(),
-                plan,
-                writer.write,
-                progress=advance,
-                meta=_report_meta(plan, loaded.source),
-            )
-        writer.close()
-    _write_outputs(report, output, force, [model])
+    with _outputs(output, force, [model]) as (tmp, write_reports):
+        with tmp.open("wb") as handle:
+            writer = SafetensorsWriter(handle, specs, metadata)
+            with _progress(quiet, len(infos), "quantise") as advance:
+                report = burn_in_tensors(
+                    checked(),
+                    plan,
+                    writer.write,
+                    progress=advance,
+                    meta=_report_meta(plan, loaded.source),
+                )
+            writer.close()
+        write_reports(report)
     return report
 
 

@@ -849,6 +849,23 @@ def test_interrupted_write_leaves_nothing(
     assert _files(tmp_path) == ["mlp.pt", "state.safetensors"]
 
 
+@pytest.mark.parametrize("source", ["mlp.pt", "state.safetensors"])
+def test_interrupted_report_write_leaves_no_tensors(
+    tmp_path: Path, inputs: Inputs, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    from transform_core.report import Report
+
+    def interrupted(self: Report) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Report, "to_markdown", interrupted)
+    result = CliRunner().invoke(
+        app, ["quantize", str(inputs.root / source), "int8", "-o", str(tmp_path / "q.safetensors")]
+    )
+    assert result.exit_code == 130
+    assert _files(tmp_path) == []
+
+
 # --- demo and the installed command --------------------------------------------------------
 
 
