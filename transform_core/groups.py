@@ -509,6 +509,12 @@ def _instance(
         member = group.members[index]
         info = entry.info
         if group.per == "neuron":
+            if not info.shape:
+                raise fail(
+                    f"tensor '{info.name}' is a scalar, shared by every neuron, and per: neuron "
+                    "needs one value per neuron; build the module with one value per neuron "
+                    "(e.g. threshold=torch.ones(n)), or use per: layer"
+                )
             if not -len(info.shape) <= member.dim < len(info.shape):
                 raise fail(
                     f"tensor '{info.name}' has shape {list(info.shape)}, which has no dimension "
