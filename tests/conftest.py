@@ -14,6 +14,10 @@ from torch import nn
 
 SEED = 1234
 
+# The tests use small tensors, where intra-op threads only add overhead, and a second
+# thread per process thrashes when several test processes share a small machine.
+torch.set_num_threads(1)
+
 
 def _seeded(build: Callable[[], nn.Module], seed: int = SEED) -> nn.Module:
     """Build a module with its parameters drawn from ``seed``, leaving the global RNG alone."""

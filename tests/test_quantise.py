@@ -452,6 +452,143 @@ def test_random_numbers_on_the_tensor_device_cuda(cuda_device: torch.device) -> 
 
 
 # --------------------------------------------------------------------------------------
+# Large tensors: the same semantics at sizes where faster code paths may take over
+
+LARGE = (1 << 17) + 5  # not a multiple of any power-of-two block size
+
+
+@pytest.mark.parametrize("num_levels", [15, 256])
+@pytest.mark.parametrize("maintain_zero", [True, False])
+def test_large_deterministic_rounding(num_levels: int, maintain_zero: bool) -> None:
+    x = torch.randn(LARGE, generator=_gen(21))
+    x[:7] = 0.0
+    out = deterministic_rounding(x, num_levels=num_levels, maintain_zero=maintain_zero)
+    in_range = _data_range(x, maintain_zero)
+    _assert_on_grid(out, in_range, num_levels)
+    quantum = (in_range[1] - in_range[0]) / (num_levels - 1)
+    error = (out.double() - x.double()).abs().max().item()
+    assert error <= quantum / 2 * (1 + 1e-4)
+    # The data's extremes are the ends of the range and keep their values exactly.
+    if maintain_zero:
+        assert out.abs().max().item() == x.abs().max().item()
+    else:
+        assert (out.min().item(), out.max().item()) == (x.min().item(), x.max().item())
+    if maintain_zero and num_levels % 2:
+        assert bool((out[:7] == 0).all())
+    assert torch.equal(
+        deterministic_rounding(out, num_levels=num_levels, maintain_zero=maintain_zero), out
+    )
+
+
+def test_large_stochastic_rounding() -> None:
+    x = torch.rand(LARGE, generator=_gen(22)) * 2 - 1
+    out = stochastic_rounding(x, num_levels=9, generator=_gen(1))
+    in_range = _data_range(x, True)
+    _assert_on_grid(out, in_range, 9)
+    quantum = (in_range[1] - in_range[0]) / 8
+    residual = out.double() - x.double()
+    assert residual.abs().max().item() <= quantum * (1 + 1e-4)
+    # Unbiased over the whole tensor: the mean residual is within sampling error of 0.
+    assert abs(residual.mean().item()) < 6 * (quantum / 2) / math.sqrt(LARGE)
+    assert torch.equal(out, stochastic_rounding(x, num_levels=9, generator=_gen(1)))
+    assert not torch.equal(out, stochastic_rounding(x, num_levels=9, generator=_gen(2)))
+
+
+def test_large_non_finite_and_channels() -> None:
+    x = torch.randn(LARGE, generator=_gen(23))
+    x[[5, 1000, LARGE - 1]] = torch.tensor([NAN, INF, -INF])
+    out = stochastic_rounding(x, num_levels=5, generator=_gen())
+    peak = x[torch.isfinite(x)].abs().max().item()
+    assert torch.isnan(out[5]) and out[1000].item() == peak and out[LARGE - 1].item() == -peak
+    assert int(torch.isnan(out).sum()) == 1
+    w = torch.randn(LARGE - 5, 3, generator=_gen(24)) * torch.tensor([1.0, 10.0, 0.1])
+    chan = stochastic_channel_rounding(w, [-1.0, 1.0], num_levels=5, generator=_gen())
+    _assert_on_grid(chan, (-1.0, 1.0), 5)
+    assert torch.equal(chan.abs().amax(0), torch.ones(3))
+    expected, _ = _loop_channel_rounding(w, (-1.0, 1.0), 5, True, 1)
+    assert (chan.double() - expected).abs().max().item() <= 0.5 * (1 + 1e-4)
+
+
+def test_large_int_quant_and_dropout() -> None:
+    x = torch.randn(LARGE, generator=_gen(25))
+    out = int_quant(x, n_bits=4)
+    assert out.abs().max().item() == 7.0 and torch.equal(out, out.round())
+    expected = torch.round(x.double() * (7 / x.abs().max().double()))
+    assert (out.double() - expected).abs().max().item() <= 1.0
+    assert float((out.double() != expected).double().mean()) < 1e-4
+    kept = dropout(torch.ones(LARGE), 0.25, generator=_gen(26))
+    share = (kept == 1).double().mean().item()
+    assert abs(share - 0.75) < 6 * math.sqrt(0.75 * 0.25 / LARGE)
+    assert set(kept.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [1000, LARGE])
+def test_cuda_matches_cpu_semantics(cuda_device: torch.device, size: int) -> None:
+    x = torch.randn(size, generator=_gen(31))
+    x[:5] = 0.0
+    x[5:8] = torch.tensor([NAN, INF, -INF])
+    xc = x.to(cuda_device)
+    for num_levels in (2, 15, 256):
+        for maintain_zero in (True, False):
+            kwargs: dict[str, Any] = {"num_levels": num_levels, "maintain_zero": maintain_zero}
+            cpu = deterministic_rounding(x, **kwargs)
+            gpu = deterministic_rounding(xc, **kwargs).cpu()
+            # Same levels; a fused multiply-add may move a value by an ulp, but not the
+            # pinned ones: the ends of the range, zero, NaN.
+            assert torch.allclose(
+                gpu, cpu, atol=1e-6 * float(x[8:].abs().max()), rtol=0, equal_nan=True
+            )
+            assert torch.equal(torch.isnan(gpu), torch.isnan(cpu))
+            assert gpu[8:].max() == cpu[8:].max() and gpu[8:].min() == cpu[8:].min()
+            assert torch.equal(gpu[:5], cpu[:5])
+            rng = _data_range(x, maintain_zero)
+            _assert_on_grid(gpu, rng, num_levels)
+            sto = stochastic_rounding(
+                xc, **kwargs, generator=torch.Generator(cuda_device).manual_seed(0)
+            )
+            _assert_on_grid(sto.cpu(), rng, num_levels)
+            assert torch.equal(torch.isnan(sto.cpu()), torch.isnan(x))
+            if maintain_zero and num_levels % 2:
+                assert bool((sto[:5] == 0).all())
+    explicit = {"input_range": [-1.0, 1.0], "output_range": [0.0, 10.0], "num_levels": 11}
+    assert torch.allclose(
+        deterministic_rounding(xc, **explicit).cpu(),
+        deterministic_rounding(x, **explicit),
+        atol=1e-5,
+        equal_nan=True,
+    )
+    # Unbiased on the device too.
+    draws = torch.linspace(-0.9, 0.9, 7, device=cuda_device).expand(20_000, -1).contiguous()
+    mean = (
+        stochastic_rounding(
+            draws, num_levels=6, generator=torch.Generator(cuda_device).manual_seed(4)
+        )
+        .double()
+        .mean(0)
+    )
+    assert torch.allclose(
+        mean.cpu(), draws[0].double().cpu(), atol=6 * 0.18 / math.sqrt(20_000) + 1e-4, rtol=0
+    )
+    # Per-channel ranges, gradients and empty tensors.
+    w = _exact_level_matrix(9, [1.0, 2.0**-7, 2.0**5], half_levels=4)
+    assert torch.equal(
+        stochastic_channel_rounding(w.to(cuda_device), [-1.0, 1.0], 9).cpu(),
+        stochastic_channel_rounding(w, [-1.0, 1.0], 9),
+    )
+    leaf = xc[8:100].clone().requires_grad_()
+    stochastic_rounding(leaf, num_levels=4).sum().backward()
+    assert leaf.grad is not None and torch.equal(leaf.grad.cpu(), torch.ones(92))
+    assert deterministic_rounding(torch.empty(0, device=cuda_device)).shape == (0,)
+    assert stochastic_channel_rounding(
+        torch.empty(0, 3, device=cuda_device), [-1.0, 1.0]
+    ).shape == (0, 3)
+    assert torch.equal(int_quant(xc[8:], n_bits=5).cpu(), int_quant(x[8:], n_bits=5))
+    decays = torch.linspace(0.01, 0.99, 99)
+    assert torch.equal(t_decay(decays.to(cuda_device)).cpu(), t_decay(decays))
+
+
+# --------------------------------------------------------------------------------------
 # stochastic_channel_rounding
 
 

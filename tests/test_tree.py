@@ -21,7 +21,7 @@ from transform_core.tree import (
     tree_update,
 )
 
-TREE_SETTINGS = settings(max_examples=80, deadline=None)
+TREE_SETTINGS = settings(max_examples=50, deadline=None)
 
 _keys = st.text(alphabet="abcxyz_0123", min_size=1, max_size=3)
 _leaves = st.one_of(
