@@ -704,6 +704,12 @@ def load_network(
             "arch", label, sha256_file(path), arch=arch, arch_kwargs=kwargs, trust=trusted
         )
         return LoadedNetwork(module, info)
+    if arch is None and target.suffix == ".json" and target.is_file():
+        raise CheckpointError(
+            "is a JSON file: a Rockpool parameter file (net.save(path)) holds values, not the "
+            "network; pass --arch package.module:factory that builds the network",
+            path=label,
+        )
     if arch is not None:
         state = load_state_dict_file(path, trust=trusted)
         module = build_from_arch(arch, kwargs)
