@@ -196,6 +196,9 @@ def _finite_range(
     With ``maintain_zero`` the range is symmetric: ``max|x| * [-1, 1]``. A slice with no
     finite value gets the range ``[0, 0]``.
     """
+    # The range is a constant of the transform: no gradient flows through it (and up to
+    # torch 2.11 aminmax has no derivative, so recording it breaks the backward pass).
+    value = value.detach()
     dims = reduce_dims if reduce_dims is not None else tuple(range(value.dim()))
     keep = reduce_dims is not None
     if value.numel() == 0:
