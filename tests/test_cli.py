@@ -202,20 +202,25 @@ def recipe_file(tmp_path: Path) -> Iterator[Path]:
     return path
 
 
-def run(*args: str | Path) -> object:
-    return CliRunner().invoke(app, [str(a) for a in args])
+# Plain output whatever the environment: no forced colours or terminal, which would also
+# turn on progress bars.
+_PLAIN = {"FORCE_COLOR": None, "TTY_COMPATIBLE": None, "TTY_INTERACTIVE": None}
+
+
+def runner() -> CliRunner:
+    return CliRunner(env=_PLAIN)
 
 
 def ok(*args: str | Path) -> str:
     """Run a command that must succeed; return its stdout."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = runner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
     return result.stdout
 
 
 def user_error(*args: str | Path) -> str:
     """Run a command that must fail with a user error; return its one stderr line."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = runner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
     assert result.stderr.startswith("rockq: error: ")
     assert result.stderr.count("\n") == 1, result.stderr
@@ -457,7 +462,7 @@ def test_burn_in_of_something_else(tmp_path: Path, inputs: Inputs) -> None:
 )
 def test_unknown_recipe(inputs: Inputs, recipe: str, phrase: str) -> None:
     line = user_error("patch", inputs.mlp, recipe, "--dry-run")
-    assert phrase in line and "int8, int8-act, qat4, ternary" in line
+    assert phrase in line and "one of the built-ins: int8, " in line
 
 
 def test_recipe_folder_and_bad_content(tmp_path: Path, inputs: Inputs) -> None:
@@ -476,11 +481,11 @@ def test_recipe_folder_and_bad_content(tmp_path: Path, inputs: Inputs) -> None:
 def test_debug_raises_instead_of_one_line(inputs: Inputs, tmp_path: Path) -> None:
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(BAD_ARGS)
-    result = CliRunner().invoke(app, ["patch", str(inputs.mlp), str(recipe), "--debug"])
+    result = runner().invoke(app, ["patch", str(inputs.mlp), str(recipe), "--debug"])
     assert result.exit_code == 1
     assert isinstance(result.exception, RecipeError)
     assert "rockq: error" not in result.output
-    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "none.pt"), "--debug"])
+    result = runner().invoke(app, ["inspect", str(tmp_path / "none.pt"), "--debug"])
     assert isinstance(result.exception, CheckpointError)
 
 
@@ -491,11 +496,11 @@ def test_internal_errors_exit_1(inputs: Inputs, monkeypatch: pytest.MonkeyPatch)
         raise RuntimeError("boom")
 
     monkeypatch.setattr(transform_core.pipeline, "plan_network", broken)
-    result = CliRunner().invoke(app, ["patch", str(inputs.mlp), "int8", "--dry-run"])
+    result = runner().invoke(app, ["patch", str(inputs.mlp), "int8", "--dry-run"])
     assert result.exit_code == 1
     assert result.stderr.startswith("rockq: error: internal error: RuntimeError: boom (run again")
     assert result.stderr.count("\n") == 1
-    result = CliRunner().invoke(app, ["patch", str(inputs.mlp), "int8", "--dry-run", "--debug"])
+    result = runner().invoke(app, ["patch", str(inputs.mlp), "int8", "--dry-run", "--debug"])
     assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
 
 
@@ -688,6 +693,11 @@ def test_same_inputs_and_seed_give_identical_bytes(tmp_path: Path, inputs: Input
         ).read_bytes()
         assert quantize(source, "c.safetensors", "--seed", "1") != first
         assert quantize(source, "d.safetensors", "--seed", "0") == first  # qat4 says seed: 0
+        if source == inputs.mlp:
+            ok("patch", source, "qat4", "-o", tmp_path / "p1.safetensors", "-q")
+            ok("patch", source, "qat4", "-o", tmp_path / "p2.safetensors", "-q")
+            p1, p2 = (tmp_path / "p1.safetensors").read_bytes(), (tmp_path / "p2.safetensors")
+            assert p1 == p2.read_bytes()
         for stale in tmp_path.iterdir():
             stale.unlink()
 
@@ -842,7 +852,7 @@ def test_interrupted_write_leaves_nothing(
         real_write(self, name, tensor)
 
     monkeypatch.setattr(SafetensorsWriter, "write", interrupted)
-    result = CliRunner().invoke(app, [str(tmp_path / c) if "." in c else c for c in command])
+    result = runner().invoke(app, [str(tmp_path / c) if "." in c else c for c in command])
     assert result.exit_code == 130
     assert result.stderr == "rockq: error: interrupted; no output was written\n"
     assert len(calls) == 2
@@ -859,7 +869,7 @@ def test_interrupted_report_write_leaves_no_tensors(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Report, "to_markdown", interrupted)
-    result = CliRunner().invoke(
+    result = runner().invoke(
         app, ["quantize", str(inputs.root / source), "int8", "-o", str(tmp_path / "q.safetensors")]
     )
     assert result.exit_code == 130
@@ -869,9 +879,15 @@ def test_interrupted_report_write_leaves_no_tensors(
 # --- demo and the installed command --------------------------------------------------------
 
 
-def test_demo_refuses_a_file_as_folder(tmp_path: Path) -> None:
+def test_demo_refuses_a_file_as_folder_and_old_files(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     assert "exists and is not a folder" in user_error("demo", "--out-dir", tmp_path / "f")
+    (tmp_path / "example.pt").write_text("mine")
+    line = user_error("demo", "--out-dir", tmp_path)
+    assert (
+        line == f"rockq: error: {tmp_path / 'example.pt'}: already exists; pick an empty --out-dir"
+    )
+    assert (tmp_path / "example.pt").read_text() == "mine"
 
 
 def _rockq(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
