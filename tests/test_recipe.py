@@ -22,7 +22,7 @@ from transform_core.recipe import (
 )
 from transform_core.registry import derive_seed, get_transform
 
-BUILTINS = ["int8", "int8-act", "qat4", "ternary"]
+BUILTINS = ["int8", "int8-act", "qat4", "ternary", "xylo"]
 
 
 def recipe_error(text: str) -> RecipeError:
@@ -635,7 +635,7 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_missing_file_versus_unknown_builtin(tmp_path: Path) -> None:
-    listed = "give a YAML file path or one of the built-ins: int8, int8-act, qat4, ternary"
+    listed = "give a YAML file path or one of the built-ins: int8, int8-act, qat4, ternary, xylo"
     with pytest.raises(RecipeError) as info:
         load_recipe(tmp_path / "nofile.yaml")
     assert str(info.value) == (
@@ -686,7 +686,7 @@ def test_unknown_builtin_text() -> None:
     with pytest.raises(RecipeError) as info:
         builtin_recipe_text("qat")
     assert str(info.value) == (
-        "no built-in recipe 'qat' (did you mean 'qat4'?); built-ins: int8, int8-act, qat4, ternary"
+        "no built-in recipe 'qat' (did you mean 'qat4'?); built-ins: int8, int8-act, qat4, ternary, xylo"
     )
 
 
