@@ -446,3 +446,19 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
         ["ddp.finetune.jsonl", "ddp.py", "ddp.safetensors", "net.pt", "rank0.pt", "rank1.pt"]
     )
     assert load_patched(tmp_path / "ddp.safetensors").state["finetune"]["step"] == 12
+
+
+# --- the worked example -----------------------------------------------------------------------
+
+
+def test_digits_example_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("sklearn")
+    monkeypatch.syspath_prepend(str(ROOT))
+    from examples.digits import main
+
+    results = main(["--quick", "--out", str(tmp_path), "--json"])
+    assert set(results) == {"4-bit", "ternary"}
+    for accuracy in results.values():
+        assert set(accuracy) == {"float", "post_training", "finetuned"}
+        assert all(0.0 <= value <= 100.0 for value in accuracy.values())
+    assert (tmp_path / "mlp.ternary.patched.safetensors").is_file()
