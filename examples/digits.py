@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="A tiny run (seconds).")
     parser.add_argument("--out", type=Path, default=None, help="Folder for the files.")
-    parser.add_argument("--float-epochs", type=int, default=60)
-    parser.add_argument("--qat-epochs", type=int, default=40)
+    parser.add_argument("--float-epochs", type=int, default=30)
+    parser.add_argument("--qat-epochs", type=int, default=20)
     parser.add_argument("--json", action="store_true", help="Print the accuracies as JSON.")
     args = parser.parse_args(argv)
     # A network this small runs faster on one thread than it pays for sharing work.
