@@ -80,9 +80,14 @@ AllowNonfinite = Annotated[
 
 def _version_callback(value: bool) -> None:
     if value:
-        from transform_core import __version__
+        # The installed distribution's version: no torch import, so this stays fast.
+        from importlib.metadata import PackageNotFoundError, version
 
-        typer.echo(f"rockq {__version__}")
+        try:
+            shown = version("rockq")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            from transform_core import __version__ as shown
+        typer.echo(f"rockq {shown}")
         raise typer.Exit()
 
 
@@ -969,5 +974,32 @@ def demo(
     console.print(f"\nNext: rockq report {quantised} --reference {model}   (files are in {folder})")
 
 
+def run() -> None:
+    """The ``rockq`` console entry point: like ``app()``, with one-line usage errors.
+
+    Typer prints a usage error (a missing option, an unknown flag) as a multi-line box;
+    rockq's rule for bad input is one line on stderr and exit 2, so it is caught here.
+    """
+    # Typer re-exports click's BadParameter but not its base; newer Typer vendors click,
+    # so the base class is found through the MRO rather than imported by module name.
+    click_error: type[Exception] = next(
+        c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+    )
+    try:
+        code = app(standalone_mode=False)
+    except click_error as err:
+        ctx = getattr(err, "ctx", None)
+        command = f"{ctx.command_path} " if ctx is not None else "rockq "
+        format_message = getattr(err, "format_message", None)
+        message = str(format_message() if callable(format_message) else err)
+        if message.strip():  # empty when the help was shown for a bare `rockq`
+            typer.echo(f"rockq: error: {message} (see '{command}--help')", err=True)
+        sys.exit(getattr(err, "exit_code", 2))
+    except typer.Abort:
+        typer.echo("rockq: error: interrupted; no output was written", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    run()

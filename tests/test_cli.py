@@ -933,3 +933,16 @@ def test_help_does_not_import_torch() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr.split() == ["False", "False", "False"]
     assert "Usage" in result.stdout
+
+
+def test_usage_errors_of_the_console_command_are_one_line() -> None:
+    import subprocess
+
+    rockq = Path(sys.executable).with_name("rockq")
+    done = subprocess.run(
+        [str(rockq), "quantize", "model.pt", "int8"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "rockq: error: Missing option '--output' / '-o'. (see 'rockq quantize --help')"
+    ]
