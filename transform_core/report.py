@@ -339,7 +339,8 @@ class Totals:
         tensors: Number of tensors.
         parameters: Number of elements, all tensors.
         quantised_parameters: Elements of tensors whose transform quantises.
-        float32_bits: Size if every element were a float32 (``32 * parameters``).
+        float32_bits: Size with every floating-point element as a float32 and integer
+            tensors at their own width.
         reported_bits: Size with quantised tensors at their ``bits_needed`` and the rest
             at their own dtype's width.
     """
@@ -378,16 +379,19 @@ class Totals:
             >>> t.float32_bits, t.reported_bits, t.ratio
             (128, 0, inf)
         """
-        tensors = parameters = quantised = reported = 0
+        tensors = parameters = quantised = reported = as_float32 = 0
         for entry in entries:
             tensors += 1
             parameters += entry.numel
+            # Integer tensors (counters, indices) stay at their own width in both columns.
+            floating = "float" in entry.dtype
+            as_float32 += entry.numel * (32 if floating else entry.dtype_bits)
             if entry.quantised:
                 quantised += entry.numel
                 reported += entry.numel * entry.bits_needed
             else:
                 reported += entry.numel * entry.dtype_bits
-        return cls(tensors, parameters, quantised, 32 * parameters, reported)
+        return cls(tensors, parameters, quantised, as_float32, reported)
 
 
 @dataclass(frozen=True)
