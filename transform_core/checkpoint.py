@@ -78,7 +78,8 @@ import torch
 from torch import nn
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
-from transform_core.errors import CheckpointError, did_you_mean
+from transform_core.errors import CheckpointError
+from transform_core.imports import import_reference, is_dotted_name
 from transform_core.rockpool_support import load_rockpool_params
 from transform_core.safetensors_io import (
     KNOWN_FORMATS,
@@ -113,8 +114,6 @@ SourceKind = Literal["pickle", "arch", "tensors", "patched"]
 RESERVED_PREFIX = "__rockq__/"
 FORMAT_VERSION = "1"
 _NETWORK_KEY = RESERVED_PREFIX + "network"
-_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_ARCH_HINT = "expected 'package.module:factory', e.g. 'mypkg.models:make_net'"
 
 
 @dataclass(frozen=True)
@@ -246,7 +245,7 @@ class LoadedNetwork:
 def _check_trust(trust: Iterable[str]) -> tuple[str, ...]:
     packages = tuple(trust)
     for package in packages:
-        if not isinstance(package, str) or not _DOTTED.fullmatch(package):
+        if not isinstance(package, str) or not is_dotted_name(package):
             raise CheckpointError(
                 f"expected a package name such as 'mypkg' or 'mypkg.models', got {package!r}",
                 key="trust",
@@ -489,32 +488,14 @@ def build_from_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Mo
         >>> build_from_arch("torch.nn:Linear", {"in_features": 2, "out_features": 3}).weight.shape
         torch.Size([3, 2])
     """
-    module_name, _, factory_name = spec.partition(":")
-    if not (_DOTTED.fullmatch(module_name) and _DOTTED.fullmatch(factory_name)):
-        raise CheckpointError(f"{_ARCH_HINT}, got {spec!r}", key="arch")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # the user's package can raise anything on import
-        raise CheckpointError(
-            f"cannot import module '{module_name}' ({type(err).__name__}: {err}); check the "
-            "spelling and that the package is installed or on PYTHONPATH",
-            key="arch",
-        ) from None
-    factory: Any = module
-    for part in factory_name.split("."):
-        if not hasattr(factory, part):
-            public = [n for n in dir(factory) if not n.startswith("_")]
-            raise CheckpointError(
-                f"'{module_name}' has no '{factory_name}'{did_you_mean(part, public)}; {_ARCH_HINT}",
-                key="arch",
-            )
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise CheckpointError(
-            f"'{spec}' is a {type(factory).__name__}, expected a class or function that "
-            "returns a torch.nn.Module",
-            key="arch",
-        )
+    factory = import_reference(
+        spec,
+        noun="factory",
+        role="--arch",
+        fix="expected a class or function that returns a torch.nn.Module",
+        error=CheckpointError,
+        key="arch",
+    )
     try:
         network = factory(**dict(kwargs or {}))
     except Exception as err:  # the user's factory can raise anything

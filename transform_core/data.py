@@ -26,8 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +35,13 @@ import torch
 from torch import Tensor
 
 from transform_core.errors import ConfigError, did_you_mean
+from transform_core.imports import import_reference, is_reference
 
 __all__ = ["DATA_TENSORS", "LoaderData", "TensorData", "load_data", "split_batch"]
 
 DATA_TENSORS = ("inputs", "targets", "val_inputs", "val_targets")
 """The tensor names a data file may hold."""
 
-_REFERENCE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 _HINT = (
     "expected a .safetensors file with 'inputs' and 'targets' tensors, or "
     "'package.module:function' returning (train_loader, val_loader)"
@@ -234,23 +232,7 @@ def _load_tensor_file(path: Path) -> TensorData:
 
 
 def _load_function(reference: str) -> LoaderData:
-    module_name, _, function_name = reference.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # the user's package can raise anything on import
-        raise ConfigError(
-            f"cannot import module '{module_name}' ({type(err).__name__}: {err}); check the "
-            "spelling and that the package is installed or on PYTHONPATH",
-            key="--data",
-        ) from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        public = [n for n in dir(module) if not n.startswith("_")]
-        raise ConfigError(
-            f"'{module_name}' has no function '{function_name}'"
-            f"{did_you_mean(function_name, public)}; {_HINT}",
-            key="--data",
-        )
+    function = import_reference(reference, noun="function", role="--data", fix=_HINT, key="--data")
     try:
         result = function()
     except Exception as err:  # the user's function can raise anything
@@ -299,6 +281,6 @@ def load_data(ref: str | Path) -> TensorData | LoaderData:
     text = str(ref)
     if path.is_dir():
         raise ConfigError(f"is a folder; {_HINT}", path=text)
-    if _REFERENCE.fullmatch(text):
+    if is_reference(text):
         return _load_function(text)
     raise ConfigError(f"no such file; {_HINT}", path=text)

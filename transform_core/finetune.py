@@ -45,7 +45,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import json
 import math
@@ -61,6 +60,7 @@ from torch import Tensor, nn
 
 from transform_core.data import LoaderData, TensorData, split_batch
 from transform_core.errors import ConfigError, did_you_mean
+from transform_core.imports import import_reference
 from transform_core.patching import ActWrapper, TWrapper, apply_T, remove_T_net
 from transform_core.registry import BoundTransform
 
@@ -420,28 +420,18 @@ def _world_from_env() -> _World:
     return _World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _import_function(reference: str, key: str) -> Callable[..., Any]:
-    module_name, _, name = reference.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # the user's package can raise anything on import
-        raise ConfigError(
-            f"cannot import module '{module_name}' ({type(err).__name__}: {err}); check that "
-            "it is installed or on PYTHONPATH",
-            key=key,
-        ) from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ConfigError(f"'{module_name}' has no function '{name}'", key=key)
-    return function  # type: ignore[no-any-return]
-
-
 def _loss_function(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     if name == "cross_entropy":
         return F.cross_entropy
     if name == "mse":
         return lambda out, y: F.mse_loss(out, y.to(out.dtype))
-    return _import_function(name, "finetune.loss")
+    return import_reference(
+        name,
+        noun="function",
+        role="loss",
+        fix="a loss must be a function f(outputs, targets) -> scalar tensor",
+        key="finetune.loss",
+    )
 
 
 def _prepare(output: Any, targets: Tensor, reduce_time: str | None) -> Tensor:

@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import math
 import types
@@ -41,6 +40,7 @@ import torch
 
 from transform_core import quantise
 from transform_core.errors import RecipeError, did_you_mean
+from transform_core.imports import import_reference
 
 __all__ = [
     "ArgSpec",
@@ -383,34 +383,13 @@ def get_transform(name: str) -> TransformSpec:
 
 
 def _import_function(reference: str) -> Callable[..., torch.Tensor]:
-    module_name, _, attr_path = reference.partition(":")
-    if not module_name or not attr_path:
-        raise RecipeError(
-            f"bad transform reference '{reference}': expected 'package.module:function'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RecipeError(
-            f"cannot import module '{module_name}' for transform '{reference}': {exc}; "
-            "check the spelling and that the module is importable (on sys.path)"
-        ) from exc
-    target: Any = module
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            public = [n for n in dir(target) if not n.startswith("_")]
-            raise RecipeError(
-                f"module '{module_name}' has no function '{attr_path}'"
-                f"{did_you_mean(part, public)}; check the name after ':' in '{reference}'"
-            )
-        target = getattr(target, part)
-    if not callable(target):
-        raise RecipeError(
-            f"'{reference}' is not a function (found an object of type "
-            f"{type(target).__name__}); "
-            "a transform must be a function f(tensor, **args) -> tensor"
-        )
-    function: Callable[..., torch.Tensor] = target
+    function: Callable[..., torch.Tensor] = import_reference(
+        reference,
+        noun="function",
+        role="transform",
+        fix="a transform must be a function f(tensor, **args) -> tensor",
+        error=RecipeError,
+    )
     return function
 
 
