@@ -1,0 +1,146 @@
+"""Reading what a command is given: networks, patched checkpoints and their plans.
+
+Each function turns command-line values into library objects, or raises a
+:class:`~transform_core.errors.RockqError` that names the file or option at fault. torch
+and the library are imported inside the functions, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+_PATCHED = "a patched checkpoint written by 'rockq patch'"
+
+# Endings a default output name replaces, longest first so that a patched checkpoint's
+# double ending goes as a whole.
+_ENDINGS = (".patched.safetensors", ".safetensors", ".pt", ".pth", ".bin", ".json")
+
+
+def arch_kwargs(text: str | None) -> dict[str, Any] | None:
+    """Parse ``--arch-kwargs``: a JSON object, or ``None`` when the option was not given.
+
+    Example:
+        >>> arch_kwargs('{"hidden": 64}')
+        {'hidden': 64}
+
+    Raises:
+        RockqError: Not valid JSON, or JSON that is not an object.
+    """
+    from transform_core.errors import RockqError
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RockqError(
+            f"is not valid JSON ({err.msg} at column {err.colno}); give an object such as "
+            "'{\"hidden\": 64}'",
+            key="--arch-kwargs",
+        ) from None
+    if not isinstance(value, dict):
+        raise RockqError(f"must be a JSON object, got {type(value).__name__}", key="--arch-kwargs")
+    return value
+
+
+def load_model(
+    model: Path, arch: str | None, arch_kwargs_text: str | None, trust: list[str] | None
+) -> Any:
+    """Load the network (or bare tensors) named on the command line, safely.
+
+    Returns:
+        A :class:`~transform_core.checkpoint.LoadedNetwork`.
+    """
+    from transform_core.checkpoint import load_network
+
+    return load_network(
+        model, arch=arch, arch_kwargs=arch_kwargs(arch_kwargs_text), trust=trust or ()
+    )
+
+
+def check_finite(named: Iterable[tuple[str, Any]], path: Path) -> None:
+    """Refuse the first floating-point tensor that holds a NaN or an Inf.
+
+    Args:
+        named: ``(name, tensor)`` pairs, such as a state dict's items.
+        path: The file they came from, for the message.
+
+    Raises:
+        CheckpointError: Names the tensor, how many values are not finite, and the way out.
+    """
+    import torch
+
+    from transform_core.errors import CheckpointError
+
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"holds {bad} NaN or Inf value(s); fix the input, or pass --allow-nonfinite "
+                "to quantise it anyway (NaN stays NaN, Inf saturates)",
+                path=str(path),
+                key=name,
+            )
+
+
+def default_output(source: Path, suffix: str) -> Path:
+    """The output beside ``source``: its name without a known ending, plus ``suffix``.
+
+    Example:
+        >>> default_output(Path("runs/net.patched.safetensors"), ".quantised.safetensors")
+        PosixPath('runs/net.quantised.safetensors')
+    """
+    name = source.name
+    for ending in _ENDINGS:
+        if name.endswith(ending):
+            name = name[: -len(ending)]
+            break
+    return source.with_name(name + suffix)
+
+
+def load_patched_plan(
+    checkpoint: Path,
+    *,
+    trust: list[str] | None,
+    seed: int | None,
+    not_patched_fix: str,
+    no_network: str,
+) -> tuple[Any, Any]:
+    """Read a patched checkpoint, rebuild its network and plan its recipe on it again.
+
+    Args:
+        checkpoint: The file from ``rockq patch``.
+        trust: Packages its embedded network may use.
+        seed: Overrides the seed the checkpoint recorded.
+        not_patched_fix: What to do instead when the file is not a patched checkpoint.
+        no_network: Why a checkpoint of bare tensors cannot serve, and what to do instead.
+
+    Returns:
+        The :class:`~transform_core.checkpoint.PatchedCheckpoint` and its
+        :class:`~transform_core.pipeline.Plan`.
+
+    Raises:
+        CheckpointError: A missing file, another kind of file, or no network in it.
+    """
+    from transform_core.checkpoint import is_patched, load_patched
+    from transform_core.errors import CheckpointError
+    from transform_core.pipeline import plan_network
+    from transform_core.recipe import parse_recipe
+    from transform_core.safetensors_io import require_file
+
+    require_file(checkpoint, expected=_PATCHED)
+    if not is_patched(checkpoint):
+        raise CheckpointError(
+            f"is not a patched checkpoint; create one with 'rockq patch MODEL RECIPE'"
+            f"{not_patched_fix}",
+            path=str(checkpoint),
+        )
+    ckpt = load_patched(checkpoint, trust=trust or ())
+    if ckpt.network is None:
+        raise CheckpointError(f"holds no network {no_network}", path=str(checkpoint))
+    recipe = parse_recipe(ckpt.recipe, source=f"{checkpoint} (recipe)")
+    plan = plan_network(ckpt.network, recipe, seed=seed if seed is not None else ckpt.seed)
+    return ckpt, plan

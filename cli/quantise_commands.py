@@ -1,0 +1,472 @@
+"""The quantisation flow: ``inspect``, ``patch``, ``burn-in``, ``quantize`` and ``report``.
+
+``patch`` then ``burn-in`` is the two-step path (with fine-tuning possible in between);
+``quantize`` does both at once, and also quantises a bare safetensors file tensor by
+tensor. The commands are plain functions; :mod:`cli.main` registers them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cli.finetune_command import checkpoint_target, run_finetune
+from cli.inputs import check_finite, default_output, load_model, load_patched_plan
+from cli.options import (
+    EXIT_LIMITS,
+    AllowNonfinite,
+    Arch,
+    ArchKwargs,
+    Data,
+    Debug,
+    Device,
+    Force,
+    Json,
+    PatchedCheckpoint,
+    Quiet,
+    RecipeArg,
+    Resume,
+    Seed,
+    Trust,
+)
+from cli.output import console, report_files, show_report, tensor_progress
+
+
+def inspect(
+    model: Annotated[
+        Path,
+        typer.Argument(metavar="MODEL", help="Network file: pickle, state dict or safetensors."),
+    ],
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    trust: Trust = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="Recipe whose 'families' rules to apply (path or name).")
+    ] = None,
+    json_output: Json = False,
+    debug: Debug = False,
+) -> None:
+    """List every parameter and buffer with its module, family, shape, dtype and size."""
+    from transform_core.families import family_for_name, tensor_infos
+    from transform_core.recipe import load_recipe
+
+    rules = load_recipe(recipe).family_rules() if recipe else None
+    loaded = load_model(model, arch, arch_kwargs, trust)
+    rows: list[dict[str, Any]] = []
+    if loaded.module is not None:
+        for info in tensor_infos(loaded.module, rules).values():
+            rows.append(
+                _row(
+                    info.name,
+                    info.module_class,
+                    info.family,
+                    info.shape,
+                    info.dtype,
+                    info.is_buffer,
+                )
+            )
+    else:
+        for stored in loaded.tensors.infos():
+            family = family_for_name(stored.name, rules)
+            rows.append(_row(stored.name, None, family, stored.shape, str(stored.dtype)))
+    if json_output:
+        typer.echo(json.dumps({"source": loaded.source.to_dict(), "tensors": rows}, indent=2))
+        return
+    from cli import render
+
+    render.inventory(console(), rows, title=str(model))
+
+
+def _row(
+    name: str,
+    module_class: str | None,
+    family: str | None,
+    shape: Any,
+    dtype: str,
+    is_buffer: bool = False,
+) -> dict[str, Any]:
+    """One tensor of ``rockq inspect``, in the key order of its JSON output."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    return {
+        "name": name,
+        "module_class": module_class,
+        "family": family,
+        "shape": list(shape),
+        "dtype": dtype.removeprefix("torch."),
+        "is_buffer": is_buffer,
+        "numel": numel,
+    }
+
+
+def patch(
+    model: Annotated[
+        Path,
+        typer.Argument(metavar="MODEL", help="Network file: pickle, or state dict with --arch."),
+    ],
+    recipe: RecipeArg,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Patched checkpoint (default MODEL.patched.safetensors)."
+        ),
+    ] = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    trust: Trust = None,
+    seed: Seed = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what each rule matches; write nothing.")
+    ] = False,
+    json_output: Json = False,
+    force: Force = False,
+    allow_nonfinite: AllowNonfinite = False,
+    finetune: Annotated[
+        bool,
+        typer.Option(
+            "--finetune", help="Fine-tune the patched network (the recipe's finetune section)."
+        ),
+    ] = False,
+    data: Data = None,
+    device: Device = "auto",
+    resume: Resume = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Patch a network with a recipe's transforms and write a patched checkpoint.
+
+    With --finetune, train the patched network on --data first; the checkpoint is rewritten
+    as training goes, and --resume picks up an interrupted run.
+    """
+    from transform_core.checkpoint import save_patched
+    from transform_core.errors import CheckpointError
+    from transform_core.pipeline import patch_network, plan_network
+    from transform_core.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    loaded = load_model(model, arch, arch_kwargs, trust)
+    if loaded.module is None:
+        raise CheckpointError(
+            "is a bare tensor file: patching needs a network for its forward pass; pass --arch "
+            "with the factory that builds it, or use 'rockq quantize' to quantise the tensors",
+            path=str(model),
+        )
+    net = loaded.module
+    plan = plan_network(net, parsed, seed=seed)
+    if dry_run:
+        if json_output:
+            typer.echo(json.dumps(plan.to_dict(), indent=2))
+        else:
+            from cli import render
+
+            render.plan(console(quiet), plan.to_dict())
+        plan.check()
+        return
+    plan.check()
+    if not allow_nonfinite:
+        check_finite(net.state_dict().items(), model)
+    target = output or default_output(model, ".patched.safetensors")
+    if finetune or data is not None or resume:
+        run_finetune(
+            net,
+            plan,
+            data=data,
+            device=device,
+            resume=resume,
+            target=checkpoint_target(
+                target, loaded.source, parsed.text, loaded.network_bytes, model, force
+            ),
+            trust=trust,
+            quiet=quiet,
+        )
+        return
+    # Patching builds every wrapper and binds every transform: a recipe that cannot
+    # patch this network fails here, before anything is written.
+    patch_network(net, plan, inplace=False)
+    save_patched(
+        target,
+        net.state_dict(),
+        source=loaded.source,
+        recipe=parsed.text,
+        seed=plan.seed,
+        network_bytes=loaded.network_bytes,
+        force=force,
+        inputs=[model],
+    )
+    transformed = sum(1 for t in plan.tensors if t.rule is not None)
+    if not quiet:
+        typer.echo(f"wrote {target}: {transformed} of {len(plan.tensors)} tensors patched")
+
+
+def burn_in_command(
+    checkpoint: PatchedCheckpoint,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Output safetensors (default CHECKPOINT.quantised.safetensors)."
+        ),
+    ] = None,
+    trust: Trust = None,
+    seed: Seed = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Burn in a patched checkpoint: apply its transforms, unpatch, write safetensors and a report."""
+    ckpt, plan = load_patched_plan(
+        checkpoint,
+        trust=trust,
+        seed=seed,
+        not_patched_fix=", or use 'rockq quantize MODEL RECIPE -o OUT' to patch and burn in "
+        "at once",
+        no_network="to rebuild; quantise its source with 'rockq quantize'",
+    )
+    target = output or default_output(checkpoint, ".quantised.safetensors")
+    meta = _report_meta(plan, ckpt.source) | {"checkpoint": str(checkpoint)}
+    if "finetune" in ckpt.state:
+        # What the transforms cost and what fine-tuning won back, in the report.
+        meta["finetune"] = ckpt.state["finetune"].get("metrics")
+    report = _burn_in_to_files(
+        ckpt.network,
+        plan,
+        target=target,
+        source_sha=ckpt.sha256,
+        force=force,
+        quiet=quiet,
+        inputs=[checkpoint],
+        meta=meta,
+    )
+    show_report(report, quiet, target)
+
+
+def quantize(
+    model: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="Network or tensor file to quantise.")
+    ],
+    recipe: RecipeArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output safetensors file.")],
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    trust: Trust = None,
+    seed: Seed = None,
+    force: Force = False,
+    allow_nonfinite: AllowNonfinite = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Patch and burn in at once: write quantised safetensors and a report.
+
+    A bare safetensors file (or a folder of shards) without --arch is quantised tensor by
+    tensor, with families taken from tensor names.
+    """
+    from transform_core.pipeline import plan_network
+    from transform_core.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    loaded = load_model(model, arch, arch_kwargs, trust)
+    if loaded.module is None:
+        report = _quantize_tensors(
+            loaded, parsed, seed, output, force, allow_nonfinite, quiet, model
+        )
+        show_report(report, quiet, output)
+        return
+    net = loaded.module
+    plan = plan_network(net, parsed, seed=seed)
+    plan.check()
+    if not allow_nonfinite:
+        check_finite(net.state_dict().items(), model)
+    report = _burn_in_to_files(
+        net,
+        plan,
+        target=output,
+        source_sha=loaded.source.sha256,
+        force=force,
+        quiet=quiet,
+        inputs=[model],
+        meta=_report_meta(plan, loaded.source),
+    )
+    show_report(report, quiet, output)
+
+
+def report(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CHECKPOINT", help="Quantised safetensors, patched checkpoint or state dict."
+        ),
+    ],
+    reference: Annotated[
+        Path | None, typer.Option(help="The original tensors, for error and SQNR columns.")
+    ] = None,
+    json_output: Json = False,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Also write the report as Markdown to this file.")
+    ] = None,
+    limits: Annotated[
+        str | None,
+        typer.Option(
+            help="Recipe (path or built-in name) whose 'limits' to check; default: the limits "
+            "of the recipe recorded in the checkpoint."
+        ),
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help=f"Exit {EXIT_LIMITS} when a tensor breaks its limit."),
+    ] = False,
+    trust: Trust = None,
+    force: Force = False,
+    debug: Debug = False,
+) -> None:
+    """Show the bit-width report of a checkpoint: values used, bits, grid, range and error.
+
+    Tensors of a family with a hardware limit are checked against it; with --check, any
+    violation makes the command exit 3.
+    """
+    from transform_core.pipeline import checkpoint_report
+    from transform_core.recipe import load_recipe
+
+    chosen = load_recipe(limits).limits if limits is not None else None
+    built = checkpoint_report(checkpoint, reference=reference, limits=chosen, trust=trust or ())
+    if markdown is not None:
+        from transform_core.safetensors_io import atomic_output
+
+        with atomic_output(markdown, force=force, inputs=[checkpoint]) as tmp:
+            tmp.write_text(built.to_markdown())
+    if json_output:
+        typer.echo(built.to_json())
+    else:
+        show_report(built, False)
+    if check and not built.ok:
+        if json_output:
+            # The reason is in the JSON on stdout; stderr still says why the exit code.
+            typer.echo(f"rockq: {len(built.violations)} limit violation(s)", err=True)
+        raise typer.Exit(EXIT_LIMITS)
+
+
+# --- writing quantised outputs ---------------------------------------------------------------
+
+
+@contextmanager
+def _outputs(target: Path, force: bool, inputs: list[Path]) -> Iterator[tuple[Path, Any]]:
+    """A temporary file for the tensors and a writer of the two reports beside them.
+
+    Nothing is moved into place until all three are written, the tensors last, so an
+    interrupted run leaves no tensors without their report (and usually nothing at all).
+    """
+    from transform_core.safetensors_io import atomic_output
+
+    with ExitStack() as stack:
+        tmp, tmp_json, tmp_md = (
+            stack.enter_context(atomic_output(path, force=force, inputs=inputs))
+            for path in report_files(target)
+        )
+
+        def write_reports(report: Any) -> None:
+            tmp_json.write_text(report.to_json() + "\n")
+            tmp_md.write_text(report.to_markdown())
+
+        yield tmp, write_reports
+
+
+def _check_outputs_free(target: Path, force: bool, inputs: list[Path]) -> None:
+    """Refuse before any work if the safetensors or report files cannot be written."""
+    from transform_core.safetensors_io import check_output_path
+
+    for path in report_files(target):
+        check_output_path(path, force=force, inputs=inputs)
+
+
+def _burn_in_to_files(
+    net: Any,
+    plan: Any,
+    *,
+    target: Path,
+    source_sha: str | None,
+    force: bool,
+    quiet: bool,
+    inputs: list[Path],
+    meta: dict[str, Any],
+) -> Any:
+    """Patch ``net``, burn it in, and write the tensors and both reports at ``target``."""
+    from transform_core import __version__
+    from transform_core.pipeline import burn_in, output_metadata, patch_network
+    from transform_core.safetensors_io import save_safetensors
+
+    _check_outputs_free(target, force, inputs)
+    patched = patch_network(net, plan, inplace=True)
+    total = sum(1 for t in plan.tensors if t.rule is not None)
+    with tensor_progress(quiet, total, "burn-in") as advance:
+        burned, report = burn_in(patched, plan, progress=advance, meta=meta)
+    metadata = output_metadata(plan, version=__version__, input_sha256=source_sha)
+    with _outputs(target, force, inputs) as (tmp, write_reports):
+        save_safetensors(burned.state_dict(), tmp, metadata, force=True)
+        write_reports(report)
+    return report
+
+
+def _quantize_tensors(
+    loaded: Any,
+    recipe: Any,
+    seed: int | None,
+    output: Path,
+    force: bool,
+    allow_nonfinite: bool,
+    quiet: bool,
+    model: Path,
+) -> Any:
+    """Quantise a bare tensor file one tensor at a time, streaming into ``output``."""
+    from transform_core import __version__
+    from transform_core.pipeline import burn_in_tensors, output_metadata, plan_tensors
+    from transform_core.safetensors_io import SafetensorsWriter
+
+    source = loaded.tensors
+    infos = source.infos()
+    plan = plan_tensors(
+        ((i.name, tuple(i.shape), str(i.dtype).removeprefix("torch.")) for i in infos),
+        recipe,
+        seed=seed,
+    )
+    plan.check()
+    _check_outputs_free(output, force, [model])
+    metadata = output_metadata(plan, version=__version__, input_sha256=loaded.source.sha256)
+    specs = {i.name: (i.dtype, tuple(i.shape)) for i in infos}
+
+    def checked() -> Iterator[tuple[str, Any]]:
+        for name, tensor in source.iter_tensors():
+            if not allow_nonfinite:
+                check_finite([(name, tensor)], model)
+            yield name, tensor
+
+    with _outputs(output, force, [model]) as (tmp, write_reports):
+        with tmp.open("wb") as handle:
+            writer = SafetensorsWriter(handle, specs, metadata)
+            with tensor_progress(quiet, len(infos), "quantise") as advance:
+                report = burn_in_tensors(
+                    checked(),
+                    plan,
+                    writer.write,
+                    progress=advance,
+                    meta=_report_meta(plan, loaded.source),
+                )
+            writer.close()
+        write_reports(report)
+    return report
+
+
+def _report_meta(plan: Any, source: Any) -> dict[str, Any]:
+    """Facts about the run that the report records."""
+    from transform_core import __version__
+
+    return {
+        "rockq_version": __version__,
+        "recipe": plan.recipe.source,
+        "seed": plan.seed,
+        "input": source.path,
+        "input_sha256": source.sha256,
+    }
