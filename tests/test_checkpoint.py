@@ -252,7 +252,7 @@ def test_crafted_os_system_names_global_and_flag(tmp_path: Path) -> None:
         ("torch.nn.functional", "torch"),  # a module object, not a function
         ("torch.nn.modules.linear", "__builtins__"),
         ("torch.nn.functional", "has_torch_function"),  # not an nn.functional op
-        ("transform_core.checkpoint", "importlib"),
+        ("transform_core.safe_pickle", "importlib"),
         ("transform_core.safetensors_io", "save_safetensors"),  # writes files
         ("transform_core.checkpoint", "SourceInfo"),  # not a module or a transform
     ],

@@ -1,0 +1,179 @@
+"""State dicts: reading them from files and loading them strictly into a network.
+
+A state dict holds a network's values but not the network, so it comes with an
+architecture: ``arch="package.module:factory"`` (``--arch`` on the command line) names a
+class or function that builds the network from keyword arguments (``--arch-kwargs``).
+The state dict must then fit that network exactly: every key present, no extra key, every
+shape equal.
+
+Example:
+    >>> import tempfile, torch
+    >>> path = tempfile.mkdtemp() + "/w.pt"
+    >>> torch.save(torch.nn.Linear(2, 3).state_dict(), path)
+    >>> net = build_from_arch("torch.nn:Linear", {"in_features": 2, "out_features": 3})
+    >>> load_state_dict_strict(net, load_state_dict_file(path))
+    >>> sorted(load_state_dict_file(path))
+    ['bias', 'weight']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from transform_core.errors import CheckpointError
+from transform_core.imports import import_reference
+from transform_core.safe_pickle import check_trust, error_line, load_pickle_bytes
+from transform_core.safetensors_io import PathLike, is_safetensors, open_tensors, require_file
+
+__all__ = [
+    "build_from_arch",
+    "load_state_dict_file",
+    "load_state_dict_strict",
+    "looks_like_safetensors",
+]
+
+
+def build_from_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """Import ``package.module:factory`` and call it with ``kwargs`` to build a network.
+
+    Raises:
+        CheckpointError: A malformed spec, a module that cannot be imported, a missing
+            factory, a factory that raises or returns something other than a module.
+
+    Example:
+        >>> build_from_arch("torch.nn:Linear", {"in_features": 2, "out_features": 3}).weight.shape
+        torch.Size([3, 2])
+    """
+    factory = import_reference(
+        spec,
+        noun="factory",
+        role="--arch",
+        fix="expected a class or function that returns a torch.nn.Module",
+        error=CheckpointError,
+        key="arch",
+    )
+    try:
+        network = factory(**dict(kwargs or {}))
+    except Exception as err:  # the user's factory can raise anything
+        raise CheckpointError(
+            f"factory '{spec}' raised {type(err).__name__}: {err}; check --arch-kwargs",
+            key="arch",
+        ) from None
+    if not isinstance(network, nn.Module):
+        raise CheckpointError(
+            f"factory '{spec}' returned a {type(network).__name__}, expected a torch.nn.Module",
+            key="arch",
+        )
+    return network
+
+
+def looks_like_safetensors(path: PathLike) -> bool:
+    """Whether ``path`` is to be read as safetensors: a folder, a ``.safetensors`` name or content.
+
+    Example:
+        >>> looks_like_safetensors("missing.safetensors"), looks_like_safetensors("missing.pt")
+        (True, False)
+    """
+    # The suffix decides for files that are too broken to recognise by content, so a
+    # damaged .safetensors file gets a safetensors error rather than a pickle one.
+    target = Path(path)
+    return target.is_dir() or target.suffix == ".safetensors" or is_safetensors(path)
+
+
+def load_state_dict_file(path: PathLike, *, trust: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.pt``/``.pth`` (``weights_only``), safetensors or a shard folder.
+
+    Raises:
+        CheckpointError: Missing, corrupt or wrong-format input, or a pickle that holds
+            something other than a mapping of names to tensors.
+    """
+    label = str(path)
+    if looks_like_safetensors(path):
+        return open_tensors(path).load_all()
+    data = require_file(path).read_bytes()
+    obj = load_pickle_bytes(data, label, check_trust(trust))
+    if isinstance(obj, nn.Module):
+        return dict(obj.state_dict())
+    if isinstance(obj, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        return dict(obj)
+    found = (
+        f"a dict with keys {', '.join(repr(k) for k in list(obj)[:5])}"
+        if isinstance(obj, Mapping)
+        else f"a {type(obj).__name__}"
+    )
+    raise CheckpointError(
+        f"expected a state dict (tensor name -> tensor), found {found}; save model.state_dict() "
+        "on its own",
+        path=label,
+    )
+
+
+def _listing(items: Sequence[str], what: str, limit: int = 3) -> str:
+    shown = ", ".join(items[:limit]) + (
+        f", ... {len(items) - limit} more" if len(items) > limit else ""
+    )
+    return f"{len(items)} {what}{'s' if len(items) != 1 else ''} ({shown})"
+
+
+_ARCH_FIX = "check that --arch and --arch-kwargs build the network these weights came from"
+
+
+def load_state_dict_strict(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    path: str | None = None,
+    fix: str = _ARCH_FIX,
+) -> None:
+    """Load ``state`` into ``module``, refusing missing keys, unexpected keys and shape mismatches.
+
+    Args:
+        module: The network.
+        state: The state dict.
+        path: The file ``state`` came from, for the error message.
+        fix: What the error message tells the user to do.
+
+    Raises:
+        CheckpointError: One line listing the first few problems of each kind with counts.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 3)
+        >>> load_state_dict_strict(net, {"weight": torch.zeros(3, 2)})
+        Traceback (most recent call last):
+        ...
+        transform_core.errors.CheckpointError: the state dict does not fit the network: 1 missing key (bias); check that --arch and --arch-kwargs build the network these weights came from
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {list(state[k].shape)}, network {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = [
+        _listing(items, what)
+        for items, what in (
+            (missing, "missing key"),
+            (unexpected, "unexpected key"),
+            (mismatched, "shape mismatch"),
+        )
+        if items
+    ]
+    if problems:
+        raise CheckpointError(
+            f"the state dict does not fit the network: {'; '.join(problems)}; {fix}", path=path
+        )
+    try:
+        module.load_state_dict(dict(state), strict=True)
+    except Exception as err:  # custom load hooks can raise anything
+        raise CheckpointError(
+            f"the state dict does not load into the network ({error_line(err)})", path=path
+        ) from None
