@@ -20,22 +20,12 @@ def console(quiet: bool = False) -> Any:
     return Console(quiet=quiet, width=None if sys.stdout.isatty() else 160)
 
 
-def report_files(target: Path) -> tuple[Path, Path, Path]:
-    """The three files of a quantised output: the tensors and the report as JSON and Markdown.
-
-    Example:
-        >>> [p.name for p in report_files(Path("out/net.safetensors"))]
-        ['net.safetensors', 'net.report.json', 'net.report.md']
-    """
-    stem = target.name.removesuffix(".safetensors")
-    return target, target.with_name(stem + ".report.json"), target.with_name(stem + ".report.md")
-
-
 def show_report(report: Any, quiet: bool, target: Path | None = None) -> None:
     """Print a report's table, and the files written when ``target`` is given."""
     if quiet:
         return
     from cli import render
+    from cli.quantised_files import report_files
 
     out = console()
     render.report(out, report.to_dict())

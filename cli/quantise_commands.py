@@ -8,8 +8,6 @@ tensor. The commands are plain functions; :mod:`cli.main` registers them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,7 +32,8 @@ from cli.options import (
     Seed,
     Trust,
 )
-from cli.output import console, report_files, show_report, tensor_progress
+from cli.output import console, show_report, tensor_progress
+from cli.quantised_files import write_burned, write_burned_tensors
 
 
 def inspect(
@@ -199,9 +198,8 @@ def patch(
         force=force,
         inputs=[model],
     )
-    transformed = sum(1 for t in plan.tensors if t.rule is not None)
     if not quiet:
-        typer.echo(f"wrote {target}: {transformed} of {len(plan.tensors)} tensors patched")
+        typer.echo(f"wrote {target}: {_transformed(plan)} of {len(plan.tensors)} tensors patched")
 
 
 def burn_in_command(
@@ -228,20 +226,22 @@ def burn_in_command(
         no_network="to rebuild; quantise its source with 'rockq quantize'",
     )
     target = output or default_output(checkpoint, ".quantised.safetensors")
-    meta = _report_meta(plan, ckpt.source) | {"checkpoint": str(checkpoint)}
+    meta: dict[str, Any] = {"checkpoint": str(checkpoint)}
     if "finetune" in ckpt.state:
         # What the transforms cost and what fine-tuning won back, in the report.
         meta["finetune"] = ckpt.state["finetune"].get("metrics")
-    report = _burn_in_to_files(
-        ckpt.network,
-        plan,
-        target=target,
-        source_sha=ckpt.sha256,
-        force=force,
-        quiet=quiet,
-        inputs=[checkpoint],
-        meta=meta,
-    )
+    with tensor_progress(quiet, _transformed(plan), "burn-in") as advance:
+        report = write_burned(
+            ckpt.network,
+            plan,
+            target,
+            source=ckpt.source,
+            input_sha256=ckpt.sha256,
+            meta=meta,
+            force=force,
+            inputs=[checkpoint],
+            progress=advance,
+        )
     show_report(report, quiet, target)
 
 
@@ -271,9 +271,19 @@ def quantize(
     parsed = load_recipe(recipe)
     loaded = load_model(model, arch, arch_kwargs, trust)
     if loaded.module is None:
-        report = _quantize_tensors(
-            loaded, parsed, seed, output, force, allow_nonfinite, quiet, model
-        )
+        reader = loaded.tensors
+        with tensor_progress(quiet, len(reader.infos()), "quantise") as advance:
+            report = write_burned_tensors(
+                reader,
+                parsed,
+                output,
+                source=loaded.source,
+                seed=seed,
+                force=force,
+                inputs=[model],
+                check=None if allow_nonfinite else lambda name, t: check_finite([(name, t)], model),
+                progress=advance,
+            )
         show_report(report, quiet, output)
         return
     net = loaded.module
@@ -281,16 +291,10 @@ def quantize(
     plan.check()
     if not allow_nonfinite:
         check_finite(net.state_dict().items(), model)
-    report = _burn_in_to_files(
-        net,
-        plan,
-        target=output,
-        source_sha=loaded.source.sha256,
-        force=force,
-        quiet=quiet,
-        inputs=[model],
-        meta=_report_meta(plan, loaded.source),
-    )
+    with tensor_progress(quiet, _transformed(plan), "burn-in") as advance:
+        report = write_burned(
+            net, plan, output, source=loaded.source, force=force, inputs=[model], progress=advance
+        )
     show_report(report, quiet, output)
 
 
@@ -349,124 +353,6 @@ def report(
         raise typer.Exit(EXIT_LIMITS)
 
 
-# --- writing quantised outputs ---------------------------------------------------------------
-
-
-@contextmanager
-def _outputs(target: Path, force: bool, inputs: list[Path]) -> Iterator[tuple[Path, Any]]:
-    """A temporary file for the tensors and a writer of the two reports beside them.
-
-    Nothing is moved into place until all three are written, the tensors last, so an
-    interrupted run leaves no tensors without their report (and usually nothing at all).
-    """
-    from transform_core.safetensors_io import atomic_output
-
-    with ExitStack() as stack:
-        tmp, tmp_json, tmp_md = (
-            stack.enter_context(atomic_output(path, force=force, inputs=inputs))
-            for path in report_files(target)
-        )
-
-        def write_reports(report: Any) -> None:
-            tmp_json.write_text(report.to_json() + "\n")
-            tmp_md.write_text(report.to_markdown())
-
-        yield tmp, write_reports
-
-
-def _check_outputs_free(target: Path, force: bool, inputs: list[Path]) -> None:
-    """Refuse before any work if the safetensors or report files cannot be written."""
-    from transform_core.safetensors_io import check_output_path
-
-    for path in report_files(target):
-        check_output_path(path, force=force, inputs=inputs)
-
-
-def _burn_in_to_files(
-    net: Any,
-    plan: Any,
-    *,
-    target: Path,
-    source_sha: str | None,
-    force: bool,
-    quiet: bool,
-    inputs: list[Path],
-    meta: dict[str, Any],
-) -> Any:
-    """Patch ``net``, burn it in, and write the tensors and both reports at ``target``."""
-    from transform_core import __version__
-    from transform_core.pipeline import burn_in, output_metadata, patch_network
-    from transform_core.safetensors_io import save_safetensors
-
-    _check_outputs_free(target, force, inputs)
-    patched = patch_network(net, plan, inplace=True)
-    total = sum(1 for t in plan.tensors if t.rule is not None)
-    with tensor_progress(quiet, total, "burn-in") as advance:
-        burned, report = burn_in(patched, plan, progress=advance, meta=meta)
-    metadata = output_metadata(plan, version=__version__, input_sha256=source_sha)
-    with _outputs(target, force, inputs) as (tmp, write_reports):
-        save_safetensors(burned.state_dict(), tmp, metadata, force=True)
-        write_reports(report)
-    return report
-
-
-def _quantize_tensors(
-    loaded: Any,
-    recipe: Any,
-    seed: int | None,
-    output: Path,
-    force: bool,
-    allow_nonfinite: bool,
-    quiet: bool,
-    model: Path,
-) -> Any:
-    """Quantise a bare tensor file one tensor at a time, streaming into ``output``."""
-    from transform_core import __version__
-    from transform_core.pipeline import burn_in_tensors, output_metadata, plan_tensors
-    from transform_core.safetensors_io import SafetensorsWriter
-
-    source = loaded.tensors
-    infos = source.infos()
-    plan = plan_tensors(
-        ((i.name, tuple(i.shape), str(i.dtype).removeprefix("torch.")) for i in infos),
-        recipe,
-        seed=seed,
-    )
-    plan.check()
-    _check_outputs_free(output, force, [model])
-    metadata = output_metadata(plan, version=__version__, input_sha256=loaded.source.sha256)
-    specs = {i.name: (i.dtype, tuple(i.shape)) for i in infos}
-
-    def checked() -> Iterator[tuple[str, Any]]:
-        for name, tensor in source.iter_tensors():
-            if not allow_nonfinite:
-                check_finite([(name, tensor)], model)
-            yield name, tensor
-
-    with _outputs(output, force, [model]) as (tmp, write_reports):
-        with tmp.open("wb") as handle:
-            writer = SafetensorsWriter(handle, specs, metadata)
-            with tensor_progress(quiet, len(infos), "quantise") as advance:
-                report = burn_in_tensors(
-                    checked(),
-                    plan,
-                    writer.write,
-                    progress=advance,
-                    meta=_report_meta(plan, loaded.source),
-                )
-            writer.close()
-        write_reports(report)
-    return report
-
-
-def _report_meta(plan: Any, source: Any) -> dict[str, Any]:
-    """Facts about the run that the report records."""
-    from transform_core import __version__
-
-    return {
-        "rockq_version": __version__,
-        "recipe": plan.recipe.source,
-        "seed": plan.seed,
-        "input": source.path,
-        "input_sha256": source.sha256,
-    }
+def _transformed(plan: Any) -> int:
+    """How many tensors a plan transforms."""
+    return sum(1 for t in plan.tensors if t.rule is not None)

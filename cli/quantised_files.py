@@ -1,0 +1,191 @@
+"""Writing quantised outputs: the tensors and, beside them, the report as JSON and Markdown.
+
+All three files appear together or not at all. :func:`write_burned` serves a network (from
+``quantize`` or ``burn-in``), :func:`write_burned_tensors` a bare tensor file, streamed one
+tensor at a time. torch and the library are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+Progress = Callable[[str], None]
+
+
+def report_files(output: Path) -> tuple[Path, Path, Path]:
+    """The files of a quantised output: the tensors, and the report as JSON and as Markdown.
+
+    Example:
+        >>> [p.name for p in report_files(Path("out/net.safetensors"))]
+        ['net.safetensors', 'net.report.json', 'net.report.md']
+    """
+    stem = output.name.removesuffix(".safetensors")
+    return output, output.with_name(stem + ".report.json"), output.with_name(stem + ".report.md")
+
+
+def write_burned(
+    net: Any,
+    plan: Any,
+    output: Path,
+    *,
+    source: Any,
+    input_sha256: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+    force: bool = False,
+    inputs: Sequence[Path] = (),
+    progress: Progress | None = None,
+) -> Any:
+    """Patch ``net``, burn it in, and write the tensors and both reports.
+
+    Args:
+        net: The network ``plan`` was made for; it is patched and burned in place.
+        plan: From :func:`~transform_core.pipeline.plan_network`.
+        output: The ``.safetensors`` file; the reports go beside it.
+        source: The :class:`~transform_core.checkpoint.SourceInfo` of the network.
+        input_sha256: The SHA-256 of the file read (default: ``source``'s).
+        meta: More facts for the report.
+        force: Replace existing output files.
+        inputs: The files this run reads, which are never overwritten.
+        progress: Called with each tensor's name as it is burned in.
+
+    Returns:
+        The :class:`~transform_core.report.Report` that was written.
+
+    Raises:
+        CheckpointError: An output may not be written; checked before any work.
+    """
+    from transform_core.pipeline import burn_in, patch_network
+    from transform_core.safetensors_io import save_safetensors
+
+    _check_outputs_free(output, force, inputs)
+    burned, report = burn_in(
+        patch_network(net, plan, inplace=True),
+        plan,
+        progress=progress,
+        meta=_report_meta(plan, source) | dict(meta or {}),
+    )
+    metadata = _metadata(plan, source.sha256 if input_sha256 is None else input_sha256)
+    with _report_outputs(output, force, inputs) as (tmp, write_reports):
+        save_safetensors(burned.state_dict(), tmp, metadata, force=True)
+        write_reports(report)
+    return report
+
+
+def write_burned_tensors(
+    reader: Any,
+    recipe: Any,
+    output: Path,
+    *,
+    source: Any,
+    seed: int | None = None,
+    force: bool = False,
+    inputs: Sequence[Path] = (),
+    check: Callable[[str, Any], None] | None = None,
+    progress: Progress | None = None,
+) -> Any:
+    """Quantise a bare tensor file one tensor at a time, streaming into ``output``.
+
+    Memory stays bounded by the largest tensor; families come from tensor names.
+
+    Args:
+        reader: The :class:`~transform_core.safetensors_io.TensorSource` to read.
+        recipe: The :class:`~transform_core.recipe.Recipe`.
+        output: The ``.safetensors`` file; the reports go beside it.
+        source: The :class:`~transform_core.checkpoint.SourceInfo` of the tensors.
+        seed: Overrides the recipe's seed.
+        force: Replace existing output files.
+        inputs: The files this run reads, which are never overwritten.
+        check: Called with each tensor as it is read; it may raise to refuse the input,
+            and then nothing is written.
+        progress: Called with each tensor's name as it is done.
+
+    Returns:
+        The :class:`~transform_core.report.Report` that was written.
+
+    Raises:
+        RecipeError: The recipe needs a network, or a rule matches nothing.
+        CheckpointError: An output may not be written; checked before any work.
+    """
+    from transform_core.pipeline import burn_in_tensors, plan_tensors
+    from transform_core.safetensors_io import SafetensorsWriter
+
+    infos = reader.infos()
+    plan = plan_tensors(
+        ((i.name, tuple(i.shape), str(i.dtype).removeprefix("torch.")) for i in infos),
+        recipe,
+        seed=seed,
+    )
+    plan.check()
+    _check_outputs_free(output, force, inputs)
+    specs = {i.name: (i.dtype, tuple(i.shape)) for i in infos}
+
+    def checked() -> Iterator[tuple[str, Any]]:
+        for name, tensor in reader.iter_tensors():
+            if check is not None:
+                check(name, tensor)
+            yield name, tensor
+
+    with _report_outputs(output, force, inputs) as (tmp, write_reports):
+        with tmp.open("wb") as handle:
+            writer = SafetensorsWriter(handle, specs, _metadata(plan, source.sha256))
+            report = burn_in_tensors(
+                checked(), plan, writer.write, progress=progress, meta=_report_meta(plan, source)
+            )
+            writer.close()
+        write_reports(report)
+    return report
+
+
+@contextmanager
+def _report_outputs(
+    output: Path, force: bool, inputs: Sequence[Path]
+) -> Iterator[tuple[Path, Callable[[Any], None]]]:
+    """A temporary file for the tensors and a writer of the two reports beside them.
+
+    Nothing is moved into place until all three are written, the tensors last, so an
+    interrupted run leaves no tensors without their report (and usually nothing at all).
+    """
+    from transform_core.safetensors_io import atomic_output
+
+    with ExitStack() as stack:
+        tmp, tmp_json, tmp_md = (
+            stack.enter_context(atomic_output(path, force=force, inputs=inputs))
+            for path in report_files(output)
+        )
+
+        def write_reports(report: Any) -> None:
+            tmp_json.write_text(report.to_json() + "\n")
+            tmp_md.write_text(report.to_markdown())
+
+        yield tmp, write_reports
+
+
+def _check_outputs_free(output: Path, force: bool, inputs: Sequence[Path]) -> None:
+    """Refuse before any work if the tensors or either report cannot be written."""
+    from transform_core.safetensors_io import check_output_path
+
+    for path in report_files(output):
+        check_output_path(path, force=force, inputs=inputs)
+
+
+def _report_meta(plan: Any, source: Any) -> dict[str, Any]:
+    """Facts about the run that its report records."""
+    from transform_core import __version__
+
+    return {
+        "rockq_version": __version__,
+        "recipe": plan.recipe.source,
+        "seed": plan.seed,
+        "input": source.path,
+        "input_sha256": source.sha256,
+    }
+
+
+def _metadata(plan: Any, input_sha256: str | None) -> dict[str, str]:
+    from transform_core import __version__
+    from transform_core.pipeline import output_metadata
+
+    return output_metadata(plan, version=__version__, input_sha256=input_sha256)
