@@ -36,9 +36,7 @@ def finetune_command(
     debug: Debug = False,
 ) -> None:
     """Fine-tune a patched checkpoint with its recipe's finetune section."""
-    ckpt, plan = load_patched_plan(
-        checkpoint, trust=trust, seed=None, not_patched_fix="", no_network="to train"
-    )
+    ckpt, plan = load_patched_plan(checkpoint, trust=trust, no_network="to train")
     target = output or default_output(checkpoint, ".finetuned.safetensors")
     run_finetune(
         ckpt.network,

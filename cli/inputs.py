@@ -105,18 +105,19 @@ def load_patched_plan(
     checkpoint: Path,
     *,
     trust: list[str] | None,
-    seed: int | None,
-    not_patched_fix: str,
     no_network: str,
+    seed: int | None = None,
+    not_patched_fix: str = "",
 ) -> tuple[Any, Any]:
     """Read a patched checkpoint, rebuild its network and plan its recipe on it again.
 
     Args:
         checkpoint: The file from ``rockq patch``.
         trust: Packages its embedded network may use.
+        no_network: Ends the refusal of a checkpoint without a network: what the network
+            was needed for, and what to do instead.
         seed: Overrides the seed the checkpoint recorded.
-        not_patched_fix: What to do instead when the file is not a patched checkpoint.
-        no_network: Why a checkpoint of bare tensors cannot serve, and what to do instead.
+        not_patched_fix: Ends the refusal of another kind of file with a second way out.
 
     Returns:
         The :class:`~transform_core.checkpoint.PatchedCheckpoint` and its

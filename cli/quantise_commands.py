@@ -8,6 +8,7 @@ tensor. The commands are plain functions; :mod:`cli.main` registers them.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -56,23 +57,16 @@ def inspect(
 
     rules = load_recipe(recipe).family_rules() if recipe else None
     loaded = load_model(model, arch, arch_kwargs, trust)
-    rows: list[dict[str, Any]] = []
     if loaded.module is not None:
-        for info in tensor_infos(loaded.module, rules).values():
-            rows.append(
-                _row(
-                    info.name,
-                    info.module_class,
-                    info.family,
-                    info.shape,
-                    info.dtype,
-                    info.is_buffer,
-                )
-            )
+        infos = tensor_infos(loaded.module, rules).values()
+        rows = [
+            _row(i.name, i.module_class, i.family, i.shape, i.dtype, i.is_buffer) for i in infos
+        ]
     else:
-        for stored in loaded.tensors.infos():
-            family = family_for_name(stored.name, rules)
-            rows.append(_row(stored.name, None, family, stored.shape, str(stored.dtype)))
+        rows = [
+            _row(s.name, None, family_for_name(s.name, rules), s.shape, str(s.dtype))
+            for s in loaded.tensors.infos()
+        ]
     if json_output:
         typer.echo(json.dumps({"source": loaded.source.to_dict(), "tensors": rows}, indent=2))
         return
@@ -90,9 +84,6 @@ def _row(
     is_buffer: bool = False,
 ) -> dict[str, Any]:
     """One tensor of ``rockq inspect``, in the key order of its JSON output."""
-    numel = 1
-    for n in shape:
-        numel *= n
     return {
         "name": name,
         "module_class": module_class,
@@ -100,7 +91,7 @@ def _row(
         "shape": list(shape),
         "dtype": dtype.removeprefix("torch."),
         "is_buffer": is_buffer,
-        "numel": numel,
+        "numel": math.prod(shape),
     }
 
 
