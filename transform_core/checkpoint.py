@@ -44,6 +44,7 @@ from typing import Any
 from torch import nn
 
 from transform_core.errors import CheckpointError
+from transform_core.files import KNOWN_FORMATS, PathLike, require_file, sha256_file
 from transform_core.patched_checkpoint import (
     FORMAT_VERSION,
     RESERVED_PREFIX,
@@ -55,14 +56,7 @@ from transform_core.patched_checkpoint import (
 )
 from transform_core.rockpool_support import load_rockpool_params
 from transform_core.safe_pickle import check_trust, load_pickled_module, module_from_bytes
-from transform_core.safetensors_io import (
-    KNOWN_FORMATS,
-    PathLike,
-    TensorSource,
-    open_tensors,
-    require_file,
-    sha256_file,
-)
+from transform_core.safetensors_io import TensorSource, open_tensors
 from transform_core.state_dicts import (
     build_from_arch,
     load_state_dict_file,

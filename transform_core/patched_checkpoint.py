@@ -51,16 +51,11 @@ import torch
 from torch import nn
 
 from transform_core.errors import CheckpointError
+from transform_core.files import PathLike, require_file, sha256_file
 from transform_core.safe_pickle import check_trust, in_packages, module_from_bytes
-from transform_core.safetensors_io import (
-    PathLike,
-    is_safetensors,
-    open_tensors,
-    read_header,
-    require_file,
-    save_safetensors,
-    sha256_file,
-)
+from transform_core.safetensors_header import is_safetensors, read_header
+from transform_core.safetensors_io import open_tensors
+from transform_core.safetensors_writer import save_safetensors
 from transform_core.state_dicts import build_from_arch, load_state_dict_strict
 
 __all__ = [

@@ -40,8 +40,8 @@ from torch import nn
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
 from transform_core.errors import CheckpointError
+from transform_core.files import KNOWN_FORMATS, PathLike, require_file
 from transform_core.imports import is_dotted_name
-from transform_core.safetensors_io import KNOWN_FORMATS, PathLike, require_file
 
 __all__ = [
     "check_trust",

@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 from transform_core.errors import CheckpointError
+from transform_core.files import PathLike, require_file
 from transform_core.imports import import_reference
 from transform_core.safe_pickle import check_trust, error_line, load_pickle_bytes
-from transform_core.safetensors_io import PathLike, is_safetensors, open_tensors, require_file
+from transform_core.safetensors_header import is_safetensors
+from transform_core.safetensors_io import open_tensors
 
 __all__ = [
     "build_from_arch",

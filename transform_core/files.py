@@ -1,0 +1,199 @@
+"""Input and output files: checked inputs, digests, and atomic writes that never overwrite an input.
+
+Every output goes through :func:`atomic_output`: the data lands in a temporary file next
+to the target and is renamed over it only once complete, so an interrupted run never
+leaves a half-written output, an existing file is only replaced with ``force=True``, and
+an input file is never overwritten.
+
+Example:
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp() + "/out.txt"
+    >>> with atomic_output(out) as tmp:
+    ...     _ = tmp.write_text("abc")
+    >>> sha256_file(out)[:16]
+    'ba7816bf8f01cfea'
+    >>> try:
+    ...     check_output_path(out, inputs=[out], force=True)
+    ... except CheckpointError as err:
+    ...     print(err.message.split(";")[0])
+    is also an input
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from transform_core.errors import CheckpointError
+
+__all__ = [
+    "KNOWN_FORMATS",
+    "PathLike",
+    "atomic_output",
+    "check_output_path",
+    "require_file",
+    "sha256_file",
+]
+
+PathLike = str | os.PathLike[str]
+
+_CHUNK = 1 << 20
+KNOWN_FORMATS = "a .safetensors file, a .pt/.pth file from torch.save, or a folder with a *.safetensors.index.json"
+"""The inputs rockq reads, as error messages name them."""
+
+
+def sha256_file(path: PathLike) -> str:
+    """Return the hex SHA-256 of a file, read in 1 MiB chunks.
+
+    Raises:
+        CheckpointError: ``path`` is missing or is a folder.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile(delete=False) as f:
+        ...     _ = f.write(b"abc")
+        >>> sha256_file(f.name)[:16]
+        'ba7816bf8f01cfea'
+    """
+    file = require_file(path)
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def require_file(path: PathLike, *, expected: str = KNOWN_FORMATS) -> Path:
+    """Return ``path`` as a :class:`~pathlib.Path` if it is an existing, non-empty file.
+
+    Raises:
+        CheckpointError: The path is missing, is a folder, or is empty.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise CheckpointError(f"no such file; expected {expected}; check the path", path=str(path))
+    if file.is_dir():
+        raise CheckpointError(
+            f"is a folder, expected a file ({expected}); pass a file inside it", path=str(path)
+        )
+    if file.stat().st_size == 0:
+        raise CheckpointError(
+            f"is empty (0 bytes); expected {expected}; re-create the file", path=str(path)
+        )
+    return file
+
+
+def check_output_path(
+    path: PathLike, *, force: bool = False, inputs: Iterable[PathLike] = ()
+) -> Path:
+    """Check that ``path`` may be written; see :func:`atomic_output` for the rules.
+
+    Raises:
+        CheckpointError: The target is an input, exists without ``force``, is a folder,
+            or its folder does not exist.
+    """
+    target = Path(path)
+    label = str(path)
+    for source in inputs:
+        if _same_file(target, Path(source)):
+            raise CheckpointError(
+                "is also an input; write the output to a different path (--force never "
+                "overwrites an input)",
+                path=label,
+            )
+    if target.is_dir():
+        raise CheckpointError("is a folder; expected an output file path", path=label)
+    parent = target.parent
+    if not parent.is_dir():
+        raise CheckpointError(
+            f"cannot be written: folder '{parent}' does not exist; create it first", path=label
+        )
+    if target.exists() and not force:
+        raise CheckpointError("already exists; pass --force to overwrite it", path=label)
+    return target
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if b.is_dir():
+        # A sharded input: any existing file inside the folder counts as part of it.
+        return a.exists() and a.resolve().parent == b.resolve()
+    with contextlib.suppress(OSError):
+        if a.exists() and b.exists() and os.path.samefile(a, b):
+            return True
+    return a.resolve() == b.resolve()
+
+
+@contextlib.contextmanager
+def atomic_output(
+    path: PathLike, *, force: bool = False, inputs: Iterable[PathLike] = ()
+) -> Iterator[Path]:
+    """Yield a temporary path to write; move it onto ``path`` only if the block succeeds.
+
+    The temporary file ``.NAME.tmp-RANDOM`` sits in the target's folder, so the final
+    ``os.replace`` is atomic. On success it is flushed to disk and renamed; on any
+    exception, ``KeyboardInterrupt`` included, it is deleted and the target is untouched.
+
+    Args:
+        path: The output file.
+        force: Replace an existing file.
+        inputs: Files (or shard folders) this run reads; writing over one of them, or
+            over an existing file in an input folder, is refused even with ``force``.
+
+    Raises:
+        CheckpointError: The target is an input, exists without ``force``, is a folder, or
+            its folder does not exist.
+
+    Example:
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp() + "/out.bin"
+        >>> with atomic_output(out) as tmp:
+        ...     _ = tmp.write_bytes(b"done")
+        >>> Path(out).read_bytes()
+        b'done'
+    """
+    target = check_output_path(path, force=force, inputs=inputs)
+    temp = _create_temp(target)
+    try:
+        yield temp
+        _fsync(temp)
+        if not force and target.exists():
+            # Another process created the target while we were writing.
+            raise CheckpointError("already exists; pass --force to overwrite it", path=str(path))
+        os.replace(temp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+
+
+def _create_temp(target: Path) -> Path:
+    # os.open with O_EXCL (rather than mkstemp) so the final file gets the usual
+    # umask-based permissions instead of mkstemp's 0600.
+    while True:
+        temp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return temp
+
+
+def _fsync(file: Path) -> None:
+    with file.open("rb+") as handle:
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename durable; not every platform can open a folder.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

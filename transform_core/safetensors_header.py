@@ -1,0 +1,256 @@
+"""The safetensors header: dtype names, layout order and a validated reading of the header.
+
+A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes of JSON
+(``{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}, ...}``, padded
+with spaces to a multiple of 8) and then the raw little-endian tensor bytes. Because the
+header says where every tensor lives, a file can be read one tensor at a time and written
+one tensor at a time, so memory stays bounded by the largest tensor.
+
+Example:
+    >>> import tempfile, torch
+    >>> from safetensors.torch import save_file
+    >>> path = tempfile.mkdtemp() + "/w.safetensors"
+    >>> save_file({"w": torch.ones(2, 3)}, path, {"note": "hi"})
+    >>> header = read_header(path)
+    >>> header.metadata, header.tensors["w"].shape, header.tensors["w"].nbytes
+    ({'note': 'hi'}, (2, 3), 24)
+    >>> NAME_TO_DTYPE["BF16"], is_safetensors(path)
+    (torch.bfloat16, True)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transform_core.errors import CheckpointError
+from transform_core.files import KNOWN_FORMATS, PathLike, require_file
+
+__all__ = [
+    "DTYPE_TO_NAME",
+    "LAYOUT_RANK",
+    "NAME_TO_DTYPE",
+    "SafetensorsHeader",
+    "StoredTensor",
+    "count_names",
+    "is_safetensors",
+    "read_header",
+]
+
+# safetensors' dtype names in its own (ascending) order. safetensors lays tensors out by
+# dtype, largest order first, then by name; following the same order makes our files
+# byte-identical to safetensors' own for the same tensors.
+_DTYPE_ORDER = [
+    ("BOOL", "bool"),
+    ("U8", "uint8"),
+    ("I8", "int8"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("I16", "int16"),
+    ("U16", "uint16"),
+    ("F16", "float16"),
+    ("BF16", "bfloat16"),
+    ("I32", "int32"),
+    ("U32", "uint32"),
+    ("F32", "float32"),
+    ("C64", "complex64"),
+    ("F64", "float64"),
+    ("I64", "int64"),
+    ("U64", "uint64"),
+]
+NAME_TO_DTYPE: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in _DTYPE_ORDER if hasattr(torch, attr)
+}
+DTYPE_TO_NAME: dict[torch.dtype, str] = {dtype: name for name, dtype in NAME_TO_DTYPE.items()}
+LAYOUT_RANK: dict[str, int] = {name: rank for rank, (name, _) in enumerate(_DTYPE_ORDER)}
+
+# safetensors refuses headers above 100 MB; a larger length field means a foreign file.
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lives in a safetensors file, known without reading its data.
+
+    Attributes:
+        name: The tensor's key in the file.
+        dtype: Its torch dtype.
+        shape: Its shape.
+        file: The file holding it (a shard, for a sharded checkpoint).
+        offsets: ``(begin, end)`` byte offsets, relative to the start of the data block.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offsets: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return self.offsets[1] - self.offsets[0]
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed and validated header of one safetensors file.
+
+    Attributes:
+        path: The file.
+        metadata: The ``__metadata__`` map, or ``None`` if the file has none.
+        tensors: Tensor infos by name, in the order their data appears in the file.
+        data_start: Byte offset of the data block (``8 + header length``).
+    """
+
+    path: Path
+    metadata: dict[str, str] | None
+    tensors: dict[str, StoredTensor]
+    data_start: int
+
+
+def is_safetensors(path: PathLike) -> bool:
+    """Whether ``path`` is a file that starts like a safetensors file (no full validation)."""
+    file = Path(path)
+    if not file.is_file():
+        return False
+    with file.open("rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 0 < length <= _MAX_HEADER and head[8:9] == b"{"
+
+
+def read_header(path: PathLike) -> SafetensorsHeader:
+    """Read and validate the header of a safetensors file without reading tensor data.
+
+    Checks that every tensor's dtype is known, its byte range matches its shape, the
+    ranges tile the data block exactly and the file is as long as the header says.
+
+    Raises:
+        CheckpointError: The file is missing, empty, truncated or not a safetensors file.
+    """
+    file = require_file(path, expected="a .safetensors file")
+    label = str(path)
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise CheckpointError(
+                f"is not a safetensors file: {size} bytes is shorter than the 8-byte header length; "
+                "re-create the file",
+                path=label,
+            )
+        (length,) = struct.unpack("<Q", head)
+        if length > _MAX_HEADER or length > size - 8:
+            raise CheckpointError(
+                f"is not a safetensors file or is truncated: its first 8 bytes give a header of "
+                f"{length} bytes but the file has {size} bytes; expected {KNOWN_FORMATS}",
+                path=label,
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"is not a safetensors file: its header is not valid JSON ({err}); expected {KNOWN_FORMATS}",
+            path=label,
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"is not a safetensors file: its header is a JSON {type(header).__name__}, expected an object",
+            path=label,
+        )
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise CheckpointError(
+            "has invalid __metadata__: expected a map of strings to strings; re-create the file",
+            path=label,
+        )
+    infos = [_tensor_info(name, entry, file, label) for name, entry in header.items()]
+    infos.sort(key=lambda info: info.offsets)
+    data_size = size - 8 - length
+    position = 0
+    for info in infos:
+        if info.offsets[0] != position:
+            raise CheckpointError(
+                f"is corrupt: tensor data at byte {info.offsets[0]} should start at byte {position} "
+                "(overlapping or missing data); re-create the file",
+                path=label,
+                key=info.name,
+            )
+        position = info.offsets[1]
+    if position != data_size:
+        problem = (
+            f"is truncated: its header describes {position} bytes of tensor data but the file "
+            f"holds {data_size}"
+            if position > data_size
+            else f"is corrupt: {data_size - position} unexpected bytes follow the tensor data"
+        )
+        raise CheckpointError(f"{problem}; re-create the file", path=label)
+    return SafetensorsHeader(file, metadata, {info.name: info for info in infos}, 8 + length)
+
+
+def _tensor_info(name: str, entry: Any, file: Path, label: str) -> StoredTensor:
+    if not (isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= entry.keys()):
+        raise CheckpointError(
+            "is corrupt: the header entry is not {dtype, shape, data_offsets}; re-create the file",
+            path=label,
+            key=name,
+        )
+    dtype = NAME_TO_DTYPE.get(entry["dtype"])
+    if dtype is None:
+        raise CheckpointError(
+            f"has dtype {entry['dtype']!r}, which this reader does not support; expected one of "
+            f"{', '.join(NAME_TO_DTYPE)}; convert the tensor",
+            path=label,
+            key=name,
+        )
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not (
+        isinstance(shape, list)
+        and all(isinstance(n, int) and n >= 0 for n in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(n, int) for n in offsets)
+    ):
+        raise CheckpointError(
+            f"is corrupt: bad shape {shape!r} or data_offsets {offsets!r}; re-create the file",
+            path=label,
+            key=name,
+        )
+    numel = 1
+    for n in shape:
+        numel *= n
+    if offsets[1] - offsets[0] != numel * dtype.itemsize:
+        raise CheckpointError(
+            f"is corrupt: shape {shape} of {entry['dtype']} needs {numel * dtype.itemsize} bytes "
+            f"but data_offsets {offsets} give {offsets[1] - offsets[0]}; re-create the file",
+            path=label,
+            key=name,
+        )
+    return StoredTensor(name, dtype, tuple(shape), file, (offsets[0], offsets[1]))
+
+
+def count_names(names: Sequence[str], limit: int = 3) -> str:
+    """Count tensor names and show the first few, for one-line messages.
+
+    Example:
+        >>> count_names(["a"]), count_names(["a", "b", "c", "d"])
+        ("1 tensor ('a')", "4 tensors ('a', 'b', 'c' and 1 more)")
+    """
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({shown}{more})"

@@ -1,0 +1,220 @@
+"""Writing safetensors files: tensor by tensor, atomically, byte-identical to safetensors' own.
+
+:class:`SafetensorsWriter` fixes the header from the names, dtypes and shapes up front and
+then takes each tensor's bytes in any order, so a file is written with one tensor in memory
+at a time. :func:`write_safetensors` streams tensors into a new file through
+:func:`~transform_core.files.atomic_output`; :func:`save_safetensors` saves a dict of
+tensors, tied and non-contiguous ones included.
+
+Example:
+    >>> import tempfile, torch
+    >>> from safetensors.torch import load_file
+    >>> out = tempfile.mkdtemp() + "/w.safetensors"
+    >>> save_safetensors({"w": torch.ones(2, 3)}, out, {"note": "hi"})
+    >>> load_file(out)["w"].shape
+    torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import IO, Any
+
+import torch
+
+from transform_core.errors import CheckpointError
+from transform_core.files import PathLike, atomic_output
+from transform_core.safetensors_header import (
+    DTYPE_TO_NAME,
+    LAYOUT_RANK,
+    NAME_TO_DTYPE,
+    count_names,
+)
+
+__all__ = ["SafetensorsWriter", "TensorSpec", "save_safetensors", "write_safetensors"]
+
+TensorSpec = tuple[torch.dtype, Sequence[int]]
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, with the header fixed up front.
+
+    The layout (dtype order, then name) and header bytes follow safetensors' own writer,
+    so for the same tensors the file is byte-identical to ``safetensors.torch.save_file``
+    (metadata keys are written sorted; safetensors' order for two or more keys is not
+    deterministic). Tensors may be written in any order: each goes to its own offset.
+
+    Args:
+        file: A binary file opened for writing (and seeking), positioned at 0.
+        specs: ``name -> (dtype, shape)`` for every tensor the file will hold.
+        metadata: Optional ``__metadata__`` strings.
+
+    Raises:
+        CheckpointError: A dtype safetensors cannot store.
+
+    Example:
+        >>> import io, torch
+        >>> buffer = io.BytesIO()
+        >>> writer = SafetensorsWriter(buffer, {"b": (torch.float32, [2]), "a": (torch.int64, [])})
+        >>> writer.names
+        ['a', 'b']
+        >>> writer.write("b", torch.ones(2)); writer.write("a", torch.tensor(7)); writer.close()
+        >>> from safetensors.torch import load
+        >>> load(buffer.getvalue())["a"].item()
+        7
+    """
+
+    def __init__(
+        self,
+        file: IO[bytes],
+        specs: Mapping[str, TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        if sys.byteorder != "little":  # pragma: no cover - no big-endian test machine
+            raise NotImplementedError("writing safetensors needs a little-endian machine")
+        entries: list[tuple[str, str, list[int]]] = []
+        for name, (dtype, shape) in specs.items():
+            if name == "__metadata__":
+                raise ValueError("'__metadata__' is reserved and cannot name a tensor")
+            if dtype not in DTYPE_TO_NAME:
+                raise CheckpointError(
+                    f"has dtype {dtype}, which safetensors cannot store; convert it to one of "
+                    f"{', '.join(str(d) for d in DTYPE_TO_NAME)}",
+                    key=name,
+                )
+            entries.append((name, DTYPE_TO_NAME[dtype], [int(n) for n in shape]))
+        entries.sort(key=lambda e: (-LAYOUT_RANK[e[1]], e[0]))
+        header: dict[str, Any] = {}
+        if metadata is not None:
+            header["__metadata__"] = {key: metadata[key] for key in sorted(metadata)}
+        self._slots: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        offset = 0
+        for name, dtype_name, shape in entries:
+            dtype = NAME_TO_DTYPE[dtype_name]
+            numel = 1
+            for n in shape:
+                numel *= n
+            end = offset + numel * dtype.itemsize
+            header[name] = {"dtype": dtype_name, "shape": shape, "data_offsets": [offset, end]}
+            self._slots[name] = (dtype, tuple(shape), offset, end)
+            offset = end
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self._file = file
+        self._data_start = 8 + len(raw)
+        self._size = self._data_start + offset
+        self._pending = set(self._slots)
+        file.write(struct.pack("<Q", len(raw)))
+        file.write(raw)
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in the order their data is laid out in the file."""
+        return list(self._slots)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor's bytes at its offset.
+
+        Raises:
+            ValueError: Unknown or already written name, or a dtype/shape other than declared.
+        """
+        if name not in self._slots:
+            raise ValueError(f"tensor {name!r} was not declared when the writer was created")
+        if name not in self._pending:
+            raise ValueError(f"tensor {name!r} was already written")
+        dtype, shape, begin, end = self._slots[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, declared {dtype} {list(shape)}"
+            )
+        if end > begin:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._file.seek(self._data_start + begin)
+            self._file.write(data.numpy().data)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        """Check that every declared tensor was written.
+
+        Raises:
+            ValueError: Some declared tensors were never written.
+        """
+        if self._pending:
+            raise ValueError(f"{count_names(sorted(self._pending))} declared but never written")
+        self._file.seek(0, os.SEEK_END)
+        if self._file.tell() != self._size:  # pragma: no cover - guards the layout maths
+            raise RuntimeError(f"wrote {self._file.tell()} bytes, expected {self._size}")
+
+
+def write_safetensors(
+    path: PathLike,
+    specs: Mapping[str, TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    force: bool = False,
+    inputs: Iterable[PathLike] = (),
+) -> None:
+    """Stream tensors into a new safetensors file atomically, one tensor in memory at a time.
+
+    Args:
+        path: The output file.
+        specs: ``name -> (dtype, shape)`` of every tensor, known before any data is written.
+        tensors: ``(name, tensor)`` pairs in any order, typically a generator that produces
+            each tensor just in time.
+        metadata: Optional ``__metadata__`` strings.
+        force: Replace an existing file.
+        inputs: Files that must not be overwritten.
+
+    Raises:
+        CheckpointError: The output may not be written (see :func:`atomic_output`).
+        ValueError: ``tensors`` does not match ``specs``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import load_file
+        >>> out = tempfile.mkdtemp() + "/s.safetensors"
+        >>> specs = {f"w{i}": (torch.float32, [2]) for i in range(3)}
+        >>> write_safetensors(out, specs, ((n, torch.full((2,), float(i))) for i, n in enumerate(specs)))
+        >>> load_file(out)["w2"].tolist()
+        [2.0, 2.0]
+    """
+    with atomic_output(path, force=force, inputs=inputs) as temp, temp.open("wb") as handle:
+        writer = SafetensorsWriter(handle, specs, metadata)
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+        writer.close()
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: PathLike,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    force: bool = False,
+    inputs: Iterable[PathLike] = (),
+) -> None:
+    """Save a dict of tensors as safetensors, atomically.
+
+    Unlike ``safetensors.torch.save_file``, tensors that share storage (tied weights) and
+    non-contiguous tensors are accepted: each is written as its own copy.
+
+    Raises:
+        CheckpointError: The output may not be written (see :func:`atomic_output`), or a
+            dtype safetensors cannot store.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import load_file
+        >>> shared = torch.arange(4.0)
+        >>> out = tempfile.mkdtemp() + "/tied.safetensors"
+        >>> save_safetensors({"a": shared, "b": shared}, out)
+        >>> sorted(load_file(out))
+        ['a', 'b']
+    """
+    specs = {name: (t.dtype, list(t.shape)) for name, t in tensors.items()}
+    write_safetensors(path, specs, tensors.items(), metadata, force=force, inputs=inputs)
