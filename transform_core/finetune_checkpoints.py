@@ -1,0 +1,221 @@
+"""Checkpoints of a fine-tuning run: what they hold, how a run resumes from one, and its log.
+
+A run's checkpoint is a patched checkpoint (:mod:`transform_core.patched_checkpoint`)
+whose extra state holds everything needed to continue bit for bit: the optimiser state
+(tensors as ``__rockq__/optim/INDEX/NAME``, the rest as JSON), the position (step, epoch,
+batch), the random transforms' generator states (``__rockq__/gen/WHERE/DEVICE``) and
+torch's global random states (``__rockq__/rng/...``). The JSON-lines log beside it is
+trimmed back to the checkpoint's step when a run resumes.
+
+Example:
+    >>> from pathlib import Path
+    >>> log_path_for(Path("out/net.patched.safetensors")).name
+    'net.patched.finetune.jsonl'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from transform_core.patching import ActWrapper, TWrapper
+from transform_core.registry import BoundTransform
+
+if TYPE_CHECKING:
+    from transform_core.patched_checkpoint import SourceInfo
+    from transform_core.pipeline import Plan
+
+__all__ = [
+    "STATE_KEY",
+    "CheckpointTarget",
+    "Position",
+    "RunLog",
+    "log_path_for",
+    "restore_training_state",
+    "save_training_state",
+]
+
+STATE_KEY = "finetune"
+"""The key of a run's state in a patched checkpoint's ``rockq.state``."""
+
+
+@dataclass(frozen=True)
+class CheckpointTarget:
+    """Where and how to write the patched checkpoints of a run.
+
+    Attributes:
+        path: The patched checkpoint (rewritten at each checkpoint and at the end).
+        source: Where the network came from.
+        recipe: The recipe text.
+        network_bytes: The whole-module pickle, for pickle sources.
+        inputs: Files that must never be overwritten.
+        force: Replace an existing file at the start of a fresh run.
+    """
+
+    path: Path
+    source: SourceInfo
+    recipe: str
+    network_bytes: bytes | None = None
+    inputs: tuple[Path, ...] = ()
+    force: bool = False
+
+
+def log_path_for(path: Path) -> Path:
+    """The JSON-lines log beside a checkpoint: ``NAME.finetune.jsonl``.
+
+    Example:
+        >>> log_path_for(Path("out/net.patched.safetensors")).name
+        'net.patched.finetune.jsonl'
+    """
+    return path.with_name(path.name.removesuffix(".safetensors") + ".finetune.jsonl")
+
+
+def _raw_state_dict(T_net: nn.Module) -> dict[str, Tensor]:
+    """The state dict under the un-patched network's names (wrappers' ``_mod`` removed)."""
+    return {
+        ".".join(p for p in key.split(".") if p != "_mod"): value.detach()
+        for key, value in T_net.state_dict().items()
+    }
+
+
+def _bound_transforms(T_net: nn.Module) -> dict[str, BoundTransform]:
+    found: dict[str, BoundTransform] = {}
+    seen: set[int] = set()
+    for name, module in T_net.named_modules():
+        fns: list[tuple[str, Any]] = []
+        if isinstance(module, TWrapper):
+            fns = [(f"{name}.{attr}" if name else attr, fn) for attr, fn in module.T_config.items()]
+        elif isinstance(module, ActWrapper):
+            fns = [(f"{name}:output", module.trans_Fn)]
+        for key, fn in fns:
+            if isinstance(fn, BoundTransform) and id(fn) not in seen:
+                seen.add(id(fn))
+                found[key] = fn
+    return found
+
+
+@dataclass
+class Position:
+    """Where a run is: optimiser steps done, the epoch, and batches done in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+def save_training_state(
+    target: CheckpointTarget,
+    T_net: nn.Module,
+    plan: Plan,
+    optimizer: torch.optim.Optimizer,
+    pos: Position,
+    info: dict[str, Any],
+    epoch_rng: Tensor,
+    device: torch.device,
+) -> None:
+    """Write the patched checkpoint of a run with everything needed to resume it.
+
+    Args:
+        target: Where to write.
+        T_net: The patched network being trained.
+        plan: The plan it was patched with (for the seed).
+        optimizer: The run's optimiser.
+        pos: Where the run is.
+        info: JSON facts of the run (metrics so far, metric, total steps, seed).
+        epoch_rng: Torch's global random state at the start of the current epoch.
+        device: The training device (its CUDA random state is saved too).
+    """
+    from transform_core.patched_checkpoint import save_patched
+
+    extra: dict[str, Tensor] = {}
+    opt_state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in opt_state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                extra[f"optim/{index}/{key}"] = value.detach().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    for key, fn in _bound_transforms(T_net).items():
+        for dev, generator_state in fn.generator_states().items():
+            extra[f"gen/{key}/{dev}"] = generator_state
+    extra["rng/cpu"] = torch.get_rng_state()
+    extra["rng/epoch_cpu"] = epoch_rng
+    if device.type == "cuda":
+        extra["rng/cuda"] = torch.cuda.get_rng_state(device)
+    state = {
+        STATE_KEY: {
+            **info,
+            "step": pos.step,
+            "epoch": pos.epoch,
+            "batch": pos.batch,
+            "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
+        }
+    }
+    save_patched(
+        target.path,
+        _raw_state_dict(T_net),
+        source=target.source,
+        recipe=target.recipe,
+        seed=plan.seed,
+        network_bytes=target.network_bytes,
+        state=state,
+        extra_tensors=extra,
+        force=True,
+        inputs=target.inputs,
+    )
+
+
+def restore_training_state(
+    resume: Any,
+    T_net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> tuple[Position, Tensor]:
+    """Load a checkpoint's training state into the run; returns position and epoch RNG."""
+    saved = resume.state[STATE_KEY]
+    extra: dict[str, Tensor] = resume.extra_tensors
+    groups = saved["optimizer"]["param_groups"]
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, tensor in extra.items():
+        if key.startswith("optim/"):
+            _, index, name = key.split("/", 2)
+            opt_state.setdefault(int(index), {})[name] = tensor
+    for index, values in saved["optimizer"]["scalars"].items():
+        opt_state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    for key, fn in _bound_transforms(T_net).items():
+        prefix = f"gen/{key}/"
+        states = {k[len(prefix) :]: t for k, t in extra.items() if k.startswith(prefix)}
+        fn.load_generator_states(states)
+    torch.set_rng_state(extra["rng/cpu"])
+    if device.type == "cuda" and "rng/cuda" in extra:
+        torch.cuda.set_rng_state(extra["rng/cuda"], device)
+    return Position(saved["step"], saved["epoch"], saved["batch"]), extra["rng/epoch_cpu"]
+
+
+class RunLog:
+    """The JSON-lines log (rank 0 only), trimmed to the resumed step on resume."""
+
+    def __init__(self, path: Path | None, resume_step: int | None) -> None:
+        self.path = path
+        if path is None:
+            return
+        kept: list[str] = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, event: dict[str, Any]) -> None:
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(event) + "\n")

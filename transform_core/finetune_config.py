@@ -1,0 +1,327 @@
+"""The ``finetune:`` section of a recipe: its schema, its parsing and the schedule it names.
+
+:func:`parse_finetune_section` checks every key of the section (each key is shown in
+:mod:`transform_core.finetune`) and builds a :class:`FinetuneConfig`; unknown keys, wrong
+types and out-of-range values are refused with the line and key path. Optimiser arguments
+are checked against the torch optimiser's own signature and ranges. :func:`lr_factor` turns
+the schedule into the learning rate of each step.
+
+Example:
+    >>> from transform_core.recipe import parse_recipe
+    >>> recipe = parse_recipe('''
+    ... version: 1
+    ... params: [{family: weights, transform: deterministic_rounding, args: {num_levels: 3}}]
+    ... finetune: {epochs: 2, optimizer: {name: adamw, lr: 0.01, weight_decay: 0.1}}
+    ... ''')
+    >>> config = recipe.finetune
+    >>> config.epochs, config.optimizer, config.lr, config.optimizer_args
+    (2, 'adamw', 0.01, {'weight_decay': 0.1})
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from transform_core.errors import did_you_mean
+
+if TYPE_CHECKING:
+    from yaml.nodes import Node
+
+__all__ = [
+    "LOSSES",
+    "METRICS",
+    "OPTIMIZERS",
+    "REDUCTIONS",
+    "SCHEDULES",
+    "FinetuneConfig",
+    "lr_factor",
+    "parse_finetune_section",
+]
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+SCHEDULES = ("constant", "cosine", "linear", "step")
+LOSSES = ("cross_entropy", "mse")
+REDUCTIONS = ("sum", "mean", "last")
+METRICS = ("accuracy", "loss")
+
+_KEYS = (
+    "epochs",
+    "steps",
+    "batch_size",
+    "optimizer",
+    "schedule",
+    "loss",
+    "reduce_time",
+    "metric",
+    "eval_every",
+    "checkpoint_every",
+    "seed",
+    "shuffle",
+    "grad_clip",
+)
+_SCHEDULE_KEYS = ("name", "warmup_steps", "min_lr", "step_size", "gamma")
+_FUNCTION_REF = "'package.module:function'"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The ``finetune:`` section of a recipe.
+
+    Attributes:
+        epochs: Passes over the training data; ``None`` when ``steps`` is given.
+        steps: Optimiser steps in all; ``None`` when ``epochs`` is given.
+        batch_size: Samples per step, over all processes together.
+        optimizer: ``adam``, ``adamw`` or ``sgd``.
+        optimizer_args: Keyword arguments of the torch optimiser, ``lr`` excluded.
+        lr: The peak learning rate.
+        schedule: ``constant``, ``cosine``, ``linear`` (both decay to ``min_lr``) or ``step``
+            (multiply by ``gamma`` every ``step_size`` steps).
+        warmup_steps: Steps of linear warm-up before the schedule.
+        min_lr: The final learning rate of ``cosine`` and ``linear``.
+        step_size: For ``step``: steps between decays.
+        gamma: For ``step``: the decay factor.
+        loss: ``cross_entropy``, ``mse`` or ``"package.module:function"``.
+        reduce_time: How a ``(batch, time, channels)`` output becomes ``(batch, channels)``:
+            ``sum``, ``mean``, ``last``, or ``None`` to leave it.
+        metric: ``accuracy`` or ``loss``.
+        eval_every: Steps between evaluations; ``None`` for each epoch.
+        checkpoint_every: Steps between checkpoints; ``None`` for each epoch.
+        seed: Seed of the data order; ``None`` for the recipe's seed.
+        shuffle: Shuffle the training data each epoch.
+        grad_clip: Maximum gradient norm, or ``None``.
+    """
+
+    epochs: int | None = 1
+    steps: int | None = None
+    batch_size: int = 32
+    optimizer: str = "adam"
+    optimizer_args: dict[str, Any] = field(default_factory=dict, hash=False)
+    lr: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    step_size: int = 1
+    gamma: float = 0.1
+    loss: str = "cross_entropy"
+    reduce_time: str | None = None
+    metric: str = "accuracy"
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    seed: int | None = None
+    shuffle: bool = True
+    grad_clip: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as JSON-safe data."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def lr_factor(config: FinetuneConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimiser step ``step`` (from 0), as a fraction of ``config.lr``.
+
+    Example:
+        >>> c = FinetuneConfig(schedule="linear", warmup_steps=2, lr=1.0)
+        >>> [lr_factor(c, s, 6) for s in range(6)]
+        [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    """
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    done = step - config.warmup_steps
+    if config.schedule == "step":
+        return float(config.gamma ** (done // config.step_size))
+    if config.schedule == "constant":
+        return 1.0
+    floor = config.min_lr / config.lr if config.lr > 0 else 0.0
+    t = done / max(1, total_steps - config.warmup_steps)
+    if config.schedule == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return 1.0 - (1.0 - floor) * t
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optimizer_arg_names(name: str) -> dict[str, Any]:
+    params = inspect.signature(OPTIMIZERS[name]).parameters
+    return {k: p.default for k, p in params.items() if k != "params"}
+
+
+def parse_finetune_section(parser: Any, node: Node) -> FinetuneConfig:
+    """Parse and check a recipe's ``finetune:`` mapping.
+
+    Args:
+        parser: The recipe parser (it builds values and errors with line numbers).
+        node: The section's YAML node.
+
+    Raises:
+        RecipeError: An unknown key, a wrong type or value, naming the line and key path.
+    """
+    entries = parser.items(node, "finetune", "'finetune'")
+    parser.check_keys(entries, _KEYS, "finetune")
+    values: dict[str, Any] = {}
+
+    def fail(message: str, name: str, at: Node | None = None) -> Exception:
+        where = at if at is not None else entries[name][1]
+        return parser.error(message, where, f"finetune.{name}")  # type: ignore[no-any-return]
+
+    def get(name: str) -> Any:
+        return parser.value(entries[name][1], f"finetune.{name}")
+
+    if "epochs" in entries and "steps" in entries:
+        raise fail("give 'epochs' or 'steps', not both", "steps", entries["steps"][0])
+    for name in ("epochs", "steps", "batch_size"):
+        if name in entries:
+            value = get(name)
+            if not _is_int(value) or value < 1:
+                raise fail(f"must be a whole number >= 1, got {value!r}", name)
+            values[name] = value
+    if "steps" in values:
+        values["epochs"] = None
+    for name in ("eval_every", "checkpoint_every"):
+        if name in entries:
+            value = get(name)
+            if value == "epoch":
+                values[name] = None
+            elif _is_int(value) and value >= 1:
+                values[name] = value
+            else:
+                raise fail(f"must be 'epoch' or a number of steps >= 1, got {value!r}", name)
+    if "seed" in entries:
+        value = get("seed")
+        if not _is_int(value):
+            raise fail(f"must be an integer, got {value!r}", "seed")
+        values["seed"] = value
+    if "shuffle" in entries:
+        value = get("shuffle")
+        if not isinstance(value, bool):
+            raise fail(f"must be true or false, got {value!r}", "shuffle")
+        values["shuffle"] = value
+    if "grad_clip" in entries:
+        value = get("grad_clip")
+        if value is not None and (not _is_number(value) or value <= 0):
+            raise fail(f"must be a number > 0 or null, got {value!r}", "grad_clip")
+        values["grad_clip"] = None if value is None else float(value)
+    for name, allowed in (("reduce_time", REDUCTIONS), ("metric", METRICS)):
+        if name in entries:
+            value = get(name)
+            if value is None and name == "reduce_time":
+                values[name] = None
+                continue
+            if value not in allowed:
+                raise fail(
+                    f"must be one of {', '.join(allowed)}, got {value!r}"
+                    f"{did_you_mean(str(value), allowed)}",
+                    name,
+                )
+            values[name] = value
+    if "loss" in entries:
+        value = get("loss")
+        if not isinstance(value, str) or (value not in LOSSES and ":" not in value):
+            raise fail(
+                f"must be {' or '.join(LOSSES)} or a function {_FUNCTION_REF}, got {value!r}"
+                f"{did_you_mean(str(value), LOSSES)}",
+                "loss",
+            )
+        values["loss"] = value
+    if "optimizer" in entries:
+        values.update(_parse_optimizer(parser, entries["optimizer"][1], fail))
+    if "schedule" in entries:
+        values.update(_parse_schedule(parser, entries["schedule"][1], fail))
+    return FinetuneConfig(**values)
+
+
+def _named_section(
+    parser: Any, node: Node, key: str, choices: Iterable[str], fail: Callable[..., Exception]
+) -> tuple[str, dict[str, tuple[Node, Node]]]:
+    """A ``name`` or ``{name: NAME, arg: value, ...}`` value: the name and the other entries."""
+    choices = tuple(choices)
+    from yaml.nodes import MappingNode
+
+    if isinstance(node, MappingNode):
+        entries = dict(parser.items(node, f"finetune.{key}", f"'{key}'"))
+        if "name" not in entries:
+            raise fail(f"needs 'name: ' one of {', '.join(choices)}", key, node)
+        name_node = entries.pop("name")[1]
+    else:
+        entries, name_node = {}, node
+    name = parser.value(name_node, f"finetune.{key}")
+    if name not in choices:
+        raise fail(
+            f"must be one of {', '.join(choices)}, got {name!r}{did_you_mean(str(name), choices)}",
+            key,
+            name_node,
+        )
+    return name, entries
+
+
+def _parse_optimizer(parser: Any, node: Node, fail: Callable[..., Exception]) -> dict[str, Any]:
+    name, entries = _named_section(parser, node, "optimizer", OPTIMIZERS, fail)
+    allowed = _optimizer_arg_names(name)
+    args: dict[str, Any] = {}
+    for arg, (key_node, value_node) in entries.items():
+        key = f"optimizer.{arg}"
+        if arg not in allowed:
+            raise fail(
+                f"'{name}' has no argument '{arg}'{did_you_mean(arg, allowed)}; expected "
+                f"name, {', '.join(allowed)}",
+                key,
+                key_node,
+            )
+        value = parser.value(value_node, f"finetune.{key}")
+        default = allowed[arg]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool) or (default is False and value is None)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, list) and all(_is_number(v) for v in value)
+        else:
+            ok = _is_number(value)
+        if not ok:
+            raise fail(f"has a value of the wrong type: {value!r}", key, value_node)
+        args[arg] = tuple(value) if isinstance(value, list) else value
+    lr = float(args.pop("lr", 1e-3))
+    try:
+        # The optimiser checks its own ranges (lr >= 0, betas in [0, 1), ...).
+        OPTIMIZERS[name]([nn.Parameter(torch.zeros(1))], lr=lr, **args)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise fail(f"{name}: {err}", "optimizer", node) from None
+    return {"optimizer": name, "optimizer_args": args, "lr": lr}
+
+
+def _parse_schedule(parser: Any, node: Node, fail: Callable[..., Exception]) -> dict[str, Any]:
+    name, entries = _named_section(parser, node, "schedule", SCHEDULES, fail)
+    values: dict[str, Any] = {"schedule": name}
+    for arg, (key_node, value_node) in entries.items():
+        key = f"schedule.{arg}"
+        if arg not in _SCHEDULE_KEYS:
+            raise fail(
+                f"unknown key '{arg}'{did_you_mean(arg, _SCHEDULE_KEYS)}; expected one of "
+                f"{', '.join(_SCHEDULE_KEYS)}",
+                key,
+                key_node,
+            )
+        value = parser.value(value_node, f"finetune.{key}")
+        whole = arg in ("warmup_steps", "step_size")
+        low = 1 if arg == "step_size" else 0
+        if (whole and (not _is_int(value) or value < low)) or (
+            not whole and (not _is_number(value) or value < 0)
+        ):
+            kind = f"a whole number >= {low}" if whole else "a number >= 0"
+            raise fail(f"must be {kind}, got {value!r}", key, value_node)
+        values[arg] = value
+    return values
