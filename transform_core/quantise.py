@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from transform_core import kernels
+
 __all__ = [
     "class_calc_q_decay",
     "deterministic_rounding",
@@ -207,7 +209,7 @@ def _finite_range(
         zero = value.new_zeros(shape)
         return zero, zero
     if maintain_zero:
-        peak = value.abs().amax(dim=dims, keepdim=keep) if value.dim() else value.abs()
+        peak = kernels.abs_max(value, reduce_dims, keep) if value.dim() else value.abs()
         if not bool(torch.isfinite(peak).all()):
             masked = torch.where(torch.isfinite(value), value.abs(), 0.0)
             peak = masked.amax(dim=dims, keepdim=keep) if value.dim() else masked
@@ -270,6 +272,7 @@ class _Plan:
         self.zero_level = (
             _zero_level(out_lo, out_hi, self.out_quantum, steps) if maintain_zero else None
         )
+        self._level_map: kernels.LevelMap | None = None
 
     @property
     def scale(self) -> Bound | None:
@@ -281,8 +284,45 @@ class _Plan:
             return None
         return self.out_quantum / self.in_quantum
 
-    def levels(self, value: Tensor) -> Tensor:
-        return (value - self.in_lo) / self.in_quantum
+    def levels(self, value: Tensor, out: Tensor | None = None) -> Tensor:
+        return torch.sub(value, self.in_lo, out=out).div_(self.in_quantum)
+
+    def round(
+        self, value: Tensor, *, stochastic: bool, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``finish(value, levels)`` with ``levels`` rounded stochastically or to nearest.
+
+        One fused kernel on CUDA where it applies; elsewhere the plain chain, run block by
+        block on large CPU tensors so that it makes one pass over memory (see
+        :mod:`transform_core.kernels`).
+        """
+        fused = kernels.fused_round(
+            value,
+            in_lo=self.in_lo,
+            in_quantum=self.in_quantum,
+            out_quantum=self.out_quantum,
+            out_lo=self.out_lo,
+            out_hi=self.out_hi,
+            top=self.top,
+            zero_level=self.zero_level,
+            fallback=None if self.default_output else self.degenerate,
+            fallback_level=self.fallback_level,
+            stochastic=stochastic,
+            generator=generator,
+        )
+        if fused is not None:
+            return fused
+
+        def chain(block: Tensor, out: Tensor | None) -> Tensor:
+            levels = self.levels(block, out)
+            if stochastic:
+                levels = kernels.add_uniform_noise_(levels, generator).floor_()
+            else:
+                levels = levels.round_()
+            return self.finish(block, levels)
+
+        # Per-channel tensors in the plan decide how the value can be cut into blocks.
+        return kernels.map_blocks(chain, value, list(vars(self).values()))
 
     def finish(self, value: Tensor, levels: Tensor) -> Tensor:
         """Saturate level indices, map them to the output space, and handle edge cases."""
@@ -297,14 +337,20 @@ class _Plan:
             elif bool(self.degenerate.any()):
                 fallback = self.degenerate & torch.isfinite(value)
                 levels = torch.where(fallback, self.fallback_level, levels)
-        # lo + top * quantum can miss the top of the range by an ulp, either way.
-        at_top = levels == self.top
-        at_zero = None if self.zero_level is None else levels == self.zero_level
-        out = levels.mul_(self.out_quantum).add_(self.out_lo)
-        out.masked_fill_(at_top, self.out_hi)
-        if at_zero is not None:
-            out.masked_fill_(at_zero, 0.0)
-        return out
+        # lo + top * quantum can miss the top of the range by an ulp, either way; LevelMap
+        # pins the top and zero levels, vectorised where it can prove that is exact.
+        level_map = self._level_map
+        if level_map is None or level_map.dtype != levels.dtype:
+            level_map = self._level_map = kernels.LevelMap(
+                self.out_quantum,
+                self.out_lo,
+                self.out_hi,
+                self.top,
+                self.zero_level,
+                levels.dtype,
+                levels.device,
+            )
+        return level_map.apply_(levels)
 
 
 def _zero_level(out_lo: Bound, out_hi: Bound, out_quantum: Bound, steps: int) -> Bound | None:
@@ -398,8 +444,7 @@ def stochastic_rounding(
     plan = _plan(value, input_range, output_range, num_levels, maintain_zero)
 
     def compute(x: Tensor) -> Tensor:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return plan.finish(x, noise.add_(plan.levels(x)).floor_())
+        return plan.round(x, stochastic=True, generator=generator)
 
     return _straight_through(value, compute, plan.scale)
 
@@ -439,7 +484,7 @@ def deterministic_rounding(
     plan = _plan(value, input_range, output_range, num_levels, maintain_zero)
 
     def compute(x: Tensor) -> Tensor:
-        return plan.finish(x, plan.levels(x).round_())
+        return plan.round(x, stochastic=False)
 
     return _straight_through(value, compute, plan.scale)
 
@@ -499,8 +544,7 @@ def stochastic_channel_rounding(
     plan = _Plan(in_lo, in_hi, out_lo, out_hi, levels, False, maintain_zero)
 
     def compute(x: Tensor) -> Tensor:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return plan.finish(x, noise.add_(plan.levels(x)).floor_())
+        return plan.round(x, stochastic=True, generator=generator)
 
     return _straight_through(value, compute, plan.scale)
 
@@ -548,18 +592,24 @@ def int_quant(
     if value.numel() == 0:
         return value.clone()
     centre: Bound = 0.0
+    # One pass for the range of the finite values. The largest |x - centre| follows from its
+    # ends, exactly: x -> x - centre is monotonic in floating point.
+    lo, hi = _finite_range(value, False)
     if not maintain_zero:
-        lo, hi = _finite_range(value, False)
         centre = (lo + hi) / 2
-    neg_peak, peak = _finite_range(value - centre, True)
-    del neg_peak
+    peak = torch.maximum(hi - centre, centre - lo)
     scale = torch.where(peak > 0, largest / peak, torch.ones_like(peak))
     if map_to_max:
         scale = scale * ((2 ** (max_bits - 1) - 1) / largest)
     limit = float(2 ** (max(bits, max_bits if map_to_max else bits) - 1) - 1)
 
     def compute(x: Tensor) -> Tensor:
-        return ((x - centre) * scale).round_().clamp_(-limit, limit)
+        return kernels.map_blocks(
+            lambda block, out: (
+                torch.sub(block, centre, out=out).mul_(scale).round_().clamp_(-limit, limit)
+            ),
+            x,
+        )
 
     return _straight_through(value, compute, scale)
 
@@ -596,10 +646,13 @@ def dropout(
     ):
         raise ValueError(f"dropout_prob must be a number in [0, 1], got {dropout_prob!r}")
     param = _as_float(param)
-    # torch.rand draws from [0, 1), so this keeps each value with probability 1 - dropout_prob.
-    keep = torch.rand(param.shape, generator=generator, device=param.device) >= dropout_prob
-    # masked_fill rather than a product: a dropped inf or NaN is zero too, not NaN.
-    return param.masked_fill(~keep, 0.0)
+
+    # Zeroed (masked_fill) rather than multiplied by the mask: a dropped inf or NaN is zero
+    # too, not NaN. Block by block on large CPU tensors, so the masks stay in cache.
+    return kernels.map_blocks(
+        lambda block, out: kernels.zero_dropped(block, dropout_prob, generator=generator, out=out),
+        param,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -633,17 +686,21 @@ class class_calc_q_decay:  # the reference API's name, kept
         decay = _as_float(decay)
         # The largest shift whose decay 1 - 2**-n is still below 1 in this dtype.
         max_shift = round(-math.log2(torch.finfo(decay.dtype).eps)) + 1
-        with torch.no_grad():
+
+        def chain(decay: Tensor, out: Tensor | None) -> Tensor:
             # Half-precision logarithms are too coarse to place n reliably.
             work = decay.float() if torch.finfo(decay.dtype).bits < 32 else decay
-            inside = (work > 0) & (work < 1)
-            safe = torch.where(inside, work, torch.full_like(work, 0.5))
+            # Clamped to [0, the largest float below 1], a decay >= 1 gets a shift past any
+            # dtype's max_shift and a decay <= 0 gets log 0 = -inf, so shift 0: the clamp of
+            # the shift below then sets both ends, with no masks (slow on CPU). NaN stays NaN.
+            safe = work.clamp(0.0, 1.0 - torch.finfo(work.dtype).eps / 2)
             # tau / dt = -1 / log(decay): dt cancels, and dividing by it first would underflow.
             shift = torch.round(torch.log2(-1.0 / torch.log(safe))).clamp_(0, max_shift)
-            shift = torch.where(decay >= 1, float(max_shift), shift)
-            shift = torch.where(decay <= 0, 0.0, shift)
-            out = (1.0 - torch.exp2(-shift)).to(decay.dtype)
-            return torch.where(torch.isnan(decay), decay, out)
+            return (1.0 - torch.exp2(-shift)).to(decay.dtype)
+
+        with torch.no_grad():
+            # Block by block on large CPU tensors: the chain makes a dozen temporaries.
+            return kernels.map_blocks(chain, decay)
 
     def __call__(self, decay: Tensor) -> Tensor:
         return self.calc_q_decay(decay)
