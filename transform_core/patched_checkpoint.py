@@ -52,7 +52,7 @@ from torch import nn
 
 from transform_core.errors import CheckpointError
 from transform_core.files import PathLike, require_file, sha256_file
-from transform_core.safe_pickle import check_trust, in_packages, module_from_bytes
+from transform_core.safe_pickle import check_trust, in_packages, module_from_bytes, trust_hint
 from transform_core.safetensors_header import is_safetensors, read_header
 from transform_core.safetensors_io import open_tensors
 from transform_core.safetensors_writer import save_safetensors
@@ -374,10 +374,9 @@ def load_patched(
         arch = cast(str, source.arch)
         package = arch.partition(":")[0]
         if not in_packages(package, trusted):
-            top = package.split(".")[0]
             raise CheckpointError(
-                f"rebuilding the network runs factory '{arch}' named in the file; if you trust "
-                f"package '{top}', pass --trust {top}",
+                f"rebuilding the network runs factory '{arch}' named in the file; "
+                f"{trust_hint(package)}",
                 path=label,
             )
         network = build_from_arch(arch, source.arch_kwargs)

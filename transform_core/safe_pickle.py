@@ -50,6 +50,7 @@ __all__ = [
     "load_pickle_bytes",
     "load_pickled_module",
     "module_from_bytes",
+    "trust_hint",
 ]
 
 
@@ -77,6 +78,17 @@ def in_packages(module: str, packages: Iterable[str]) -> bool:
         (True, False)
     """
     return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def trust_hint(module: str) -> str:
+    """The fix for code from an untrusted package: trust its top-level package.
+
+    Example:
+        >>> trust_hint("mypkg.models")
+        "if you trust package 'mypkg', pass --trust mypkg"
+    """
+    top = module.split(".")[0]
+    return f"if you trust package '{top}', pass --trust {top}"
 
 
 def _pickle_globals(data: bytes, label: str) -> list[tuple[str, str]]:
@@ -181,11 +193,7 @@ def _allowlist(
     for full, (module, name) in pairs.items():
         if full not in unsafe:
             continue  # torch's weights_only unpickler allows it by default
-        top = module.split(".")[0]
-        refusal = (
-            f"the pickle needs global '{full}', which is not allowed; if you trust package "
-            f"'{top}', pass --trust {top}"
-        )
+        refusal = f"the pickle needs global '{full}', which is not allowed; {trust_hint(module)}"
         if any(part.startswith("__") for part in name.split(".")):
             raise CheckpointError(refusal, path=label)  # reaches into module internals
         if in_packages(module, trust):
@@ -200,11 +208,9 @@ def _allowlist(
             if not in_packages(home, trust):
                 # A trusted package re-exports something from elsewhere (`from os import
                 # system`): trust follows where the object is defined, not where it is found.
-                home_top = home.split(".")[0]
                 raise CheckpointError(
                     f"the pickle needs global '{full}', which is defined in '{home}' outside "
-                    f"the trusted packages; if you trust package '{home_top}', pass --trust "
-                    f"{home_top}",
+                    f"the trusted packages; {trust_hint(home)}",
                     path=label,
                 )
         elif _builtin_candidate(module):
