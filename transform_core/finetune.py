@@ -117,7 +117,7 @@ Event = dict[str, Any]
 ``total_steps`` and the figures of that kind (``loss``, ``lr``, ``metric``)."""
 
 
-# --- devices, processes, data ----------------------------------------------------------------
+# --- devices and processes --------------------------------------------------------------------
 
 
 def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:

@@ -201,7 +201,13 @@ def restore_training_state(
 
 
 class RunLog:
-    """The JSON-lines log (rank 0 only), trimmed to the resumed step on resume."""
+    """The JSON-lines log of a run (written by rank 0 only).
+
+    Args:
+        path: The log file (see :func:`log_path_for`), or ``None`` to write nothing.
+        resume_step: On resume, the checkpoint's step: later lines, written after that
+            checkpoint, are dropped. ``None`` starts the log afresh.
+    """
 
     def __init__(self, path: Path | None, resume_step: int | None) -> None:
         self.path = path
@@ -216,6 +222,7 @@ class RunLog:
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, event: dict[str, Any]) -> None:
+        """Append one progress record as a line of JSON."""
         if self.path is not None:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(event) + "\n")

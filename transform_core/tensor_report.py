@@ -1,4 +1,4 @@
-"""What one tensor looks like after quantisation: distinct values, bits, grid, integer type, error.
+"""One tensor after quantisation: distinct values, bits, grid, integer type and error.
 
 :func:`tensor_report` describes a tensor in a few sorts and passes over its values, with no
 Python loop over elements, as a :class:`TensorReport`; :mod:`transform_core.report` sums
