@@ -566,6 +566,7 @@ def _round_kernel(  # type: ignore[no-untyped-def]
     ZL: tl.constexpr,
     DG: tl.constexpr,
     FB: tl.constexpr,
+    IQ_RECIPROCAL: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -582,8 +583,12 @@ def _round_kernel(  # type: ignore[no-untyped-def]
     else:
         chan = offs * 0
     lo = _param_jit(lo_ptr, lo_val, chan, mask, LO)
-    iq = _param_jit(iq_ptr, iq_val, chan, mask, IQ)
-    y = tl.div_rn(x - lo, iq)
+    if IQ_RECIPROCAL:
+        # torch on CUDA divides by a host scalar as a product with its float32 reciprocal.
+        y = (x - lo) * iq_val
+    else:
+        iq = _param_jit(iq_ptr, iq_val, chan, mask, IQ)
+        y = tl.div_rn(x - lo, iq)
     if STOCHASTIC:
         seed = tl.load(seed_ptr)
         bits = tl.randint(seed, offs)
@@ -765,6 +770,11 @@ def _fused_round(
             return None
         args += [resolved[0], resolved[1]]
         kinds.append(resolved[2])
+    reciprocal = kinds[1] == _VALUE and value.device.type == "cuda"
+    if reciprocal:
+        # As torch computes it on the host: 1.0f / float(b), in float32.
+        one = torch.ones((), dtype=torch.float32)
+        args[3] = float(one / torch.tensor(float(args[3]), dtype=torch.float32))
     if stochastic:
         # A seed drawn on the device from the caller's generator: reproducible from it, and
         # no host round trip.
@@ -772,7 +782,9 @@ def _fused_round(
     else:
         seed = value
     out = torch.empty_like(value)
-    return _launch_round(value, out, seed, args, kinds, top, channels, inner, stochastic)
+    return _launch_round(
+        value, out, seed, args, kinds, top, channels, inner, stochastic, reciprocal
+    )
 
 
 def _launch_round(
@@ -785,6 +797,7 @@ def _launch_round(
     channels: int,
     inner: int,
     stochastic: bool,
+    reciprocal: bool,
 ) -> Tensor:
     n = value.numel()
     grid = (_triton.cdiv(n, _GPU_BLOCK),)
@@ -806,6 +819,7 @@ def _launch_round(
         ZL=zl,
         DG=dg,
         FB=fb,
+        IQ_RECIPROCAL=reciprocal,
         STOCHASTIC=stochastic,
         PER_CHANNEL=channels > 1,
         BLOCK=_GPU_BLOCK,

@@ -1,0 +1,144 @@
+"""Peak memory of ``rockq quantize``, over a plain safetensors read and write of the same file.
+
+Each command runs in a child of a fresh wrapper process, which reports the child's peak
+resident set size (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``): a wrapper per
+measurement, because that figure is the largest over all of a process's children.
+
+Two cases:
+
+- ``quantize_network``: a state dict of an MLP (built by :func:`mlp`, through ``--arch``)
+  quantised with the ``int8`` recipe;
+- ``quantize_tensors``: a bare safetensors file quantised tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_WRAPPER = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"rc": done.returncode, "peak_kib": peak,
+                  "seconds": time.perf_counter() - start, "stderr": done.stderr[-2000:]}))
+"""
+
+_PLAIN_COPY = (
+    "import sys; from safetensors.torch import load_file, save_file; "
+    "save_file(load_file(sys.argv[1]), sys.argv[2])"
+)
+
+
+def mlp(width: int = 4096, depth: int = 16) -> nn.Module:
+    """An MLP of ``depth`` square ``Linear`` layers: about ``4 * depth * width**2`` bytes."""
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _peak(cmd: list[str]) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {result['stderr']}")
+    return result
+
+
+def _rockq() -> list[str]:
+    found = shutil.which("rockq", path=str(Path(sys.executable).parent)) or shutil.which("rockq")
+    return [found] if found else [sys.executable, "-m", "cli.main"]
+
+
+def _write_tensors(path: Path, megabytes: int) -> None:
+    # Square float32 matrices of 16 MiB (or smaller for tiny files), named like weights.
+    side = 2048 if megabytes >= 16 else 256
+    count = max(1, megabytes * 2**20 // (4 * side * side))
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        f"layer{i}.weight": torch.randn(side, side, generator=generator) for i in range(count)
+    }
+    tensors.update({f"layer{i}.bias": torch.zeros(side) for i in range(count)})
+    save_file(tensors, str(path))
+
+
+def _row(
+    case: str, shape: dict[str, Any], plain: dict[str, Any], ours: dict[str, Any]
+) -> dict[str, Any]:
+    ratio = ours["peak_kib"] / plain["peak_kib"]
+    return {
+        "group": "memory",
+        "case": case,
+        "shape": shape,
+        "device": "cpu",
+        "baseline": "safetensors load_file + save_file (peak RSS)",
+        "baseline_ms": plain["seconds"] * 1e3,
+        "baseline_peak_mib": plain["peak_kib"] / 1024,
+        "impls": {
+            "rockq": {
+                "peak_mib": ours["peak_kib"] / 1024,
+                "median_ms": ours["seconds"] * 1e3,
+                "ratio": ratio,
+            }
+        },
+        "target": None,
+        "meets": None,
+    }
+
+
+def quantize_network(megabytes: int) -> dict[str, Any]:
+    """``rockq quantize`` of an MLP state dict of about ``megabytes`` MiB, through ``--arch``."""
+    width = 4096 if megabytes >= 64 else 512
+    depth = max(1, round(megabytes * 2**20 / (4 * width * width)))
+    with tempfile.TemporaryDirectory(prefix="rockq-bench-") as tmp:
+        src, out, copy = (
+            Path(tmp, "net.safetensors"),
+            Path(tmp, "q.safetensors"),
+            Path(tmp, "c.safetensors"),
+        )
+        save_file({k: v.contiguous() for k, v in mlp(width, depth).state_dict().items()}, str(src))
+        plain = _peak([sys.executable, "-c", _PLAIN_COPY, str(src), str(copy)])
+        arch = [
+            "--arch",
+            "bench.memory:mlp",
+            "--arch-kwargs",
+            json.dumps({"width": width, "depth": depth}),
+        ]
+        ours = _peak([*_rockq(), "quantize", str(src), "int8", "-o", str(out), "-q", *arch])
+    return _row(
+        "quantize_network", {"megabytes": megabytes, "width": width, "depth": depth}, plain, ours
+    )
+
+
+def quantize_tensors(megabytes: int) -> dict[str, Any]:
+    """Tensor-mode ``rockq quantize`` of a bare safetensors file of about ``megabytes`` MiB."""
+    with tempfile.TemporaryDirectory(prefix="rockq-bench-") as tmp:
+        src, out, copy = (
+            Path(tmp, "t.safetensors"),
+            Path(tmp, "q.safetensors"),
+            Path(tmp, "c.safetensors"),
+        )
+        _write_tensors(src, megabytes)
+        plain = _peak([sys.executable, "-c", _PLAIN_COPY, str(src), str(copy)])
+        ours = _peak([*_rockq(), "quantize", str(src), "int8", "-o", str(out), "-q"])
+    return _row("quantize_tensors", {"megabytes": megabytes}, plain, ours)

@@ -1,0 +1,74 @@
+"""Side-by-side timing: every case of a group is measured in the same rounds.
+
+Each round runs every case once, in an order that rotates from round to round, so a
+burst of load from elsewhere on the machine hits all cases alike rather than one of
+them; the figures are medians over rounds, after warm-up rounds that are not counted.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one case: median and minimum over the counted rounds."""
+
+    median: float
+    minimum: float
+    rounds: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"median_ms": self.median * 1e3, "min_ms": self.minimum * 1e3, "rounds": self.rounds}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock interval covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    cases: Mapping[str, Callable[[], object]],
+    *,
+    repeats: int,
+    warmup: int,
+    device: torch.device | None = None,
+    inner: int = 1,
+) -> dict[str, Timing]:
+    """Time each case side by side.
+
+    Args:
+        cases: Name -> function to time (its result is dropped).
+        repeats: Counted rounds.
+        warmup: Rounds run first and not counted (allocator, caches, kernel compilation).
+        device: Synchronised around each sample when it is a GPU.
+        inner: Calls per sample, for calls too short to time one by one.
+
+    Returns:
+        Name -> :class:`Timing` of one call.
+    """
+    device = device or torch.device("cpu")
+    names = list(cases)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = cases[name]
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            synchronize(device)
+            elapsed = (time.perf_counter() - start) / inner
+            if round_index >= warmup:
+                samples[name].append(elapsed)
+    return {
+        name: Timing(statistics.median(values), min(values), len(values))
+        for name, values in samples.items()
+    }

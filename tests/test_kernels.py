@@ -1,0 +1,361 @@
+"""Fast paths: same results as the plain chains, and random numbers that keep their promises."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from transform_core import kernels, quantise
+from transform_core.kernels import LevelMap
+
+NAN, INF = math.nan, math.inf
+BIG = kernels.BLOCK * 2 + 1234  # several blocks and a ragged end
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, dtypes, NaN positions and signs of zeros (NaN's own sign is free)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    nan = a.isnan()
+    return (
+        torch.equal(nan, b.isnan())
+        and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+        and torch.equal(a.signbit() & ~nan, b.signbit() & ~nan)
+    )
+
+
+def _data(n: int = BIG, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 3
+    x[:5] = torch.tensor([NAN, INF, -INF, 0.0, -0.0])
+    return x
+
+
+def _both(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    fast = fn(*args, **kwargs)
+    with kernels.fast_paths(False):
+        plain = fn(*args, **kwargs)
+    return fast, plain
+
+
+# --------------------------------------------------------------------------------------
+# Deterministic transforms: fast == plain, bit for bit
+
+
+@pytest.mark.parametrize("num_levels", [2, 3, 16, 255, 256])
+@pytest.mark.parametrize("maintain_zero", [True, False])
+@pytest.mark.parametrize(
+    ("input_range", "output_range"),
+    [(None, None), (None, [-1.0, 1.0]), ([-0.5, 2.0], [0.0, 10.0]), (None, [0.0, 3.0])],
+)
+def test_deterministic_rounding_blocks_match_the_chain(
+    num_levels: int, maintain_zero: bool, input_range: list[float], output_range: list[float]
+) -> None:
+    x = _data()
+    fast, plain = _both(
+        quantise.deterministic_rounding, x, input_range, output_range, num_levels, maintain_zero
+    )
+    assert _identical(fast, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_deterministic_rounding_dtypes_and_degenerate_data(dtype: torch.dtype) -> None:
+    for x in (
+        _data().to(dtype),
+        torch.zeros(BIG, dtype=dtype),
+        torch.full((BIG,), 2.5, dtype=dtype),
+    ):
+        for output_range in (None, [-1.0, 1.0]):
+            fast, plain = _both(quantise.deterministic_rounding, x, None, output_range, 15)
+            assert _identical(fast, plain)
+
+
+@pytest.mark.parametrize("maintain_zero", [True, False])
+@pytest.mark.parametrize("map_to_max", [True, False])
+def test_int_quant_blocks_match_the_chain(maintain_zero: bool, map_to_max: bool) -> None:
+    fast, plain = _both(quantise.int_quant, _data(), maintain_zero, map_to_max, 4)
+    assert _identical(fast, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_t_decay_blocks_match_the_chain(dtype: torch.dtype) -> None:
+    decay = torch.rand(BIG, generator=torch.Generator().manual_seed(2)) * 1.2 - 0.1
+    decay[:6] = torch.tensor([NAN, 0.0, -0.0, 1.0, INF, -INF])
+    fast, plain = _both(quantise.t_decay, decay.to(dtype))
+    assert _identical(fast, plain)
+
+
+def test_t_decay_ends_of_the_range() -> None:
+    max_shift = 24  # float32: the largest n with 1 - 2**-n below 1, plus one
+    out = quantise.t_decay(torch.tensor([1.0, 5.0, INF, 0.0, -3.0, -INF]))
+    assert out.tolist() == [1 - 2.0**-max_shift] * 3 + [0.0] * 3
+
+
+@pytest.mark.parametrize(("shape", "dim"), [((700, 300), 1), ((300, 700), 0), ((60, 30, 9, 9), 1)])
+def test_channel_rounding_on_levels_matches_the_chain(shape: tuple[int, ...], dim: int) -> None:
+    # Integer levels times a power of two per channel, each channel reaching level 7: the
+    # arithmetic is exact, every value sits on a level and rounds to it whatever the noise.
+    gen = torch.Generator().manual_seed(3)
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    scale = (2.0 ** torch.randint(-3, 4, (shape[dim],), generator=gen)).view(view)
+    levels = torch.randint(-7, 8, shape, generator=gen).float()
+    first = [0] * len(shape)
+    first[dim] = slice(None)  # type: ignore[call-overload]
+    levels[tuple(first)] = 7.0
+    w = levels * scale
+    w.select(dim, 0).zero_()  # a zero-width channel
+    fast, plain = _both(quantise.stochastic_channel_rounding, w, [-7.0, 7.0], 15, dim=dim)
+    assert _identical(fast, plain)
+    want = levels.clone()
+    want.select(dim, 0).zero_()  # the zero-width channel goes to the level nearest zero
+    assert _identical(fast, want)
+
+
+# --------------------------------------------------------------------------------------
+# Random numbers
+
+
+def test_stochastic_rounding_is_unbiased_and_reproducible() -> None:
+    x = torch.full((BIG,), 0.3137)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = quantise.stochastic_rounding(x, input_range=[0.0, 1.0], num_levels=11, generator=g1)
+    b = quantise.stochastic_rounding(x, input_range=[0.0, 1.0], num_levels=11, generator=g2)
+    assert torch.equal(a, b)
+    assert a.unique().tolist() == pytest.approx([0.3, 0.4])
+    # Rounds up with probability 0.137: the mean is within 4 standard errors of the input.
+    sem = math.sqrt(0.137 * 0.863 / BIG) * 0.1
+    assert abs(a.double().mean().item() - 0.3137) < 4 * sem
+    c = quantise.stochastic_rounding(x, input_range=[0.0, 1.0], num_levels=11, generator=g1)
+    assert not torch.equal(a, c)
+
+
+def test_uniform_noise_grid_and_range() -> None:
+    noise = kernels.add_uniform_noise_(torch.zeros(50_001), torch.Generator().manual_seed(0))
+    k = noise * 2**16 - 0.5
+    assert torch.equal(k, k.round()) and k.min() >= 0 and k.max() <= 2**16 - 1
+    assert abs(noise.mean().item() - 0.5) < 0.01
+    assert noise.unique().numel() > 20_000
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.97, 1.0])
+def test_drop_mask_probability(p: float) -> None:
+    mask = kernels.drop_mask((200_000,), p, generator=torch.Generator().manual_seed(1))
+    assert mask.dtype == torch.bool
+    assert abs(mask.float().mean().item() - p) < 0.005
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_zero_dropped_is_masked_fill_of_the_same_mask(dtype: torch.dtype, p: float) -> None:
+    x = _data(10_001).to(dtype)
+    fast = kernels.zero_dropped(x, p, generator=torch.Generator().manual_seed(5))
+    mask = kernels.drop_mask(x.shape, p, generator=torch.Generator().manual_seed(5))
+    assert _identical(fast, x.masked_fill(mask, 0.0))
+
+
+def test_dropout_gradient_is_the_mask() -> None:
+    w = torch.ones(BIG, requires_grad=True)
+    out = quantise.dropout(w, 0.4, generator=torch.Generator().manual_seed(0))
+    out.sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, (out != 0).float())
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks
+
+
+def test_map_blocks_cuts_rows_only_where_parameters_broadcast() -> None:
+    x = torch.randn(kernels.BLOCK // 100, 300)
+    per_col = torch.randn(1, 300)
+    per_row = torch.randn(x.shape[0], 1)
+    calls: list[tuple[int, ...]] = []
+
+    def fn(param: torch.Tensor):  # type: ignore[no-untyped-def]
+        def chain(block: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+            calls.append(tuple(block.shape))
+            return torch.sub(block, param, out=out)
+
+        return chain
+
+    assert torch.equal(kernels.map_blocks(fn(per_col), x, [per_col]), x - per_col)
+    assert len(calls) > 1
+    calls.clear()
+    assert torch.equal(kernels.map_blocks(fn(per_row), x, [per_row]), x - per_row)
+    assert calls == [tuple(x.shape)]
+
+
+def test_map_blocks_refuses_a_shape_change() -> None:
+    with pytest.raises(ValueError, match="element-wise"):
+        kernels.map_blocks(lambda block, out: block[:1], torch.zeros(BIG))
+
+
+def test_map_blocks_keeps_a_promoting_chain_whole() -> None:
+    out = kernels.map_blocks(lambda block, out: block.double(), torch.zeros(BIG))
+    assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dims", [None, (0,), (1,), (0, 2)])
+def test_abs_max_is_abs_amax(dims: tuple[int, ...] | None) -> None:
+    x = torch.randn(5, 6, 7)
+    for keepdim in (True, False):
+        want = x.abs().amax(dim=dims if dims is not None else (), keepdim=keepdim)
+        assert torch.equal(kernels.abs_max(x, dims, keepdim), want)
+    x[1, 2, 3] = NAN
+    assert kernels.abs_max(x).isnan()
+
+
+def _level_map_reference(levels, quantum, lo, hi, top, zero):  # type: ignore[no-untyped-def]
+    at_top = levels == top
+    at_zero = None if zero is None else levels == zero
+    out = levels.mul_(quantum).add_(lo)
+    out.masked_fill_(at_top, hi)
+    if at_zero is not None:
+        out.masked_fill_(at_zero, 0.0)
+    return out
+
+
+def test_level_map_matches_masks() -> None:
+    rng = random.Random(0)
+    fixes = set()
+    for _ in range(400):
+        dtype = rng.choice([torch.float32, torch.float64])
+        top = float(rng.choice([1, 2, 14, 15, 254, 255, 65535]))
+        lo = rng.choice([-1.0, -rng.random() * 10, -(2.0 ** rng.randint(-10, 10)), 0.0])
+        hi = -lo if rng.random() < 0.4 else lo + rng.random() * 20
+        quantum = (hi - lo) / top
+        zero = float(round(-lo / quantum)) if quantum > 0 and rng.random() < 0.7 else None
+        if zero is not None and not 0 <= zero <= top:
+            zero = None
+        as_tensors = rng.random() < 0.5
+        args = (
+            (
+                torch.tensor(quantum, dtype=dtype),
+                torch.tensor(lo, dtype=dtype),
+                torch.tensor(hi, dtype=dtype),
+            )
+            if as_tensors
+            else (quantum, lo, hi)
+        )
+        level_map = LevelMap(*args, top, zero, dtype, torch.device("cpu"))
+        fixes.add((level_map.top_fix, level_map.zero_fix))
+        levels = torch.randint(0, int(top) + 1, (2000,)).to(dtype)
+        levels[:3] = torch.tensor([0.0, top, NAN], dtype=dtype)
+        if zero is not None:
+            levels[3] = zero
+        want = _level_map_reference(levels.clone(), *args, top, zero)
+        assert _identical(level_map.apply_(levels.clone()), want)
+    # Every vectorised fix was exercised.
+    assert {f for f, _ in fixes} >= {"none", "clamp", "add"}
+    assert {z for _, z in fixes} >= {"none", "shrink"}
+
+
+def test_fast_paths_switch_is_scoped() -> None:
+    assert kernels.fast_paths_enabled()
+    with kernels.fast_paths(False):
+        assert not kernels.fast_paths_enabled()
+        with kernels.fast_paths(True):
+            assert kernels.fast_paths_enabled()
+        assert not kernels.fast_paths_enabled()
+    assert kernels.fast_paths_enabled()
+
+
+def test_fused_round_is_for_cuda_only() -> None:
+    x = torch.randn(100)
+    got = kernels.fused_round(
+        x,
+        in_lo=-1.0,
+        in_quantum=0.1,
+        out_quantum=0.1,
+        out_lo=-1.0,
+        out_hi=1.0,
+        top=20.0,
+        stochastic=False,
+    )
+    assert got is None
+
+
+# --------------------------------------------------------------------------------------
+# CUDA: the fused kernel against the chain it replaces
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _fused_ran(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    launch = kernels._launch_round
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_launch_round", counting)
+    return calls
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("num_levels", [2, 3, 255, 256])
+@pytest.mark.parametrize(
+    ("input_range", "output_range"),
+    [(None, None), (None, [-1.0, 1.0]), ([-0.5, 2.0], [0.0, 10.0]), (None, [0.0, 3.0])],
+)
+def test_cuda_fused_deterministic_rounding_is_the_chain(
+    monkeypatch: pytest.MonkeyPatch,
+    num_levels: int,
+    input_range,
+    output_range,  # type: ignore[no-untyped-def]
+) -> None:
+    calls = _fused_ran(monkeypatch)
+    for x in (_data(1 << 20).cuda(), torch.zeros(4096, device="cuda")):
+        fast, plain = _both(
+            quantise.deterministic_rounding, x, input_range, output_range, num_levels
+        )
+        assert _identical(fast, plain)
+    assert calls
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dim", [0, 1])
+def test_cuda_fused_channel_rounding_is_the_chain(
+    monkeypatch: pytest.MonkeyPatch, dim: int
+) -> None:
+    calls = _fused_ran(monkeypatch)
+    w = torch.randn(512, 384, device="cuda")
+    w.select(dim, 3).zero_()
+    w[5, 7] = NAN
+    others = tuple(d for d in range(2) if d != dim)
+    for maintain_zero in (True, False):
+        lo, hi = quantise._finite_range(w, maintain_zero, others)
+        plan = quantise._Plan(lo, hi, -1.0, 1.0, 16, False, maintain_zero)
+        fast = plan.round(w, stochastic=False)
+        with kernels.fast_paths(False):
+            plan._level_map = None
+            plain = plan.round(w, stochastic=False)
+        assert _identical(fast, plain)
+    assert calls
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_fused_stochastic_rounding_is_unbiased_and_reproducible(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _fused_ran(monkeypatch)
+    x = torch.full((1 << 22,), 0.3137, device="cuda")
+    g1 = torch.Generator(device="cuda").manual_seed(3)
+    g2 = torch.Generator(device="cuda").manual_seed(3)
+    a = quantise.stochastic_rounding(x, input_range=[0.0, 1.0], num_levels=11, generator=g1)
+    b = quantise.stochastic_rounding(x, input_range=[0.0, 1.0], num_levels=11, generator=g2)
+    assert torch.equal(a, b)
+    up = (a > 0.35).double().mean().item()
+    assert abs(up - 0.137) < 4 * math.sqrt(0.137 * 0.863 / x.numel())
+    assert a.unique().tolist() == pytest.approx([0.3, 0.4])
+    w = torch.randn(1024, 1024, device="cuda")
+    c = quantise.stochastic_channel_rounding(w, [-1.0, 1.0], num_levels=256, generator=g1)
+    assert c.abs().max().item() <= 1.0 and c.unique().numel() <= 256
+    assert calls
