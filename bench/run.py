@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 device=gpu,
                 repeats=repeats,
                 warmup=warmup,
-                inner=3 if quick else 20,
+                inner=None,
                 with_reference=ref,
                 baseline="device copy (clone())",
             )

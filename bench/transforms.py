@@ -152,7 +152,7 @@ def element_wise(
     device: torch.device,
     repeats: int,
     warmup: int,
-    inner: int,
+    inner: int | None,
     with_reference: bool,
     baseline: str,
 ) -> list[dict[str, Any]]:
