@@ -139,7 +139,7 @@ def test_loader_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     ]:
         with pytest.raises(ConfigError, match=re.escape(expected)):
             load_data(f"myloaders:{name}")
-    with pytest.raises(ConfigError, match="cannot import module 'nosuchpackage.mod'"):
+    with pytest.raises(ConfigError, match=re.escape("cannot import module 'nosuchpackage.mod'")):
         load_data("nosuchpackage.mod:fn")
 
 
