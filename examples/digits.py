@@ -59,7 +59,7 @@ description: 4-bit weights (15 levels), one range per output neuron
 seed: 0
 params:
   - family: weights
-    transform: examples.digits:channel_rounding
+    transform: deterministic_channel_rounding
     args: {{num_levels: 15, dim: 0}}
 """,
     "ternary": """\
@@ -68,31 +68,10 @@ description: ternary weights (-1, 0, +1), one range per output neuron
 seed: 0
 params:
   - family: weights
-    transform: examples.digits:channel_rounding
+    transform: deterministic_channel_rounding
     args: {{num_levels: 3, dim: 0}}
 """,
 }
-
-
-def channel_rounding(value: torch.Tensor, num_levels: int = 3, dim: int = 0) -> torch.Tensor:
-    """Deterministic rounding with one symmetric range per channel (a row of a Linear weight).
-
-    Each channel ``c`` is rounded to ``num_levels`` equally spaced levels in
-    ``[-m_c, m_c]``, ``m_c`` its largest magnitude; gradients pass straight through.
-    Recipes name it ``examples.digits:channel_rounding`` (run from the repository root).
-
-    Example:
-        >>> channel_rounding(torch.tensor([[1.0, 0.4], [-10.0, 6.0]]))
-        tensor([[  1.,   0.],
-                [-10.,  10.]])
-    """
-    if num_levels < 2 or num_levels % 2 == 0:
-        raise ValueError(f"num_levels must be odd and >= 3 to keep zero, got {num_levels}")
-    half = (num_levels - 1) // 2
-    others = [d for d in range(value.dim()) if d != dim % value.dim()]
-    scale = value.detach().abs().amax(dim=others, keepdim=True).clamp_min(1e-12) / half
-    rounded = (value.detach() / scale).round().clamp(-half, half) * scale
-    return value + (rounded - value).detach()
 
 
 def build_mlp() -> nn.Module:

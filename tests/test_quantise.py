@@ -20,6 +20,7 @@ from torch import Tensor
 
 from transform_core.quantise import (
     class_calc_q_decay,
+    deterministic_channel_rounding,
     deterministic_rounding,
     dropout,
     identity,
@@ -722,8 +723,8 @@ def test_channel_rounding_zero_channel() -> None:
     ("kwargs", "match"),
     [
         ({"value": torch.ones(4)}, "2 or more dimensions"),
-        ({"value": torch.ones(2, 2), "dim": 2}, "dim must be in"),
-        ({"value": torch.ones(2, 2), "dim": -3}, "dim must be in"),
+        ({"value": torch.ones(2, 2), "dim": 2}, "dim must be an integer in"),
+        ({"value": torch.ones(2, 2), "dim": -3}, "dim must be an integer in"),
         ({"value": torch.ones(2, 2), "output_range": None}, "output_range is required"),
         ({"value": torch.ones(2, 2), "output_range": [1.0, 0.0]}, "reversed"),
         ({"value": torch.ones(2, 2), "num_levels": 1}, "num_levels"),
@@ -1081,3 +1082,70 @@ def test_stochastic_rounding_unbiased_property(kwargs: dict[str, Any], seed: int
     bound = 6 * (quantum / 2) / math.sqrt(draws) + 1e-3 * quantum
     bound += 1e-6 * max(abs(out_range[0]), abs(out_range[1]))
     assert torch.allclose(out.double().mean(0), expected, atol=bound, rtol=0)
+
+
+# --- deterministic_channel_rounding ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+@pytest.mark.parametrize("maintain_zero", [True, False])
+def test_deterministic_channel_rounding_is_per_slice_deterministic_rounding(
+    dim: int, maintain_zero: bool
+) -> None:
+    w = torch.randn(6, 5, generator=_gen()) * torch.tensor([0.01, 1.0, 30.0, 2.0, 0.5])
+    out = deterministic_channel_rounding(w, num_levels=7, maintain_zero=maintain_zero, dim=dim)
+    loop = torch.stack(
+        [
+            deterministic_rounding(w.select(dim, c), num_levels=7, maintain_zero=maintain_zero)
+            for c in range(w.shape[dim])
+        ],
+        dim=dim % 2,
+    )
+    assert torch.allclose(out, loop, rtol=0, atol=1e-6 * float(w.abs().max()))
+    for c in range(w.shape[dim]):
+        assert w.select(dim, c).unique().numel() >= out.select(dim, c).unique().numel()
+        assert out.select(dim, c).unique().numel() <= 7
+
+
+def test_deterministic_channel_rounding_keeps_each_rows_scale_and_exact_extremes() -> None:
+    w = torch.tensor([[1.0, 0.4, -0.2], [-10.0, 6.0, 2.0]])
+    out = deterministic_channel_rounding(w, num_levels=3, dim=0)
+    assert torch.equal(out, torch.tensor([[1.0, 0.0, 0.0], [-10.0, 10.0, 0.0]]))
+
+
+def test_deterministic_channel_rounding_with_an_output_range_and_straight_gradient() -> None:
+    w = torch.tensor([[0.5, -1.0], [4.0, 2.0]], requires_grad=True)
+    out = deterministic_channel_rounding(w, output_range=[-2, 2], num_levels=5, dim=0)
+    assert torch.equal(out.detach(), torch.tensor([[1.0, -2.0], [2.0, 1.0]]))
+    out.sum().backward()
+    assert w.grad is not None and torch.all(w.grad > 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "message"),
+    [
+        (torch.ones(4), {}, "2 or more dimensions"),
+        (torch.ones(2, 2), {"dim": 2}, "dim must be an integer"),
+        (torch.ones(2, 2), {"num_levels": 1}, "num_levels"),
+        (torch.ones(2, 2), {"output_range": [1.0, -1.0]}, "reversed"),
+    ],
+)
+def test_deterministic_channel_rounding_rejects_bad_arguments(
+    value: Tensor, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        deterministic_channel_rounding(value, **kwargs)
+
+
+def test_deterministic_channel_rounding_on_a_large_tensor_matches_a_small_one() -> None:
+    # Large CPU tensors run block by block; the per-channel top levels must survive that.
+    w = torch.randn(2048, 1100, generator=_gen())
+    out = deterministic_channel_rounding(w, num_levels=15, dim=0)
+    rows = torch.cat(
+        [
+            deterministic_channel_rounding(w[i : i + 64], num_levels=15, dim=0)
+            for i in range(0, 2048, 64)
+        ]
+    )
+    assert torch.equal(out, rows)
+    assert torch.equal(out.abs().amax(dim=1), w.abs().amax(dim=1))

@@ -81,7 +81,7 @@ ERROR_CASES = {
         """,
         "r.yaml:4: params[0].transform: unknown transform 'stochastic_roundin' (did you mean "
         "'stochastic_rounding'?); expected one of stochastic_rounding, deterministic_rounding, "
-        "stochastic_channel_rounding, int_quant, t_decay, dropout, identity or your own "
+        "stochastic_channel_rounding, deterministic_channel_rounding, int_quant, t_decay, dropout, identity or your own "
         "'package.module:function'",
     ),
     "unknown argument": (

@@ -36,6 +36,7 @@ from transform_core.patching import (
 )
 from transform_core.quantise import (
     class_calc_q_decay,
+    deterministic_channel_rounding,
     deterministic_rounding,
     dropout,
     identity,
@@ -69,6 +70,7 @@ __all__ = [
     "__version__",
     "apply_T",
     "class_calc_q_decay",
+    "deterministic_channel_rounding",
     "deterministic_rounding",
     "dropout",
     "family_for_name",

@@ -59,6 +59,7 @@ __all__ = [
     "drop_mask",
     "fast_paths",
     "fast_paths_enabled",
+    "finite_range",
     "fused_round",
     "map_blocks",
     "zero_dropped",
@@ -487,7 +488,10 @@ class LevelMap:
             at_top = levels == self.top
             at_zero = None if self.zero_level is None else levels == self.zero_level
             out = levels.mul_(self.quantum).add_(self.lo)
-            out.masked_fill_(at_top, self.hi)
+            if isinstance(self.hi, Tensor) and self.hi.dim() > 0:
+                out = torch.where(at_top, self.hi, out)  # one top per channel
+            else:
+                out.masked_fill_(at_top, self.hi)
             if at_zero is not None:
                 out.masked_fill_(at_zero, 0.0)
             return out
@@ -516,6 +520,7 @@ tl: Any = None
 _triton: Any = None
 _round_kernel_jit: Any = None
 _param_jit: Any = None
+_minmax_jit: Any = None
 _TRITON_MISSING = False
 
 _GPU_BLOCK = 2048
@@ -574,57 +579,84 @@ def _round_kernel(  # type: ignore[no-untyped-def]
     # The same steps as the plain chain, in the same order and with IEEE division, so the
     # deterministic result is bit-for-bit the chain's. Offsets are int32: the caller keeps
     # n + BLOCK below 2**31.
+    # Each program takes BLOCK elements as four quarters; one Philox call gives the four
+    # quarters' random words at once (it makes four 32-bit words per counter).
+    pid = tl.program_id(0)
+    lane = tl.arange(0, BLOCK // 4)
+    if STOCHASTIC:
+        seed = tl.load(seed_ptr)
+        r0, r1, r2, r3 = tl.randint4x(seed, pid * (BLOCK // 4) + lane)
+    for k in tl.static_range(4):
+        offs = pid * BLOCK + k * (BLOCK // 4) + lane
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if PER_CHANNEL:  # noqa: SIM108 (a compile-time branch in Triton)
+            chan = (offs // inner) % channels
+        else:
+            chan = offs * 0
+        lo = _param_jit(lo_ptr, lo_val, chan, mask, LO)
+        if IQ_RECIPROCAL:
+            # torch on CUDA divides by a host scalar as a product with its float32 reciprocal.
+            y = (x - lo) * iq_val
+        else:
+            iq = _param_jit(iq_ptr, iq_val, chan, mask, IQ)
+            y = tl.div_rn(x - lo, iq)
+        if STOCHASTIC:
+            if k == 0:
+                bits = r0
+            elif k == 1:
+                bits = r1
+            elif k == 2:
+                bits = r2
+            else:
+                bits = r3
+            # 24 random bits, as torch.rand's float32: u in [0, 1 - 2**-24].
+            y = tl.floor(y + (bits >> 8).to(tl.float32) * 5.9604644775390625e-08)
+        else:
+            # Round half to even: adding and removing 2**23 leaves the integer nearest y, ties
+            # to even, for |y| < 2**23; larger floats are integers already. y * 0 restores the
+            # sign of a zero result (rint(-0.3) is -0.0).
+            big = tl.where(y < 0.0, -8388608.0, 8388608.0)
+            r = (y + big) - big
+            r = tl.where(r == 0.0, y * 0.0, r)
+            y = tl.where(tl.abs(y) < 8388608.0, r, y)
+        # clamp(0, top) that keeps NaN, as torch.clamp does.
+        y = tl.where(y < 0.0, 0.0, y)
+        y = tl.where(y > top, top, y)
+        if DG != 3:
+            # A zero-width input range with an explicit output range: finite values go to the
+            # fallback level.
+            dg = _param_jit(dg_ptr, dg_val, chan, mask, DG)
+            fb = _param_jit(fb_ptr, fb_val, chan, mask, FB)
+            y = tl.where(dg != 0.0, tl.where((x - x) == 0.0, fb, y), y)
+        oq = _param_jit(oq_ptr, oq_val, chan, mask, OQ)
+        olo = _param_jit(olo_ptr, olo_val, chan, mask, OLO)
+        out = y * oq + olo
+        ohi = _param_jit(ohi_ptr, ohi_val, chan, mask, OHI)
+        out = tl.where(y == top, ohi, out)
+        if ZL != 3:
+            zl = _param_jit(zl_ptr, zl_val, chan, mask, ZL)
+            out = tl.where(y == zl, 0.0, out)
+        tl.store(out_ptr + offs, out, mask=mask)
+
+
+def _finite_minmax_kernel(x_ptr, part_ptr, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    # Each program writes the min and max of its block's finite values; a block without
+    # any writes (+max, -max), which the final reduction ignores.
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if PER_CHANNEL:  # noqa: SIM108 (a compile-time branch in Triton)
-        chan = (offs // inner) % channels
-    else:
-        chan = offs * 0
-    lo = _param_jit(lo_ptr, lo_val, chan, mask, LO)
-    if IQ_RECIPROCAL:
-        # torch on CUDA divides by a host scalar as a product with its float32 reciprocal.
-        y = (x - lo) * iq_val
-    else:
-        iq = _param_jit(iq_ptr, iq_val, chan, mask, IQ)
-        y = tl.div_rn(x - lo, iq)
-    if STOCHASTIC:
-        seed = tl.load(seed_ptr)
-        bits = tl.randint(seed, offs)
-        # 24 random bits, as torch.rand's float32: u in [0, 1 - 2**-24].
-        y = tl.floor(y + (bits >> 8).to(tl.float32) * 5.9604644775390625e-08)
-    else:
-        # Round half to even: adding and removing 2**23 leaves the integer nearest y, ties
-        # to even, for |y| < 2**23; larger floats are integers already. y * 0 restores the
-        # sign of a zero result (rint(-0.3) is -0.0).
-        big = tl.where(y < 0.0, -8388608.0, 8388608.0)
-        r = (y + big) - big
-        r = tl.where(r == 0.0, y * 0.0, r)
-        y = tl.where(tl.abs(y) < 8388608.0, r, y)
-    # clamp(0, top) that keeps NaN, as torch.clamp does.
-    y = tl.where(y < 0.0, 0.0, y)
-    y = tl.where(y > top, top, y)
-    if DG != 3:
-        # A zero-width input range with an explicit output range: finite values go to the
-        # fallback level.
-        dg = _param_jit(dg_ptr, dg_val, chan, mask, DG)
-        fb = _param_jit(fb_ptr, fb_val, chan, mask, FB)
-        y = tl.where(dg != 0.0, tl.where((x - x) == 0.0, fb, y), y)
-    oq = _param_jit(oq_ptr, oq_val, chan, mask, OQ)
-    olo = _param_jit(olo_ptr, olo_val, chan, mask, OLO)
-    out = y * oq + olo
-    ohi = _param_jit(ohi_ptr, ohi_val, chan, mask, OHI)
-    out = tl.where(y == top, ohi, out)
-    if ZL != 3:
-        zl = _param_jit(zl_ptr, zl_val, chan, mask, ZL)
-        out = tl.where(y == zl, 0.0, out)
-    tl.store(out_ptr + offs, out, mask=mask)
+    finite = mask & ((x - x) == 0.0)
+    lo = tl.min(tl.where(finite, x, 3.4028234663852886e38), axis=0)
+    hi = tl.max(tl.where(finite, x, -3.4028234663852886e38), axis=0)
+    tl.store(part_ptr + 2 * pid, lo)
+    tl.store(part_ptr + 2 * pid + 1, hi)
 
 
 def _load_triton() -> bool:
     """Import Triton and build the kernels once; ``False`` if Triton is not installed."""
-    global tl, _triton, _round_kernel_jit, _param_jit, _TRITON_MISSING
+    global tl, _triton, _round_kernel_jit, _param_jit, _minmax_jit, _TRITON_MISSING
     if _round_kernel_jit is not None:
         return True
     if _TRITON_MISSING:
@@ -638,6 +670,7 @@ def _load_triton() -> bool:
     tl = language
     _triton = triton
     _param_jit = triton.jit(_param)
+    _minmax_jit = triton.jit(_finite_minmax_kernel)
     _round_kernel_jit = triton.jit(_round_kernel)
     return True
 
@@ -828,3 +861,41 @@ def _launch_round(
         enable_fp_fusion=False,
     )
     return out
+
+
+def finite_range(value: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Minimum and maximum of the finite values, in one pass on CUDA, or ``None``.
+
+    ``aminmax`` followed by a check for non-finite values waits for the device to answer;
+    this reads the data once and never waits. A tensor without finite values gets
+    ``[0, 0]``. Runs where :func:`fused_round` does (contiguous float32 CUDA tensors, with
+    Triton and fast paths on); ``None`` elsewhere.
+
+    Args:
+        value: The data.
+
+    Returns:
+        ``(lo, hi)`` as 0-dim tensors on ``value``'s device, or ``None``.
+    """
+    if (
+        value.device.type != "cuda"
+        or value.dtype != torch.float32
+        or not value.is_contiguous()
+        or value.numel() == 0
+        or value.numel() >= 2**31 - 2 * _GPU_BLOCK
+        or not fast_paths_enabled()
+        or not _load_triton()
+    ):
+        return None
+    return _finite_range(value)
+
+
+def _finite_range(value: Tensor) -> tuple[Tensor, Tensor]:
+    n = value.numel()
+    programs = _triton.cdiv(n, _GPU_BLOCK)
+    partial = torch.empty(programs, 2, dtype=value.dtype, device=value.device)
+    _minmax_jit[(programs,)](value, partial, n, BLOCK=_GPU_BLOCK, num_warps=8)
+    lo, hi = partial[:, 0].amin(), partial[:, 1].amax()
+    empty = lo > hi
+    zero = torch.zeros((), dtype=value.dtype, device=value.device)
+    return torch.where(empty, zero, lo), torch.where(empty, zero, hi)

@@ -46,6 +46,7 @@ from transform_core import kernels
 
 __all__ = [
     "class_calc_q_decay",
+    "deterministic_channel_rounding",
     "deterministic_rounding",
     "dropout",
     "identity",
@@ -208,6 +209,15 @@ def _finite_range(
         shape = [1 if d in dims else n for d, n in enumerate(value.shape)] if keep else []
         zero = value.new_zeros(shape)
         return zero, zero
+    if reduce_dims is None and value.dim():
+        # One pass over the finite values on CUDA, without waiting for the device.
+        ends = kernels.finite_range(value)
+        if ends is not None:
+            lo, hi = ends
+            if maintain_zero:
+                peak = torch.maximum(-lo, hi).abs_()  # abs_: +0.0 for an all-zero tensor
+                return -peak, peak
+            return lo, hi
     if maintain_zero:
         peak = kernels.abs_max(value, reduce_dims, keep) if value.dim() else value.abs()
         if not bool(torch.isfinite(peak).all()):
@@ -526,27 +536,86 @@ def stochastic_channel_rounding(
                 [-1., -1.]])
     """
     value = _as_float(value)
-    if value.dim() < 2:
-        raise ValueError(
-            f"stochastic_channel_rounding needs a tensor of 2 or more dimensions, got shape "
-            f"{tuple(value.shape)}; use stochastic_rounding for vectors"
-        )
-    if not -value.dim() <= dim < value.dim():
-        raise ValueError(f"dim must be in [{-value.dim()}, {value.dim() - 1}], got {dim}")
-    levels = _check_num_levels(num_levels)
-    checked = _check_range(output_range, "output_range")
-    if checked is None:
+    if output_range is None:
         raise ValueError("output_range is required, as [min, max]")
-    out_lo, out_hi = checked
-    channel = dim % value.dim()
-    others = tuple(d for d in range(value.dim()) if d != channel)
-    in_lo, in_hi = _finite_range(value, maintain_zero, others)
-    plan = _Plan(in_lo, in_hi, out_lo, out_hi, levels, False, maintain_zero)
+    plan = _channel_plan(value, output_range, num_levels, maintain_zero, dim, "stochastic")
 
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=True, generator=generator)
 
     return _straight_through(value, compute, plan.scale)
+
+
+def deterministic_channel_rounding(
+    value: Tensor,
+    output_range: Range | None = None,
+    num_levels: int = 256,
+    maintain_zero: bool = True,
+    *,
+    dim: int = 1,
+) -> Tensor:
+    """Round each value to its nearest level, with the input range computed per channel.
+
+    The deterministic counterpart of :func:`stochastic_channel_rounding`: a channel is a
+    slice along ``dim``, and each channel's input range is its own data range
+    (``max|x| * [-1, 1]`` when ``maintain_zero``). Without an ``output_range`` each channel
+    keeps its own range, so the values stay in the tensor's scale: per-channel (for example
+    per-output-neuron, ``dim=0`` for a torch ``Linear`` weight) quantisation.
+
+    Args:
+        value: A tensor of 2 or more dimensions.
+        output_range: ``[min, max]`` of the output space shared by all channels; by default
+            each channel's own input range.
+        num_levels: Number of equally spaced output levels (at least 2).
+        maintain_zero: Make each channel's input range symmetric.
+        dim: The channel dimension.
+
+    Returns:
+        A new floating-point tensor shaped like ``value``.
+
+    Raises:
+        ValueError: For fewer than 2 dimensions, a bad ``dim``, ``num_levels`` or range.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 0.4], [-10.0, 6.0]])
+        >>> deterministic_channel_rounding(w, num_levels=3, dim=0)
+        tensor([[  1.,   0.],
+                [-10.,  10.]])
+    """
+    value = _as_float(value)
+    plan = _channel_plan(value, output_range, num_levels, maintain_zero, dim, "deterministic")
+
+    def compute(x: Tensor) -> Tensor:
+        return plan.round(x, stochastic=False)
+
+    return _straight_through(value, compute, plan.scale)
+
+
+def _channel_plan(
+    value: Tensor,
+    output_range: Range | None,
+    num_levels: Any,
+    maintain_zero: bool,
+    dim: int,
+    kind: str,
+) -> _Plan:
+    """The level plan of a per-channel rounding: one input range per slice along ``dim``."""
+    if value.dim() < 2:
+        raise ValueError(
+            f"{kind}_channel_rounding needs a tensor of 2 or more dimensions, got shape "
+            f"{tuple(value.shape)}; use {kind}_rounding for vectors"
+        )
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -value.dim() <= dim < value.dim():
+        raise ValueError(
+            f"dim must be an integer in [{-value.dim()}, {value.dim() - 1}], got {dim!r}"
+        )
+    levels = _check_num_levels(num_levels)
+    checked = _check_range(output_range, "output_range")
+    channel = dim % value.dim()
+    others = tuple(d for d in range(value.dim()) if d != channel)
+    in_lo, in_hi = _finite_range(value, maintain_zero, others)
+    out_lo, out_hi = checked if checked is not None else (in_lo, in_hi)
+    return _Plan(in_lo, in_hi, out_lo, out_hi, levels, checked is None, maintain_zero)
 
 
 def int_quant(

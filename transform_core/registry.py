@@ -327,6 +327,7 @@ def register(
 register("stochastic_rounding", quantise.stochastic_rounding)
 register("deterministic_rounding", quantise.deterministic_rounding)
 register("stochastic_channel_rounding", quantise.stochastic_channel_rounding)
+register("deterministic_channel_rounding", quantise.deterministic_channel_rounding)
 register("int_quant", quantise.int_quant)
 # Decays are factors exp(-dt/tau) in (0, 1); probe with values a real decay could take.
 register("t_decay", quantise.t_decay, probe_range=(0.05, 0.95))
