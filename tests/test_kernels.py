@@ -359,3 +359,24 @@ def test_cuda_fused_stochastic_rounding_is_unbiased_and_reproducible(
     c = quantise.stochastic_channel_rounding(w, [-1.0, 1.0], num_levels=256, generator=g1)
     assert c.abs().max().item() <= 1.0 and c.unique().numel() <= 256
     assert calls
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_finite_range_ignores_non_finite_values() -> None:
+    for x in (
+        _data(1 << 20),
+        torch.tensor([NAN, INF, -INF]),
+        torch.full((5000,), -2.0),
+        torch.zeros(3),
+    ):
+        ends = kernels.finite_range(x.cuda())
+        assert ends is not None
+        finite = x[torch.isfinite(x)]
+        want = (finite.min().item(), finite.max().item()) if finite.numel() else (0.0, 0.0)
+        assert (ends[0].item(), ends[1].item()) == want
+    for maintain_zero in (True, False):
+        fast = quantise._finite_range(_data(1 << 20).cuda(), maintain_zero)
+        with kernels.fast_paths(False):
+            plain = quantise._finite_range(_data(1 << 20).cuda(), maintain_zero)
+        assert all(_identical(a, b) for a, b in zip(fast, plain, strict=True))
