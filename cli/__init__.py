@@ -5,6 +5,7 @@
 - :mod:`cli.finetune_command`: ``finetune``, and the run ``patch --finetune`` shares with it.
 - :mod:`cli.info_commands`: ``recipes``, ``transforms``, ``demo``.
 - Shared by the commands: :mod:`cli.options` (option types), :mod:`cli.inputs` (reading
-  networks and checkpoints), :mod:`cli.quantised_files` (writing outputs with their
-  reports), :mod:`cli.output` (console and progress bars), :mod:`cli.render` (Rich tables).
+  networks and checkpoints), :mod:`cli.output` (console and progress bars),
+  :mod:`cli.render` (Rich tables). Writing outputs with their reports is
+  :mod:`transform_core.outputs`.
 """

@@ -25,7 +25,7 @@ def show_report(report: Any, quiet: bool, target: Path | None = None) -> None:
     if quiet:
         return
     from cli import render
-    from cli.quantised_files import report_files
+    from transform_core.outputs import report_files
 
     out = console()
     render.report(out, report.to_dict())

@@ -34,7 +34,6 @@ from cli.options import (
     Trust,
 )
 from cli.output import console, show_report, tensor_progress
-from cli.quantised_files import write_burned, write_burned_tensors
 
 
 def inspect(
@@ -216,6 +215,8 @@ def burn_in_command(
         "at once",
         no_network="to rebuild; quantise its source with 'rockq quantize'",
     )
+    from transform_core.outputs import write_burned
+
     target = output or default_output(checkpoint, ".quantised.safetensors")
     meta: dict[str, Any] = {"checkpoint": str(checkpoint)}
     if "finetune" in ckpt.state:
@@ -256,6 +257,7 @@ def quantize(
     A bare safetensors file (or a folder of shards) without --arch is quantised tensor by
     tensor, with families taken from tensor names.
     """
+    from transform_core.outputs import write_burned, write_burned_tensors
     from transform_core.pipeline import plan_network
     from transform_core.recipe import load_recipe
 

@@ -76,7 +76,7 @@ from transform_core.registry import (
 )
 
 if TYPE_CHECKING:
-    from transform_core.finetune import FinetuneConfig
+    from transform_core.finetune_config import FinetuneConfig
     from transform_core.groups import ScaleGroup
 
 __all__ = [
@@ -479,7 +479,7 @@ class _Parser:
 
     def finetune(self, node: Node) -> FinetuneConfig:
         # Imported here: the training code needs torch's optimisers, parsing alone does not.
-        from transform_core.finetune import parse_finetune_section
+        from transform_core.finetune_config import parse_finetune_section
 
         return parse_finetune_section(self, node)
 

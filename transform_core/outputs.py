@@ -2,7 +2,7 @@
 
 All three files appear together or not at all. :func:`write_burned` serves a network (from
 ``quantize`` or ``burn-in``), :func:`write_burned_tensors` a bare tensor file, streamed one
-tensor at a time. torch and the library are imported inside the functions.
+tensor at a time.
 """
 
 from __future__ import annotations
@@ -10,7 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from transform_core.checkpoint import SourceInfo
+    from transform_core.pipeline import Plan
+    from transform_core.recipe import Recipe
+    from transform_core.report import Report
+    from transform_core.safetensors_io import TensorSource
 
 Progress = Callable[[str], None]
 
@@ -27,17 +36,17 @@ def report_files(output: Path) -> tuple[Path, Path, Path]:
 
 
 def write_burned(
-    net: Any,
-    plan: Any,
+    net: nn.Module,
+    plan: Plan,
     output: Path,
     *,
-    source: Any,
+    source: SourceInfo,
     input_sha256: str | None = None,
     meta: Mapping[str, Any] | None = None,
     force: bool = False,
     inputs: Sequence[Path] = (),
     progress: Progress | None = None,
-) -> Any:
+) -> Report:
     """Patch ``net``, burn it in, and write the tensors and both reports.
 
     Args:
@@ -75,17 +84,17 @@ def write_burned(
 
 
 def write_burned_tensors(
-    reader: Any,
-    recipe: Any,
+    reader: TensorSource,
+    recipe: Recipe,
     output: Path,
     *,
-    source: Any,
+    source: SourceInfo,
     seed: int | None = None,
     force: bool = False,
     inputs: Sequence[Path] = (),
-    check: Callable[[str, Any], None] | None = None,
+    check: Callable[[str, Tensor], None] | None = None,
     progress: Progress | None = None,
-) -> Any:
+) -> Report:
     """Quantise a bare tensor file one tensor at a time, streaming into ``output``.
 
     Memory stays bounded by the largest tensor; families come from tensor names.
@@ -122,7 +131,7 @@ def write_burned_tensors(
     _check_outputs_free(output, force, inputs)
     specs = {i.name: (i.dtype, tuple(i.shape)) for i in infos}
 
-    def checked() -> Iterator[tuple[str, Any]]:
+    def checked() -> Iterator[tuple[str, Tensor]]:
         for name, tensor in reader.iter_tensors():
             if check is not None:
                 check(name, tensor)
@@ -142,7 +151,7 @@ def write_burned_tensors(
 @contextmanager
 def _report_outputs(
     output: Path, force: bool, inputs: Sequence[Path]
-) -> Iterator[tuple[Path, Callable[[Any], None]]]:
+) -> Iterator[tuple[Path, Callable[[Report], None]]]:
     """A temporary file for the tensors and a writer of the two reports beside them.
 
     Nothing is moved into place until all three are written, the tensors last, so an
@@ -156,7 +165,7 @@ def _report_outputs(
             for path in report_files(output)
         )
 
-        def write_reports(report: Any) -> None:
+        def write_reports(report: Report) -> None:
             tmp_json.write_text(report.to_json() + "\n")
             tmp_md.write_text(report.to_markdown())
 
@@ -171,7 +180,7 @@ def _check_outputs_free(output: Path, force: bool, inputs: Sequence[Path]) -> No
         check_output_path(path, force=force, inputs=inputs)
 
 
-def _report_meta(plan: Any, source: Any) -> dict[str, Any]:
+def _report_meta(plan: Plan, source: SourceInfo) -> dict[str, Any]:
     """Facts about the run that its report records."""
     from transform_core import __version__
 
@@ -184,7 +193,7 @@ def _report_meta(plan: Any, source: Any) -> dict[str, Any]:
     }
 
 
-def _metadata(plan: Any, input_sha256: str | None) -> dict[str, str]:
+def _metadata(plan: Plan, input_sha256: str | None) -> dict[str, str]:
     from transform_core import __version__
     from transform_core.pipeline import output_metadata
 
