@@ -75,62 +75,19 @@ def run_finetune(
     """Fine-tune ``net`` patched by ``plan``, writing checkpoints at ``target``.
 
     Under ``torchrun`` every process trains; only rank 0 prints.
-
-    Raises:
-        RecipeError: The recipe has no ``finetune:`` section.
-        ConfigError: No ``--data``; ``--resume`` without a checkpoint of the same recipe.
     """
-    from transform_core.checkpoint import is_patched, load_patched
-    from transform_core.data import load_data
-    from transform_core.errors import ConfigError, RecipeError
-    from transform_core.finetune import finetune, log_path_for, resolve_device
-    from transform_core.pipeline import patch_network, plan_network
+    from transform_core.finetune import finetune_patched, log_path_for
 
-    recipe = plan.recipe
-    if recipe.finetune is None:
-        raise RecipeError(
-            "has no 'finetune:' section; add one (for example 'finetune: {epochs: 10}') to "
-            "fine-tune",
-            path=None if recipe.source.startswith("<") else recipe.source,
-            key="finetune",
-        )
-    if data is None:
-        raise ConfigError("is required to fine-tune; pass the training data", key="--data")
-    dataset = load_data(data)
-    torch_device = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    float_net, checkpoint = net, None
-    if resume:
-        if not is_patched(target.path):
-            raise ConfigError(
-                f"found no checkpoint to resume from at {target.path}; run without --resume "
-                "to start, or pass the -o of the interrupted run",
-                key="--resume",
-            )
-        checkpoint = load_patched(target.path, trust=trust or ())
-        if checkpoint.recipe != recipe.text or checkpoint.network is None:
-            raise ConfigError(
-                "was written by a run with another recipe or network; resume with the same "
-                "recipe, or drop --resume and pick another -o",
-                path=str(target.path),
-                key="--resume",
-            )
-        net = checkpoint.network
-        plan = plan_network(net, recipe, seed=plan.seed)
-        # The float network is measured once, on a fresh run; a resumed run keeps the
-        # figure its checkpoint recorded.
-        float_net = None
-    T_net = patch_network(net, plan, inplace=checkpoint is not None)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with training_progress(quiet or not rank0) as on_event:
-        result = finetune(
-            T_net,
+        result = finetune_patched(
+            net,
             plan,
-            recipe.finetune,
-            dataset,
-            float_net=float_net,
+            data=data,
             target=target,
-            resume=checkpoint,
-            device=torch_device,
+            device=device,
+            resume=resume,
+            trust=trust or (),
             on_event=on_event,
         )
     if quiet or not rank0:

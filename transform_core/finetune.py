@@ -106,6 +106,7 @@ __all__ = [
     "FinetuneResult",
     "evaluate",
     "finetune",
+    "finetune_patched",
     "log_path_for",
     "lr_factor",
     "parse_finetune_section",
@@ -258,6 +259,95 @@ def finetune(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def finetune_patched(
+    net: nn.Module,
+    plan: Plan,
+    *,
+    data: str | None,
+    target: CheckpointTarget,
+    device: str = "auto",
+    resume: bool = False,
+    trust: Iterable[str] = (),
+    on_event: Callable[[Event], None] | None = None,
+) -> FinetuneResult:
+    """Patch ``net`` with ``plan``, fine-tune it with the recipe's section, checkpoint it.
+
+    What ``rockq patch --finetune`` and ``rockq finetune`` run. With ``resume``, training
+    continues from the patched checkpoint at ``target.path`` (written by an interrupted
+    run of the same recipe and network) and ends bit-identical to an uninterrupted run.
+    Under ``torchrun`` every process calls this; only rank 0 writes.
+
+    Args:
+        net: The un-patched network ``plan`` was made for.
+        plan: From :func:`~transform_core.pipeline.plan_network`.
+        data: A ``.safetensors`` file or ``"package.module:function"`` (see
+            :func:`~transform_core.data.load_data`).
+        target: Where to write checkpoints and the log.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        resume: Continue from the checkpoint at ``target.path``.
+        trust: Packages a checkpoint's network may use, for ``resume``.
+        on_event: Called with each progress record.
+
+    Returns:
+        The metrics and counts of the run.
+
+    Raises:
+        RecipeError: The recipe has no ``finetune:`` section.
+        ConfigError: No data; ``resume`` without a checkpoint of the same recipe.
+    """
+    from transform_core.checkpoint import is_patched, load_patched
+    from transform_core.data import load_data
+    from transform_core.errors import RecipeError
+    from transform_core.pipeline import patch_network, plan_network
+
+    recipe = plan.recipe
+    if recipe.finetune is None:
+        raise RecipeError(
+            "has no 'finetune:' section; add one (for example 'finetune: {epochs: 10}') to "
+            "fine-tune",
+            path=None if recipe.source.startswith("<") else recipe.source,
+            key="finetune",
+        )
+    if data is None:
+        raise ConfigError("is required to fine-tune; pass the training data", key="--data")
+    dataset = load_data(data)
+    torch_device = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    float_net: nn.Module | None = net
+    checkpoint = None
+    if resume:
+        if not is_patched(target.path):
+            raise ConfigError(
+                f"found no checkpoint to resume from at {target.path}; run without --resume "
+                "to start, or pass the -o of the interrupted run",
+                key="--resume",
+            )
+        checkpoint = load_patched(target.path, trust=trust)
+        if checkpoint.recipe != recipe.text or checkpoint.network is None:
+            raise ConfigError(
+                "was written by a run with another recipe or network; resume with the same "
+                "recipe, or drop --resume and pick another -o",
+                path=str(target.path),
+                key="--resume",
+            )
+        net = checkpoint.network
+        plan = plan_network(net, recipe, seed=plan.seed)
+        # The float network is measured once, on a fresh run; a resumed run keeps the
+        # figure its checkpoint recorded.
+        float_net = None
+    T_net = patch_network(net, plan, inplace=checkpoint is not None)
+    return finetune(
+        T_net,
+        plan,
+        recipe.finetune,
+        dataset,
+        float_net=float_net,
+        target=target,
+        resume=checkpoint,
+        device=torch_device,
+        on_event=on_event,
+    )
 
 
 def _run(
