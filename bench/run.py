@@ -12,7 +12,8 @@ copy of the same tensor, channel rounding over stochastic rounding of the same m
 patched training step over the unpatched one, ``rockq quantize``'s peak memory over a
 plain safetensors read and write. Timings are medians of the counted rounds, after
 warm-up rounds. Columns are implementations: ``rockq`` (as shipped), ``chain`` (the same
-functions with fast paths off) and ``rockpool`` (the reference, when installed).
+functions with fast paths off), ``before`` (``--before REV``: quantise.py at a git
+revision) and ``rockpool`` (the reference, when installed).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 GROUPS = ("transforms", "channel", "training", "gpu", "memory")
 DEFAULT_GROUPS = ("transforms", "channel", "training", "gpu")
-IMPLS = ("rockq", "chain", "rockpool")
+IMPLS = ("rockq", "chain", "before", "rockpool")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-mb", type=int, help="network size for memory (default 1024)")
     p.add_argument("--tensor-file-mb", type=int, help="tensor file for memory (default 4096)")
     p.add_argument("--no-reference", action="store_true", help="leave Rockpool out")
+    p.add_argument(
+        "--before",
+        metavar="REV",
+        help="also time transform_core/quantise.py as of this git revision (column 'before')",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     return p
 
@@ -98,6 +104,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.before:
+        transforms.BEFORE = transforms.load_before(args.before)
     quick = args.quick
     ref = not args.no_reference
     repeats = args.repeats or (3 if quick else 7)
@@ -185,6 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": repeats,
             "warmup": warmup,
             "reference": ref,
+            "before": args.before,
         },
         "rows": rows,
         "skipped": skipped,
@@ -199,10 +208,11 @@ def _shape(shape: Any) -> str:
 
 def table(doc: dict[str, Any]) -> str:
     """The results as an aligned text table, one row per case."""
-    header = ["group", "case", "shape", "baseline", "base ms", *IMPLS, "target", "ok"]
+    shown = [i for i in IMPLS if any(i in row["impls"] for row in doc["rows"]) or i == "rockq"]
+    header = ["group", "case", "shape", "baseline", "base ms", *shown, "target", "ok"]
     lines = [header]
     for row in doc["rows"]:
-        ratios = [f"{row['impls'][i]['ratio']:.2f}x" if i in row["impls"] else "-" for i in IMPLS]
+        ratios = [f"{row['impls'][i]['ratio']:.2f}x" if i in row["impls"] else "-" for i in shown]
         target = "-" if row["target"] is None else f"<= {row['target']}x"
         ok = {True: "yes", False: "MISS", None: "-"}[row["meets"]]
         lines.append(

@@ -7,14 +7,17 @@ implementations run side by side where they exist:
 - ``rockq``: :mod:`transform_core` as shipped (fast paths on);
 - ``chain``: the same functions with :func:`transform_core.kernels.fast_paths` off, the
   plain whole-tensor chains of tensor operations;
-- ``rockpool``: the reference implementation, ``rockpool.transform.torch_transform``.
+- ``rockpool``: the reference implementation, ``rockpool.transform.torch_transform``;
+- ``before``: ``transform_core/quantise.py`` at an earlier git revision (``--before REV``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -83,6 +86,24 @@ def _without_fast_paths(fn: Transform) -> Transform:
     return run
 
 
+#: ``transform_core/quantise.py`` of an earlier revision, set by ``--before``.
+BEFORE: ModuleType | None = None
+
+
+def load_before(revision: str) -> ModuleType:
+    """Import ``transform_core/quantise.py`` as it was at a git ``revision``."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:transform_core/quantise.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
+    module = ModuleType(f"quantise_at_{revision}")
+    exec(compile(source, f"{revision}:transform_core/quantise.py", "exec"), module.__dict__)
+    return module
+
+
 def implementations(
     device: torch.device, *, with_reference: bool
 ) -> dict[str, dict[str, Transform]]:
@@ -90,6 +111,8 @@ def implementations(
     generator = torch.Generator(device=device).manual_seed(0)
     ours = _transforms(quantise, generator)
     impls = {"rockq": ours, "chain": {k: _without_fast_paths(f) for k, f in ours.items()}}
+    if BEFORE is not None:
+        impls["before"] = _transforms(BEFORE, generator)
     ref = reference() if with_reference else None
     if ref is not None:
         torch.manual_seed(0)

@@ -199,7 +199,7 @@ def test_map_blocks_keeps_a_promoting_chain_whole() -> None:
 
 @pytest.mark.parametrize("dims", [None, (0,), (1,), (0, 2)])
 def test_abs_max_is_abs_amax(dims: tuple[int, ...] | None) -> None:
-    x = torch.randn(5, 6, 7)
+    x = torch.randn(50, 60, 70)  # above kernels.SMALL, where the fast path runs
     for keepdim in (True, False):
         want = x.abs().amax(dim=dims if dims is not None else (), keepdim=keepdim)
         assert torch.equal(kernels.abs_max(x, dims, keepdim), want)
@@ -220,7 +220,7 @@ def _level_map_reference(levels, quantum, lo, hi, top, zero):  # type: ignore[no
 def test_level_map_matches_masks() -> None:
     rng = random.Random(0)
     fixes = set()
-    for _ in range(400):
+    for _ in range(200):
         dtype = rng.choice([torch.float32, torch.float64])
         top = float(rng.choice([1, 2, 14, 15, 254, 255, 65535]))
         lo = rng.choice([-1.0, -rng.random() * 10, -(2.0 ** rng.randint(-10, 10)), 0.0])
@@ -240,13 +240,13 @@ def test_level_map_matches_masks() -> None:
             else (quantum, lo, hi)
         )
         level_map = LevelMap(*args, top, zero, dtype, torch.device("cpu"))
-        fixes.add((level_map.top_fix, level_map.zero_fix))
-        levels = torch.randint(0, int(top) + 1, (2000,)).to(dtype)
+        levels = torch.randint(0, int(top) + 1, (kernels.SMALL,)).to(dtype)
         levels[:3] = torch.tensor([0.0, top, NAN], dtype=dtype)
         if zero is not None:
             levels[3] = zero
         want = _level_map_reference(levels.clone(), *args, top, zero)
         assert _identical(level_map.apply_(levels.clone()), want)
+        fixes.add((level_map.top_fix, level_map.zero_fix))
     # Every vectorised fix was exercised.
     assert {f for f, _ in fixes} >= {"none", "clamp", "add"}
     assert {z for _, z in fixes} >= {"none", "shrink"}
@@ -380,3 +380,12 @@ def test_cuda_finite_range_ignores_non_finite_values() -> None:
         with kernels.fast_paths(False):
             plain = quantise._finite_range(_data(1 << 20).cuda(), maintain_zero)
         assert all(_identical(a, b) for a, b in zip(fast, plain, strict=True))
+
+
+def test_small_tensors_take_the_plain_chains() -> None:
+    # Below kernels.SMALL the fast paths cost more than they save: same stream as torch.rand.
+    x = torch.randn(1000)
+    fast = quantise.stochastic_rounding(x, generator=torch.Generator().manual_seed(0))
+    with kernels.fast_paths(False):
+        plain = quantise.stochastic_rounding(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fast, plain)

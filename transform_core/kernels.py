@@ -53,6 +53,7 @@ from torch import Tensor
 
 __all__ = [
     "BLOCK",
+    "SMALL",
     "LevelMap",
     "abs_max",
     "add_uniform_noise_",
@@ -70,6 +71,10 @@ Bound = float | Tensor
 #: Elements per block on CPU. A block of float32 input, output and temporaries fits the
 #: L2 caches of two cores, and Python's per-operation overhead stays a few percent.
 BLOCK = 1 << 17
+
+#: Below this many elements the plain chains run: there the fast paths' fixed cost per
+#: call (a few more small operations) would exceed what they save.
+SMALL = 1 << 15
 
 _state = threading.local()
 
@@ -204,8 +209,9 @@ def add_uniform_noise_(levels: Tensor, generator: torch.Generator | None = None)
     ``floor(levels + noise)`` then rounds up with probability (close to) the fractional
     part. On CPU the noise is ``(k + 0.5) / 2**16`` with ``k`` uniform on ``[0, 2**16)``,
     four values from each 64-bit draw of ``generator``: the probability of rounding up is
-    within ``2**-17`` of the exact fraction, far below a level's resolution. Elsewhere, or
-    with fast paths off, it is ``torch.rand`` noise in ``levels``'s dtype.
+    within ``2**-17`` of the exact fraction, far below a level's resolution. Elsewhere (on
+    other devices, below :data:`SMALL` elements, fast paths off) it is ``torch.rand``
+    noise in ``levels``'s dtype.
 
     Args:
         levels: Level indices (floating point); modified in place.
@@ -214,7 +220,7 @@ def add_uniform_noise_(levels: Tensor, generator: torch.Generator | None = None)
     Returns:
         ``levels``.
     """
-    if levels.device.type != "cpu" or not fast_paths_enabled() or levels.numel() == 0:
+    if levels.device.type != "cpu" or not fast_paths_enabled() or levels.numel() < SMALL:
         noise = torch.rand(
             levels.shape, generator=generator, device=levels.device, dtype=levels.dtype
         )
@@ -227,8 +233,8 @@ def add_uniform_noise_(levels: Tensor, generator: torch.Generator | None = None)
     # k + 32768.5 and its scaling by 2**-16 are exact in float32 and float64; half
     # precision cannot hold the 17 significant bits, so its noise is made in float32.
     dtype = levels.dtype if levels.dtype in (torch.float32, torch.float64) else torch.float32
-    noise = bits.to(dtype).add_(32768.5).mul_(2.0**-16)
-    return levels.add_(noise)
+    # alpha * noise is exact (a power of two), so levels + u is rounded once.
+    return levels.add_(bits.to(dtype).add_(32768.5), alpha=2.0**-16)
 
 
 def drop_mask(
@@ -241,8 +247,8 @@ def drop_mask(
     """A boolean mask that is ``True`` (drop) with probability ``drop_prob`` per element.
 
     On CPU each 64-bit draw of ``generator`` makes two 32-bit thresholds, so the drop
-    probability is exact to ``2**-32``. Elsewhere, or with fast paths off, it is
-    ``torch.rand(shape) < drop_prob``.
+    probability is exact to ``2**-32``. Elsewhere (on other devices, below :data:`SMALL`
+    elements, fast paths off) it is ``torch.rand(shape) < drop_prob``.
 
     Args:
         shape: Shape of the mask.
@@ -260,9 +266,9 @@ def drop_mask(
         tensor([True, True, True, True])
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type != "cpu" or not fast_paths_enabled():
-        return torch.rand(shape, generator=generator, device=device) < drop_prob
     n = math.prod(shape)
+    if device.type != "cpu" or not fast_paths_enabled() or n < SMALL:
+        return torch.rand(shape, generator=generator, device=device) < drop_prob
     words = torch.empty((n + 1) // 2, dtype=torch.int64)
     words.random_(-(2**63), None, generator=generator)
     bits = words.view(torch.int32)[:n].view(shape)
@@ -316,6 +322,7 @@ def zero_dropped(
         or (value.requires_grad and torch.is_grad_enabled())
         or not value.is_contiguous()
         or not fast_paths_enabled()
+        or value.numel() < SMALL
     ):
         drop = drop_mask(value.shape, drop_prob, device=value.device, generator=generator)
         return value.masked_fill(drop, 0.0)
@@ -356,7 +363,7 @@ def abs_max(value: Tensor, dims: tuple[int, ...] | None = None, keepdim: bool = 
         >>> abs_max(torch.tensor([[-3.0, 1.0], [2.0, -0.5]]), (0,))
         tensor([3., 1.])
     """
-    if not fast_paths_enabled() or value.dim() == 0:
+    if not fast_paths_enabled() or value.numel() < SMALL:
         return value.abs().amax(dim=dims if dims is not None else (), keepdim=keepdim)
     with torch.no_grad():
         if dims is None or len(dims) == value.dim():
@@ -437,8 +444,9 @@ class LevelMap:
         scalars = all(_scalar(p) for p in (quantum, lo, hi)) and (
             zero_level is None or _scalar(zero_level)
         )
-        if device.type == "cpu" and scalars and fast_paths_enabled():
-            self._choose()
+        # Chosen on the first large tensor: the choice costs a few small operations.
+        self._eligible = device.type == "cpu" and scalars
+        self._chosen = False
 
     def _choose(self) -> None:
         # Reading CPU scalars costs nothing; on CUDA it would wait for the device.
@@ -484,7 +492,11 @@ class LevelMap:
         Returns:
             The output values (``levels`` itself, or a new tensor after ``hardshrink``).
         """
-        if self.top_fix == "mask" or self.zero_fix == "mask":
+        large = levels.numel() >= SMALL
+        if large and self._eligible and not self._chosen and fast_paths_enabled():
+            self._choose()
+            self._chosen = True
+        if not large or self.top_fix == "mask" or self.zero_fix == "mask":
             at_top = levels == self.top
             at_zero = None if self.zero_level is None else levels == self.zero_level
             out = levels.mul_(self.quantum).add_(self.lo)
