@@ -8,24 +8,34 @@ one. On CPU a fresh buffer of many megabytes costs more than the arithmetic on i
 operating system maps each page on first touch. A chain of ten steps then costs several
 times a plain copy.
 
-Three remedies live here:
+Four remedies live here:
 
 - :func:`map_blocks` runs a chain block by block (:data:`BLOCK` elements at a time) and
   writes each block's result into one output tensor. The blocks of input, temporaries
   and output stay in cache from the first step to the last, the temporaries are small
   enough for the allocator to recycle, and the only large allocation is the result. The
   chain itself is unchanged, so results are bit-for-bit those of the whole-tensor chain.
-- :func:`add_uniform_noise_`, :func:`drop_mask` and :func:`zero_dropped` draw random numbers cheaply on CPU. The
-  generator's Mersenne Twister costs about the same per draw whether the draw becomes one
-  float or 64 random bits, so one 64-bit draw here gives four 16-bit noise values
-  ``(k + 0.5) / 2**16`` (rounding up with probability within ``2**-17`` of the exact
-  fraction) or two 32-bit dropout thresholds (drop probability exact to ``2**-32``).
-  Streams are reproducible from the generator's state.
+- :class:`LevelMap` pins the top and zero levels with vectorised operations (a clamp, an
+  exact gap added through a float mask, ``hardshrink``) where it can prove them exact;
+  boolean masks and ``masked_fill`` are not vectorised on CPU and cost more than the
+  rest of a rounding. :func:`abs_max` finds ``max|x|`` without an ``abs()`` copy.
+- :func:`add_uniform_noise_`, :func:`drop_mask` and :func:`zero_dropped` draw random
+  numbers cheaply on CPU. The generator's Mersenne Twister costs about the same per draw
+  whether the draw becomes one float or 64 random bits, so one 64-bit draw here gives
+  four 16-bit noise values ``(k + 0.5) / 2**16`` (rounding up with probability within
+  ``2**-17`` of the exact fraction) or two 32-bit dropout thresholds (drop probability
+  exact to ``2**-32``). Streams are reproducible from the generator's state.
 - :func:`fused_round` runs stochastic or deterministic rounding on CUDA as one Triton
   kernel (when Triton is installed): one read, one write. Its noise comes from Philox,
-  keyed by a seed drawn on the device from the caller's generator, so nothing waits for
-  the host. It returns ``None`` for anything it does not cover, and the caller falls back
-  to the plain chain.
+  keyed by a seed drawn on the device from the caller's generator, and
+  :func:`finite_range` finds the data range in one pass, so nothing waits for the host.
+  Both return ``None`` for anything they do not cover, and the caller falls back to the
+  plain chain.
+
+Tensors below :data:`SMALL` elements take the plain chains: there the fast paths' fixed
+cost per call outweighs what they save. ``torch.compile`` would fuse each chain into one
+pass on CPU too, but it costs seconds per process before its first call (6 s with a warm
+cache, 20 s cold, on two cores), more than it saves when a checkpoint is quantised once.
 
 :func:`fast_paths` turns all of this off for a block of code, which is how the benchmarks
 compare both sides in one run.
