@@ -19,10 +19,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
+from transform_core import safetensors_io
 from transform_core.checkpoint import (
     RESERVED_PREFIX,
     LoadedNetwork,
@@ -559,13 +559,13 @@ def test_tensor_mode_sharded_reads_shard_by_shard(
     assert source.metadata == {"total_size": "123"}
     assert source.index_file == tmp_path / "model.safetensors.index.json"
     events: list[str] = []
-    real_open = safe_open
+    real_open = safetensors_io._open
 
-    def recording_open(path: str, **kwargs: Any) -> Any:
+    def recording_open(path: Path) -> Any:
         events.append(f"open {Path(path).name}")
-        return real_open(path, **kwargs)
+        return real_open(path)
 
-    monkeypatch.setattr("transform_core.safetensors_io.safe_open", recording_open)
+    monkeypatch.setattr(safetensors_io, "_open", recording_open)
     for name, tensor in source.iter_tensors():
         events.append(name)
         assert torch.equal(tensor, state[name])

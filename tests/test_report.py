@@ -581,3 +581,19 @@ def test_expected_step_helper_agrees_with_gcd() -> None:
         gcd = reduce(math.gcd, gaps, 0)
         expected = _expected_step(ks)
         assert expected == (gcd if gaps and gcd == min(gaps) else None)
+
+
+def test_error_statistics_over_several_chunks_match_a_direct_computation() -> None:
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.randn(3 * (1 << 20) + 17, generator=generator)
+    values = torch.round(reference * 8) / 8
+    values[5] = float("nan")
+    reference[(1 << 20) + 3] = float("inf")
+    entry = tensor_report("w", values, reference=reference)
+    both = torch.isfinite(values) & torch.isfinite(reference)
+    err = (values[both] - reference[both]).double()
+    ref = reference[both].double()
+    assert entry.max_abs_error == pytest.approx(float(err.abs().max()), rel=1e-12)
+    assert entry.rmse == pytest.approx(float(err.square().mean().sqrt()), rel=1e-9)
+    sqnr = 10 * math.log10(float(ref.square().sum()) / float(err.square().sum()))
+    assert entry.sqnr_db == pytest.approx(sqnr, rel=1e-9)

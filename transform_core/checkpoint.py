@@ -59,6 +59,7 @@ from transform_core.safe_pickle import check_trust, load_pickled_module, module_
 from transform_core.safetensors_io import TensorSource, open_tensors
 from transform_core.state_dicts import (
     build_from_arch,
+    build_loaded,
     load_state_dict_file,
     load_state_dict_strict,
     looks_like_safetensors,
@@ -71,6 +72,7 @@ __all__ = [
     "PatchedCheckpoint",
     "SourceInfo",
     "build_from_arch",
+    "build_loaded",
     "is_patched",
     "load_network",
     "load_patched",
@@ -178,8 +180,8 @@ def load_network(
         )
     if arch is not None:
         state = load_state_dict_file(path, trust=trusted)
-        module = build_from_arch(arch, kwargs)
-        load_state_dict_strict(module, state, path=label)
+        module = build_loaded(arch, kwargs, state, path=label)
+        del state  # the network holds the loaded tensors now
         digest = _folder_digest(open_tensors(path)) if target.is_dir() else sha256_file(path)
         info = SourceInfo("arch", label, digest, arch=arch, arch_kwargs=kwargs, trust=trusted)
         return LoadedNetwork(module, info)

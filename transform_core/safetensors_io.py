@@ -24,13 +24,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from transform_core.errors import CheckpointError
 from transform_core.files import (
@@ -109,6 +108,7 @@ class TensorSource:
         self.metadata = dict(metadata or {})
         self._infos: dict[str, StoredTensor] = {}
         self._by_file: dict[Path, list[str]] = {}
+        self._data_start = {header.path: header.data_start for header in headers}
         for header in headers:
             wanted = set(names[header.path]) if names is not None else set(header.tensors)
             order = [name for name in header.tensors if name in wanted]
@@ -147,7 +147,7 @@ class TensorSource:
         """
         info = self._infos[name]
         with _open(info.file) as handle:
-            return _get(handle, info)
+            return _read(handle, self._data_start[info.file], info)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` file by file, holding one file open and one tensor at a time.
@@ -158,7 +158,7 @@ class TensorSource:
         for file, names in self._by_file.items():
             with _open(file) as handle:
                 for name in names:
-                    yield name, _get(handle, self._infos[name])
+                    yield name, _read(handle, self._data_start[file], self._infos[name])
 
     def load_all(self) -> dict[str, torch.Tensor]:
         """Read every tensor into memory (for state dicts that fit)."""
@@ -166,29 +166,39 @@ class TensorSource:
 
 
 @contextlib.contextmanager
-def _open(file: Path) -> Iterator[Any]:
+def _open(file: Path) -> Iterator[io.FileIO]:
     try:
-        handle = safe_open(str(file), framework="pt", device="cpu")
-    except Exception as err:  # safetensors raises its own error types from Rust
+        handle = io.FileIO(file, "rb")
+    except OSError as err:
         raise CheckpointError(
-            f"cannot be read ({err}); check the file was not changed or truncated", path=str(file)
-        ) from err
-    with handle as opened:
-        yield opened
+            f"cannot be read ({err.strerror}); check the file still exists", path=str(file)
+        ) from None
+    with handle:
+        yield handle
 
 
-def _get(handle: Any, info: StoredTensor) -> torch.Tensor:
-    try:
-        tensor = handle.get_tensor(info.name)
-    except Exception as err:  # safetensors raises its own error types from Rust
-        raise CheckpointError(
-            f"cannot be read ({err}); check the file was not changed or truncated",
-            path=str(info.file),
-            key=info.name,
-        ) from err
-    if not isinstance(tensor, torch.Tensor):  # pragma: no cover - safetensors contract
-        raise CheckpointError("did not read as a tensor", path=str(info.file), key=info.name)
-    return tensor
+def _read(handle: io.FileIO, data_start: int, info: StoredTensor) -> torch.Tensor:
+    """Read one tensor's bytes into a fresh tensor with plain file reads.
+
+    Plain reads rather than a memory map: the pages of a mapped file count towards the
+    process's resident memory once touched, so streaming a large file through a map looks
+    (and, under memory pressure, behaves) like holding all of it.
+    """
+    data = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = data.numpy().data
+    handle.seek(data_start + info.offsets[0])
+    done = 0
+    while done < info.nbytes:
+        count = handle.readinto(view[done:])
+        if not count:
+            raise CheckpointError(
+                f"ends {info.nbytes - done} bytes into tensor data that the header promises; "
+                "the file is truncated, copy it again",
+                path=str(info.file),
+                key=info.name,
+            )
+        done += count
+    return data.view(info.dtype).reshape(info.shape)
 
 
 def open_tensors(path: PathLike) -> TensorSource:

@@ -34,6 +34,7 @@ from transform_core.safetensors_io import open_tensors
 
 __all__ = [
     "build_from_arch",
+    "build_loaded",
     "load_state_dict_file",
     "load_state_dict_strict",
     "looks_like_safetensors",
@@ -179,3 +180,75 @@ def load_state_dict_strict(
         raise CheckpointError(
             f"the state dict does not load into the network ({error_line(err)})", path=path
         ) from None
+
+
+def build_loaded(
+    spec: str,
+    kwargs: Mapping[str, Any] | None,
+    state: Mapping[str, torch.Tensor],
+    *,
+    path: str | None = None,
+    fix: str = _ARCH_FIX,
+) -> nn.Module:
+    """Build the network ``spec`` names and load ``state`` into it strictly.
+
+    The network is first built on torch's ``meta`` device, which allocates no storage,
+    and then adopts the loaded tensors (``load_state_dict(assign=True)``), so the weights
+    are held once rather than twice. A factory that cannot build on ``meta``, or a network
+    that would keep a tensor the state dict does not supply (a non-persistent buffer, a
+    tensor attribute) or would change a dtype, is built normally and loaded by copy.
+
+    Raises:
+        CheckpointError: As :func:`build_from_arch` and :func:`load_state_dict_strict`.
+
+    Example:
+        >>> state = {"weight": torch.ones(3, 2), "bias": torch.zeros(3)}
+        >>> net = build_loaded("torch.nn:Linear", {"in_features": 2, "out_features": 3}, state)
+        >>> net.weight.data_ptr() == state["weight"].data_ptr(), net.weight.requires_grad
+        (True, True)
+    """
+    module = _build_on_meta(spec, kwargs, state)
+    if module is not None:
+        try:
+            module.load_state_dict(dict(state), strict=True, assign=True)
+        except Exception:  # custom load hooks: fall back to the ordinary path below
+            module = None
+        else:
+            if not _holds_meta_tensors(module):
+                return module
+    module = build_from_arch(spec, kwargs)
+    load_state_dict_strict(module, state, path=path, fix=fix)
+    return module
+
+
+def _build_on_meta(
+    spec: str, kwargs: Mapping[str, Any] | None, state: Mapping[str, torch.Tensor]
+) -> nn.Module | None:
+    try:
+        with torch.device("meta"):
+            module = build_from_arch(spec, kwargs)
+    except CheckpointError:
+        return None
+    expected = module.state_dict()
+    fits = set(expected) == set(state) and all(
+        tuple(state[k].shape) == tuple(v.shape) and state[k].dtype == v.dtype
+        for k, v in expected.items()
+    )
+    if not fits or _holds_meta_tensors(module, only_outside_state=True):
+        return None
+    return module
+
+
+def _holds_meta_tensors(module: nn.Module, *, only_outside_state: bool = False) -> bool:
+    """Whether a meta tensor would survive loading: outside the state dict, or anywhere."""
+    persistent = {id(t) for t in module.state_dict(keep_vars=True).values()}
+    # nn.Module.modules, not module.modules(): Rockpool modules override it with a dict.
+    for sub in nn.Module.modules(module):
+        tensors = [*sub._parameters.values(), *sub._buffers.values()]
+        tensors += [v for v in vars(sub).values() if isinstance(v, torch.Tensor)]
+        for tensor in tensors:
+            if tensor is None or not tensor.is_meta:
+                continue
+            if not only_outside_state or id(tensor) not in persistent:
+                return True
+    return False

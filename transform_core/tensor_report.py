@@ -397,21 +397,35 @@ def _int_type(lo: int, hi: int) -> tuple[bool, int]:
     return True, max((-lo - 1).bit_length(), hi.bit_length() if hi > 0 else 0) + 1
 
 
+_ERROR_CHUNK = 1 << 20
+"""Elements per chunk of the error statistics: float64 work arrays stay at 8 MiB."""
+
+
 def _errors(
     values: npt.NDArray[Any], reference: npt.NDArray[Any]
 ) -> tuple[float | None, float | None, float | None]:
-    """Return max |err|, RMSE and SQNR (dB) over elements finite in both tensors."""
-    err = np.subtract(values, reference, dtype=np.float64)
-    finite = np.isfinite(err)  # also false where either side is non-finite
-    if not finite.all():
-        err, reference = err[finite], reference[finite]
-    if not err.size:
+    """Return max |err|, RMSE and SQNR (dB) over elements finite in both tensors.
+
+    Works through the arrays in chunks, accumulating in float64, so memory stays small
+    whatever the tensor's size.
+    """
+    err_power = ref_power = max_abs = 0.0
+    count = 0
+    for start in range(0, values.size, _ERROR_CHUNK):
+        ref = reference[start : start + _ERROR_CHUNK].astype(np.float64)
+        err = np.subtract(values[start : start + _ERROR_CHUNK], ref, dtype=np.float64)
+        finite = np.isfinite(err)  # also false where either side is non-finite
+        if not finite.all():
+            err, ref = err[finite], ref[finite]
+        if not err.size:
+            continue
+        count += err.size
+        err_power += float(np.dot(err, err))
+        ref_power += float(np.dot(ref, ref))
+        max_abs = max(max_abs, float(np.abs(err).max()))
+    if not count:
         return None, None, None
-    ref = reference.astype(np.float64)
-    err_power = float(np.dot(err, err))
-    ref_power = float(np.dot(ref, ref))
-    max_abs = float(np.abs(err).max())
-    rmse = math.sqrt(err_power / err.size)
+    rmse = math.sqrt(err_power / count)
     if err_power == 0.0:
         sqnr = math.inf
     elif ref_power == 0.0:
