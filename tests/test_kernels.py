@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from transform_core import kernels, quantise
+from transform_core import cuda_kernels, kernels, quantise
 from transform_core.kernels import LevelMap
 
 NAN, INF = math.nan, math.inf
@@ -264,7 +264,7 @@ def test_fast_paths_switch_is_scoped() -> None:
 
 def test_fused_round_is_for_cuda_only() -> None:
     x = torch.randn(100)
-    got = kernels.fused_round(
+    got = cuda_kernels.fused_round(
         x,
         in_lo=-1.0,
         in_quantum=0.1,
@@ -286,13 +286,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 def _fused_ran(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    launch = kernels._launch_round
+    launch = cuda_kernels._launch_round
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "_launch_round", counting)
+    monkeypatch.setattr(cuda_kernels, "_launch_round", counting)
     return calls
 
 

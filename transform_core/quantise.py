@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from transform_core import kernels
+from transform_core import cuda_kernels, kernels
 
 __all__ = [
     "class_calc_q_decay",
@@ -211,7 +211,7 @@ def _finite_range(
         return zero, zero
     if reduce_dims is None and value.dim():
         # One pass over the finite values on CUDA, without waiting for the device.
-        ends = kernels.finite_range(value)
+        ends = cuda_kernels.finite_range(value)
         if ends is not None:
             lo, hi = ends
             if maintain_zero:
@@ -304,9 +304,9 @@ class _Plan:
 
         One fused kernel on CUDA where it applies; elsewhere the plain chain, run block by
         block on large CPU tensors so that it makes one pass over memory (see
-        :mod:`transform_core.kernels`).
+        :mod:`transform_core.kernels` and :mod:`transform_core.cuda_kernels`).
         """
-        fused = kernels.fused_round(
+        fused = cuda_kernels.fused_round(
             value,
             in_lo=self.in_lo,
             in_quantum=self.in_quantum,
