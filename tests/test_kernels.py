@@ -370,7 +370,7 @@ def test_cuda_finite_range_ignores_non_finite_values() -> None:
         torch.full((5000,), -2.0),
         torch.zeros(3),
     ):
-        ends = kernels.finite_range(x.cuda())
+        ends = cuda_kernels.finite_range(x.cuda())
         assert ends is not None
         finite = x[torch.isfinite(x)]
         want = (finite.min().item(), finite.max().item()) if finite.numel() else (0.0, 0.0)
