@@ -26,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from transform_core.errors import CheckpointError
 from transform_core.files import (
@@ -184,6 +186,11 @@ def _read(handle: io.FileIO, data_start: int, info: StoredTensor) -> torch.Tenso
     process's resident memory once touched, so streaming a large file through a map looks
     (and, under memory pressure, behaves) like holding all of it.
     """
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian test machine
+        # The file's bytes are little-endian; safetensors' own reader swaps them.
+        with safe_open(str(info.file), framework="pt", device="cpu") as opened:
+            tensor: torch.Tensor = opened.get_tensor(info.name)
+            return tensor
     data = torch.empty(info.nbytes, dtype=torch.uint8)
     view = data.numpy().data
     handle.seek(data_start + info.offsets[0])

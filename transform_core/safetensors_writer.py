@@ -75,7 +75,11 @@ class SafetensorsWriter:
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         if sys.byteorder != "little":  # pragma: no cover - no big-endian test machine
-            raise NotImplementedError("writing safetensors needs a little-endian machine")
+            # Tensor bytes are written as they lie in memory; safetensors is little-endian.
+            raise CheckpointError(
+                "writing safetensors tensor by tensor needs a little-endian machine; run "
+                "rockq on an x86-64 or ARM64 machine"
+            )
         entries: list[tuple[str, str, list[int]]] = []
         for name, (dtype, shape) in specs.items():
             if name == "__metadata__":
