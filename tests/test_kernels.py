@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,6 +34,18 @@ def _data(n: int = BIG, seed: int = 0) -> torch.Tensor:
     return x
 
 
+@pytest.fixture(params=["compiled", "blocks"])
+def fast_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test with the compiled kernels loaded, then with the chains cut into blocks."""
+    if request.param == "compiled":
+        if kernels.wait_for_compiled_kernels() is None:
+            pytest.skip("the compiled kernels need Numba")
+        yield request.param
+    else:
+        with kernels.compiled(False):
+            yield request.param
+
+
 def _both(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
     fast = fn(*args, **kwargs)
     with kernels.fast_paths(False):
@@ -50,8 +63,12 @@ def _both(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
     ("input_range", "output_range"),
     [(None, None), (None, [-1.0, 1.0]), ([-0.5, 2.0], [0.0, 10.0]), (None, [0.0, 3.0])],
 )
-def test_deterministic_rounding_blocks_match_the_chain(
-    num_levels: int, maintain_zero: bool, input_range: list[float], output_range: list[float]
+def test_deterministic_rounding_fast_paths_match_the_chain(
+    fast_path: str,
+    num_levels: int,
+    maintain_zero: bool,
+    input_range: list[float],
+    output_range: list[float],
 ) -> None:
     x = _data()
     fast, plain = _both(
@@ -61,7 +78,9 @@ def test_deterministic_rounding_blocks_match_the_chain(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_deterministic_rounding_dtypes_and_degenerate_data(dtype: torch.dtype) -> None:
+def test_deterministic_rounding_dtypes_and_degenerate_data(
+    fast_path: str, dtype: torch.dtype
+) -> None:
     for x in (
         _data().to(dtype),
         torch.zeros(BIG, dtype=dtype),
@@ -74,27 +93,43 @@ def test_deterministic_rounding_dtypes_and_degenerate_data(dtype: torch.dtype) -
 
 @pytest.mark.parametrize("maintain_zero", [True, False])
 @pytest.mark.parametrize("map_to_max", [True, False])
-def test_int_quant_blocks_match_the_chain(maintain_zero: bool, map_to_max: bool) -> None:
+def test_int_quant_fast_paths_match_the_chain(
+    fast_path: str, maintain_zero: bool, map_to_max: bool
+) -> None:
     fast, plain = _both(quantise.int_quant, _data(), maintain_zero, map_to_max, 4)
     assert _identical(fast, plain)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_t_decay_blocks_match_the_chain(dtype: torch.dtype) -> None:
+def test_t_decay_fast_paths_match_the_chain(fast_path: str, dtype: torch.dtype) -> None:
     decay = torch.rand(BIG, generator=torch.Generator().manual_seed(2)) * 1.2 - 0.1
     decay[:6] = torch.tensor([NAN, 0.0, -0.0, 1.0, INF, -INF])
     fast, plain = _both(quantise.t_decay, decay.to(dtype))
     assert _identical(fast, plain)
 
 
-def test_t_decay_ends_of_the_range() -> None:
+def test_t_decay_thresholds_agree_with_the_logarithms() -> None:
+    # Away from the thresholds (where float rounding decides), n = round(log2(-1 / ln d)).
+    d = torch.rand(100_000, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    n = torch.log2(-1.0 / torch.log(d))
+    clear = (n - n.round()).abs() < 0.49
+    want = 1.0 - torch.exp2(-n.round().clamp(0, 53))
+    assert torch.equal(quantise.t_decay(d)[clear], want[clear])
+    assert clear.float().mean() > 0.95
+
+
+def test_t_decay_ends_of_the_range(fast_path: str) -> None:
     max_shift = 24  # float32: the largest n with 1 - 2**-n below 1, plus one
-    out = quantise.t_decay(torch.tensor([1.0, 5.0, INF, 0.0, -3.0, -INF]))
-    assert out.tolist() == [1 - 2.0**-max_shift] * 3 + [0.0] * 3
+    ends = torch.tensor([1.0, 5.0, INF, 0.0, -3.0, -INF])
+    for x in (ends, ends.repeat(kernels.SMALL)):
+        out = quantise.t_decay(x)
+        assert out[:6].tolist() == [1 - 2.0**-max_shift] * 3 + [0.0] * 3
 
 
 @pytest.mark.parametrize(("shape", "dim"), [((700, 300), 1), ((300, 700), 0), ((60, 30, 9, 9), 1)])
-def test_channel_rounding_on_levels_matches_the_chain(shape: tuple[int, ...], dim: int) -> None:
+def test_channel_rounding_on_levels_matches_the_chain(
+    fast_path: str, shape: tuple[int, ...], dim: int
+) -> None:
     # Integer levels times a power of two per channel, each channel reaching level 7: the
     # arithmetic is exact, every value sits on a level and rounds to it whatever the noise.
     gen = torch.Generator().manual_seed(3)
@@ -118,7 +153,7 @@ def test_channel_rounding_on_levels_matches_the_chain(shape: tuple[int, ...], di
 # Random numbers
 
 
-def test_stochastic_rounding_is_unbiased_and_reproducible() -> None:
+def test_stochastic_rounding_is_unbiased_and_reproducible(fast_path: str) -> None:
     x = torch.full((BIG,), 0.3137)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     a = quantise.stochastic_rounding(x, input_range=[0.0, 1.0], num_levels=11, generator=g1)
@@ -132,16 +167,34 @@ def test_stochastic_rounding_is_unbiased_and_reproducible() -> None:
     assert not torch.equal(a, c)
 
 
-def test_uniform_noise_grid_and_range() -> None:
-    noise = kernels.add_uniform_noise_(torch.zeros(50_001), torch.Generator().manual_seed(0))
-    k = noise * 2**16 - 0.5
-    assert torch.equal(k, k.round()) and k.min() >= 0 and k.max() <= 2**16 - 1
-    assert abs(noise.mean().item() - 0.5) < 0.01
-    assert noise.unique().numel() > 20_000
+@pytest.mark.parametrize("fraction", [0.0, 1e-3, 0.25, 0.5, 0.9])
+def test_stochastic_floor_rounds_up_with_the_fraction(fraction: float) -> None:
+    n = 400_000
+    levels = torch.full((n,), 41.0 + fraction, dtype=torch.float64)
+    out = kernels.stochastic_floor_(levels, torch.Generator().manual_seed(0))
+    assert set(out.unique().tolist()) <= {41.0, 42.0}
+    up = (out == 42.0).double().mean().item()
+    assert abs(up - fraction) <= 4 * math.sqrt(max(fraction * (1 - fraction), 1e-6) / n)
+
+
+def test_hash_bits_are_uniform_and_positional() -> None:
+    bits = kernels.hash_bits(0, 1 << 20, key=12345)
+    assert bits.min() >= 0 and bits.max() < 2**32
+    assert bits.unique().numel() == bits.numel()  # a bijection of the index
+    u = bits.double() / 2**32
+    assert abs(u.mean().item() - 0.5) < 0.002
+    # Neighbouring elements are uncorrelated; each bit is set half of the time.
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()) < 0.01
+    for bit in (0, 7, 16, 31):
+        assert abs(((bits >> bit) & 1).double().mean().item() - 0.5) < 0.005
+    assert torch.equal(kernels.hash_bits(1000, 24, key=12345), bits[1000:1024])
+    assert not torch.equal(kernels.hash_bits(0, 1000, key=12346), bits[:1000])
+    # Indices past 2**32 take their high word into account.
+    assert not torch.equal(kernels.hash_bits(2**32, 1000, key=12345), bits[:1000])
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.97, 1.0])
-def test_drop_mask_probability(p: float) -> None:
+def test_drop_mask_probability(fast_path: str, p: float) -> None:
     mask = kernels.drop_mask((200_000,), p, generator=torch.Generator().manual_seed(1))
     assert mask.dtype == torch.bool
     assert abs(mask.float().mean().item() - p) < 0.005
@@ -154,6 +207,15 @@ def test_zero_dropped_is_masked_fill_of_the_same_mask(dtype: torch.dtype, p: flo
     fast = kernels.zero_dropped(x, p, generator=torch.Generator().manual_seed(5))
     mask = kernels.drop_mask(x.shape, p, generator=torch.Generator().manual_seed(5))
     assert _identical(fast, x.masked_fill(mask, 0.0))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_dropout_fast_paths_match_the_masked_fill(fast_path: str, p: float) -> None:
+    x = _data()
+    out = quantise.dropout(x, p, generator=torch.Generator().manual_seed(5))
+    mask = kernels.drop_mask(x.shape, p, generator=torch.Generator().manual_seed(5))
+    assert _identical(out, x.masked_fill(mask, 0.0))
+    assert abs((out == 0).double().mean().item() - p) < 0.01
 
 
 def test_dropout_gradient_is_the_mask() -> None:
@@ -174,7 +236,7 @@ def test_map_blocks_cuts_rows_only_where_parameters_broadcast() -> None:
     calls: list[tuple[int, ...]] = []
 
     def fn(param: torch.Tensor):  # type: ignore[no-untyped-def]
-        def chain(block: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        def chain(block: torch.Tensor, out: torch.Tensor | None, start: int) -> torch.Tensor:
             calls.append(tuple(block.shape))
             return torch.sub(block, param, out=out)
 
@@ -187,13 +249,21 @@ def test_map_blocks_cuts_rows_only_where_parameters_broadcast() -> None:
     assert calls == [tuple(x.shape)]
 
 
+def test_map_blocks_passes_each_block_its_start() -> None:
+    x = torch.zeros(BIG)
+    out = kernels.map_blocks(
+        lambda block, out, start: torch.arange(start, start + block.numel(), dtype=x.dtype), x
+    )
+    assert torch.equal(out, torch.arange(BIG, dtype=x.dtype))
+
+
 def test_map_blocks_refuses_a_shape_change() -> None:
     with pytest.raises(ValueError, match="element-wise"):
-        kernels.map_blocks(lambda block, out: block[:1], torch.zeros(BIG))
+        kernels.map_blocks(lambda block, out, start: block[:1], torch.zeros(BIG))
 
 
 def test_map_blocks_keeps_a_promoting_chain_whole() -> None:
-    out = kernels.map_blocks(lambda block, out: block.double(), torch.zeros(BIG))
+    out = kernels.map_blocks(lambda block, out, start: block.double(), torch.zeros(BIG))
     assert out.dtype == torch.float64
 
 

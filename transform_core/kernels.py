@@ -8,64 +8,88 @@ one. On CPU a fresh buffer of many megabytes costs more than the arithmetic on i
 operating system maps each page on first touch. A chain of ten steps then costs several
 times a plain copy.
 
-Three remedies live here, and one for CUDA beside it:
+The remedies, for large CPU tensors (:data:`SMALL` elements or more):
 
+- Compiled kernels (:mod:`transform_core.cpu_kernels`, with Numba) run each transform as
+  one pass over memory on all of torch's threads. They compute exactly what the chains
+  compute, so they change speed, never results. They load in a background thread once
+  a process has spent :data:`LOAD_AFTER_SECONDS` in the chains (:func:`compiled_kernels`);
+  until then, or without Numba, the chains run.
 - :func:`map_blocks` runs a chain block by block (:data:`BLOCK` elements at a time) and
   writes each block's result into one output tensor. The blocks of input, temporaries
   and output stay in cache from the first step to the last, the temporaries are small
   enough for the allocator to recycle, and the only large allocation is the result. The
   chain itself is unchanged, so results are bit-for-bit those of the whole-tensor chain.
+- :func:`empty_like` allocates large results in transparent huge pages where the system
+  allows, which makes their first touch several times cheaper.
 - :class:`LevelMap` pins the top and zero levels with vectorised operations (a clamp, an
   exact gap added through a float mask, ``hardshrink``) where it can prove them exact;
   boolean masks and ``masked_fill`` are not vectorised on CPU and cost more than the
   rest of a rounding. :func:`abs_max` finds ``max|x|`` without an ``abs()`` copy.
-- :func:`add_uniform_noise_`, :func:`drop_mask` and :func:`zero_dropped` draw random
-  numbers cheaply on CPU. The generator's Mersenne Twister costs about the same per draw
-  whether the draw becomes one float or 64 random bits, so one 64-bit draw here gives
-  four 16-bit noise values ``(k + 0.5) / 2**16`` (rounding up with probability within
-  ``2**-17`` of the exact fraction) or two 32-bit dropout thresholds (drop probability
-  exact to ``2**-32``). Streams are reproducible from the generator's state.
+- Random numbers are counter-based (:func:`hash_bits`): one draw from the caller's
+  generator keys a call, and element ``i`` gets a hash of ``i`` and the key. Threads,
+  blocks and the compiled kernels then draw the same numbers for the same element, and
+  making them costs a few integer operations rather than a Mersenne Twister step each.
+  :func:`stochastic_floor_` rounds up with probability within ``2**-24`` of the
+  fraction; :func:`drop_mask` and :func:`zero_dropped` drop with probability exact to
+  ``2**-32``.
 - On CUDA, :mod:`transform_core.cuda_kernels` runs the rounding as one Triton kernel
   and finds the data range in one pass.
 
-Tensors below :data:`SMALL` elements take the plain chains: there the fast paths' fixed
-cost per call outweighs what they save. ``torch.compile`` would fuse each chain into one
-pass on CPU too, but it costs seconds per process before its first call (6 s with a warm
-cache, 20 s cold, on two cores), more than it saves when a checkpoint is quantised once.
+Tensors below :data:`SMALL` elements take the plain chains with ``torch.rand`` noise:
+there the fast paths' fixed cost per call outweighs what they save. ``torch.compile``
+would fuse each chain too, but it costs seconds per process before its first call (6 s
+with a warm cache, 20 s cold, on two cores), on the caller's time.
 
-:func:`fast_paths` turns all of this off for a block of code, which is how the benchmarks
-compare both sides in one run.
+:func:`fast_paths` turns all of this off for a block of code and :func:`compiled` only the
+compiled kernels, which is how the benchmarks compare the paths in one run.
 
 Example:
     >>> x = torch.linspace(-1.0, 1.0, 5)
-    >>> map_blocks(lambda block, out: torch.mul(block, 2, out=out), x)
+    >>> map_blocks(lambda block, out, start: torch.mul(block, 2, out=out), x)
     tensor([-2., -1.,  0.,  1.,  2.])
-    >>> g = torch.Generator().manual_seed(0)
-    >>> noisy = add_uniform_noise_(torch.zeros(1000), g)
-    >>> bool(((noisy > 0) & (noisy < 1)).all())
-    True
+    >>> levels = torch.full((SMALL,), 2.25)
+    >>> rounded = stochastic_floor_(levels, torch.Generator().manual_seed(0))
+    >>> sorted(set(rounded.tolist()))
+    [2.0, 3.0]
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "BLOCK",
+    "LOAD_AFTER_SECONDS",
     "SMALL",
     "LevelMap",
     "abs_max",
-    "add_uniform_noise_",
+    "compiled",
+    "compiled_enabled",
+    "compiled_kernels",
     "drop_mask",
+    "drop_threshold",
+    "empty_like",
     "fast_paths",
     "fast_paths_enabled",
+    "hash_bits",
+    "large_cpu",
     "map_blocks",
+    "random_key",
+    "stochastic_floor_",
+    "wait_for_compiled_kernels",
     "zero_dropped",
 ]
 
@@ -114,7 +138,144 @@ def fast_paths(enabled: bool = True) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------
+# Compiled kernels
+
+
+#: Seconds of tensor chains on large CPU tensors after which a process starts loading the
+#: compiled kernels. Loading takes about a second (Numba, then its cached machine code; a
+#: first compilation after installing takes several); a process exits only once it is done.
+#: Waiting for this much work first keeps that cost in proportion: a program that
+#: transforms a few tensors once never pays it, and one that trains or quantises a large
+#: network pays it at most once, early, beside work it then speeds up.
+LOAD_AFTER_SECONDS = 1.0
+
+
+class _Compiled:
+    """The compiled CPU kernels' loading state: loaded once per process, in the background."""
+
+    module: Any = None
+    thread: threading.Thread | None = None
+    failure: str | None = None
+    chain_seconds = 0.0
+    lock = threading.Lock()
+
+
+def _load_compiled() -> None:
+    try:
+        from transform_core import cpu_kernels
+
+        cpu_kernels.warm_up()
+        _Compiled.module = cpu_kernels
+    except Exception as error:  # any failure means: keep the tensor chains
+        _Compiled.failure = f"{type(error).__name__}: {error}"
+
+
+def _join_loader() -> None:
+    # A process must not exit while the loader is inside the compiler.
+    thread = _Compiled.thread
+    if thread is not None:
+        thread.join()
+
+
+def _start_loading() -> None:
+    if os.environ.get("ROCKQ_COMPILED_KERNELS", "1") == "0":
+        return
+    with _Compiled.lock:
+        if _Compiled.thread is None and _Compiled.failure is None:
+            _Compiled.thread = threading.Thread(
+                target=_load_compiled, name="rockq-compile", daemon=True
+            )
+            atexit.register(_join_loader)
+            _Compiled.thread.start()
+
+
+def _chain_ran(seconds: float) -> None:
+    """Count time spent in tensor chains on large CPU tensors; start loading when it is due."""
+    _Compiled.chain_seconds += seconds
+    if (
+        _Compiled.thread is None
+        and _Compiled.chain_seconds >= LOAD_AFTER_SECONDS
+        and compiled_enabled()
+    ):
+        _start_loading()
+
+
+def compiled_kernels() -> ModuleType | None:
+    """The compiled CPU kernels (:mod:`transform_core.cpu_kernels`) if loaded, else ``None``.
+
+    They load in a background thread once the process has spent
+    :data:`LOAD_AFTER_SECONDS` in the tensor chains that they replace (or at once, with
+    :func:`wait_for_compiled_kernels`), so no transform waits for them. Until then, and
+    where Numba is missing or fails, the tensor chains run and give the same results.
+    Turned off by :func:`compiled` or by setting ``ROCKQ_COMPILED_KERNELS=0``.
+    """
+    return _Compiled.module if compiled_enabled() else None
+
+
+def wait_for_compiled_kernels() -> ModuleType | None:
+    """Load the compiled kernels now and return them (``None`` if they cannot load).
+
+    Example:
+        >>> kernels = wait_for_compiled_kernels()  # None without Numba
+    """
+    _start_loading()
+    _join_loader()
+    return compiled_kernels()
+
+
+def compiled_enabled() -> bool:
+    """Whether compiled kernels may run in this thread (see :func:`compiled`)."""
+    return fast_paths_enabled() and bool(getattr(_state, "compiled", True))
+
+
+@contextlib.contextmanager
+def compiled(enabled: bool = True) -> Iterator[None]:
+    """Allow or forbid the compiled CPU kernels inside a ``with`` block, in this thread.
+
+    With them off the tensor chains run, block by block: the same results, more slowly.
+    The benchmarks compare both sides this way.
+
+    Example:
+        >>> with compiled(False):
+        ...     compiled_kernels() is None
+        True
+    """
+    before = getattr(_state, "compiled", True)
+    _state.compiled = enabled
+    try:
+        yield
+    finally:
+        _state.compiled = before
+
+
+# --------------------------------------------------------------------------------------
 # Block-wise execution on CPU
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def empty_like(value: Tensor) -> Tensor:
+    """A contiguous uninitialised CPU tensor shaped and typed like ``value``, cheap to fill.
+
+    Writing a fresh buffer of many megabytes costs more than computing its values: the
+    operating system maps and zeroes each 4 KiB page on first touch. NumPy asks for
+    transparent huge pages (2 MiB) for large buffers where the system allows it, which
+    makes that first touch several times cheaper; torch's allocator does not by default.
+    So large float results are allocated by NumPy and shared with torch, without a copy.
+
+    Example:
+        >>> empty_like(torch.zeros(2, 3)).shape
+        torch.Size([2, 3])
+    """
+    np_dtype = _NUMPY_DTYPES.get(value.dtype)
+    if (
+        value.device.type != "cpu"
+        or np_dtype is None
+        or value.numel() * value.element_size() < (1 << 22)
+    ):
+        return torch.empty_like(value, memory_format=torch.contiguous_format)
+    return torch.from_numpy(np.empty(tuple(value.shape), dtype=np_dtype))
 
 
 def _row_blocks(value: Tensor, params: Sequence[object]) -> Tensor | None:
@@ -135,21 +296,22 @@ def _row_blocks(value: Tensor, params: Sequence[object]) -> Tensor | None:
 
 
 def map_blocks(
-    fn: Callable[[Tensor, Tensor | None], Tensor],
+    fn: Callable[[Tensor, Tensor | None, int], Tensor],
     value: Tensor,
     params: Sequence[object] = (),
 ) -> Tensor:
-    """Compute ``fn(value, None)`` block by block on CPU, for an element-wise ``fn``.
+    """Compute ``fn(value, None, 0)`` block by block on CPU, for an element-wise ``fn``.
 
-    ``fn(block, out)`` computes the function of ``block``. ``out`` is the matching block of
-    the result (``value``'s dtype), or ``None`` when the value is not cut: ``fn`` may write
-    into it and return it, which saves a copy; any other tensor it returns is copied
-    there. ``fn`` must act on each element independently (broadcasting against
+    ``fn(block, out, start)`` computes the function of ``block``, which starts at flat
+    element ``start`` of ``value`` (for position-keyed random bits, see :func:`hash_bits`).
+    ``out`` is the matching block of the result (``value``'s dtype), or ``None`` when the
+    value is not cut: ``fn`` may write into it and return it, which saves a copy; any
+    other tensor it returns is copied there. ``fn`` must act on each element independently (broadcasting against
     ``params``), keep the shape, and not need a gradient through it.
 
     Large contiguous CPU tensors are cut into blocks of about :data:`BLOCK` elements.
     Anything else (CUDA, small or non-contiguous tensors, a value that needs a gradient,
-    fast paths off, a result whose dtype is not ``value``'s) gets ``fn(value, None)``.
+    fast paths off, a result whose dtype is not ``value``'s) gets ``fn(value, None, 0)``.
 
     Args:
         fn: Element-wise function of a tensor, with an optional output block.
@@ -158,15 +320,28 @@ def map_blocks(
             they decide how the value may be cut. Anything else in it is ignored.
 
     Returns:
-        ``fn(value, None)``, bit-for-bit.
+        ``fn(value, None, 0)``, bit-for-bit.
 
     Example:
         >>> lo = torch.tensor([[0.0, 10.0]])
-        >>> map_blocks(lambda v, out: torch.sub(v, lo, out=out), torch.ones(3, 2), [lo])
+        >>> map_blocks(lambda v, out, start: torch.sub(v, lo, out=out), torch.ones(3, 2), [lo])
         tensor([[ 1., -9.],
                 [ 1., -9.],
                 [ 1., -9.]])
     """
+    if not large_cpu(value):
+        return _map_blocks(fn, value, params)
+    started = time.perf_counter()
+    out = _map_blocks(fn, value, params)
+    _chain_ran(time.perf_counter() - started)
+    return out
+
+
+def _map_blocks(
+    fn: Callable[[Tensor, Tensor | None, int], Tensor],
+    value: Tensor,
+    params: Sequence[object],
+) -> Tensor:
     if (
         value.device.type != "cpu"
         or value.numel() <= BLOCK
@@ -174,18 +349,18 @@ def map_blocks(
         or (value.requires_grad and torch.is_grad_enabled())
         or not fast_paths_enabled()
     ):
-        return fn(value, None)
+        return fn(value, None, 0)
     rows = _row_blocks(value, params)
     if rows is None:
-        return fn(value, None)
+        return fn(value, None, 0)
     per_row = rows[0].numel() if rows.dim() > 1 else 1
     step = max(1, BLOCK // per_row)
-    out = torch.empty_like(value)
+    out = empty_like(value)
     out_rows = out.view(rows.shape)
     for start in range(0, rows.shape[0], step):
         block = rows[start : start + step]
         target = out_rows[start : start + step]
-        result = fn(block, target)
+        result = fn(block, target, start * per_row)
         if result is target or (
             result.data_ptr() == target.data_ptr() and result.shape == target.shape
         ):
@@ -197,7 +372,7 @@ def map_blocks(
             )
         if result.dtype != value.dtype and start == 0:
             # The whole chain would promote; blocks would have to cast.
-            return fn(value, None)
+            return fn(value, None, 0)
         target.copy_(result)
     return out
 
@@ -206,38 +381,100 @@ def map_blocks(
 # Random numbers
 
 
-def add_uniform_noise_(levels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Add uniform noise on ``(0, 1)`` to ``levels`` in place, for stochastic rounding.
+#: Constants of :func:`hash_bits`: a Weyl step spreads neighbouring indices, then the
+#: murmur3 finaliser mixes every input bit into every output bit.
+HASH_GOLDEN = 0x9E3779B9
+HASH_HIGH = 0x85EBCA77
+HASH_M1 = 0x85EBCA6B
+HASH_M2 = 0xC2B2AE35
+_M32 = 0xFFFFFFFF
 
-    ``floor(levels + noise)`` then rounds up with probability (close to) the fractional
-    part. On CPU the noise is ``(k + 0.5) / 2**16`` with ``k`` uniform on ``[0, 2**16)``,
-    four values from each 64-bit draw of ``generator``: the probability of rounding up is
-    within ``2**-17`` of the exact fraction, far below a level's resolution. Elsewhere (on
-    other devices, below :data:`SMALL` elements, fast paths off) it is ``torch.rand``
-    noise in ``levels``'s dtype.
+
+def random_key(generator: torch.Generator | None = None) -> int:
+    """Draw a 32-bit key for :func:`hash_bits` from ``generator`` (a CPU generator).
+
+    One draw per transform call: the generator's state advances the same way however
+    large the tensor is and however it is processed.
+    """
+    word = torch.empty((), dtype=torch.int64).random_(0, 2**32, generator=generator)
+    return int(word)
+
+
+def hash_bits(start: int, count: int, key: int) -> Tensor:
+    """32 random bits (as int64 in ``[0, 2**32)``) for flat elements ``start .. start+count-1``.
+
+    Counter-based: element ``i`` of a tensor always gets the same bits for the same
+    ``key``, whichever block or thread computes it, so a transform cut into blocks, or run
+    by a compiled kernel (:mod:`transform_core.cpu_kernels`, which computes the same
+    function), gives the same result as one made in a single piece.
 
     Args:
-        levels: Level indices (floating point); modified in place.
-        generator: Source of the random bits, on ``levels``'s device.
+        start: Flat index of the first element.
+        count: Number of elements.
+        key: From :func:`random_key`.
+
+    Example:
+        >>> bits = hash_bits(0, 4, key=7)
+        >>> torch.equal(bits[2:], hash_bits(2, 2, key=7))
+        True
+        >>> bool(((bits >= 0) & (bits < 2**32)).all())
+        True
+    """
+    index = torch.arange(start, start + count, dtype=torch.int64)
+    h = torch.bitwise_and(index, _M32).mul_(HASH_GOLDEN).bitwise_and_(_M32)
+    if start + count > 2**32:
+        h.bitwise_xor_(index.bitwise_right_shift_(32).mul_(HASH_HIGH).bitwise_and_(_M32))
+    h.bitwise_xor_(key)
+    h.bitwise_xor_(h >> 16).mul_(HASH_M1).bitwise_and_(_M32)
+    h.bitwise_xor_(h >> 13).mul_(HASH_M2).bitwise_and_(_M32)
+    return h.bitwise_xor_(h >> 16)
+
+
+def large_cpu(value: Tensor) -> bool:
+    """Whether ``value`` takes the CPU fast paths: on CPU, :data:`SMALL` elements or more,
+    fast paths on. Such tensors draw :func:`hash_bits` random numbers."""
+    return value.device.type == "cpu" and fast_paths_enabled() and value.numel() >= SMALL
+
+
+def stochastic_floor_(
+    levels: Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    key: int | None = None,
+    start: int = 0,
+) -> Tensor:
+    """Round ``levels`` down or up at random, up with probability its fractional part.
+
+    On CPU for :data:`SMALL` elements or more, ``levels`` rounds up when the top 24 of its
+    :func:`hash_bits` fall below ``fraction * 2**24``: the probability is within ``2**-24``
+    of the fraction. Elsewhere (other devices, small tensors, fast paths off) it is
+    ``floor(levels + torch.rand(...))``.
+
+    Args:
+        levels: Level indices (floating point); may be overwritten.
+        generator: Source of the random numbers, on ``levels``'s device.
+        key: The key of the random bits, if drawn already (the blocks of one tensor share it).
+        start: Flat index of ``levels``'s first element within the whole tensor.
 
     Returns:
-        ``levels``.
+        The rounded levels.
     """
-    if levels.device.type != "cpu" or not fast_paths_enabled() or levels.numel() < SMALL:
+    if not large_cpu(levels) and key is None:
         noise = torch.rand(
             levels.shape, generator=generator, device=levels.device, dtype=levels.dtype
         )
-        return levels.add_(noise)
-    n = levels.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64)
-    # The full 64-bit range takes one 64-bit draw per word.
-    words.random_(-(2**63), None, generator=generator)
-    bits = words.view(torch.int16)[:n].view(levels.shape)
-    # k + 32768.5 and its scaling by 2**-16 are exact in float32 and float64; half
-    # precision cannot hold the 17 significant bits, so its noise is made in float32.
-    dtype = levels.dtype if levels.dtype in (torch.float32, torch.float64) else torch.float32
-    # alpha * noise is exact (a power of two), so levels + u is rounded once.
-    return levels.add_(bits.to(dtype).add_(32768.5), alpha=2.0**-16)
+        return levels.add_(noise).floor_()
+    if key is None:
+        key = random_key(generator)
+    floor = torch.floor(levels)
+    scaled = levels.sub_(floor).mul_(2.0**24)  # the fraction, exactly, times 2**24 (exact)
+    noise = hash_bits(start, levels.numel(), key).bitwise_right_shift_(8).view(levels.shape)
+    return floor.add_(torch.lt(noise, scaled, out=torch.empty_like(scaled)))
+
+
+def drop_threshold(drop_prob: float) -> int:
+    """Elements whose :func:`hash_bits` fall below this drop: probability exact to ``2**-32``."""
+    return round(drop_prob * 2.0**32)
 
 
 def drop_mask(
@@ -249,9 +486,10 @@ def drop_mask(
 ) -> Tensor:
     """A boolean mask that is ``True`` (drop) with probability ``drop_prob`` per element.
 
-    On CPU each 64-bit draw of ``generator`` makes two 32-bit thresholds, so the drop
-    probability is exact to ``2**-32``. Elsewhere (on other devices, below :data:`SMALL`
-    elements, fast paths off) it is ``torch.rand(shape) < drop_prob``.
+    On CPU for :data:`SMALL` elements or more, an element drops when its
+    :func:`hash_bits` fall below ``round(drop_prob * 2**32)``, so the probability is
+    exact to ``2**-32``. Elsewhere (on other devices, small masks, fast paths off) it is
+    ``torch.rand(shape) < drop_prob``.
 
     Args:
         shape: Shape of the mask.
@@ -272,14 +510,8 @@ def drop_mask(
     n = math.prod(shape)
     if device.type != "cpu" or not fast_paths_enabled() or n < SMALL:
         return torch.rand(shape, generator=generator, device=device) < drop_prob
-    words = torch.empty((n + 1) // 2, dtype=torch.int64)
-    words.random_(-(2**63), None, generator=generator)
-    bits = words.view(torch.int32)[:n].view(shape)
-    # A signed 32-bit k is below t - 2**31 with probability t / 2**32, t = p * 2**32.
-    threshold = round(drop_prob * 2.0**32) - 2**31
-    if threshold > 2**31 - 1:
-        return torch.ones(shape, dtype=torch.bool)
-    return bits < threshold
+    key = random_key(generator)
+    return hash_bits(0, n, key).view(shape) < drop_threshold(drop_prob)
 
 
 _SAME_SIZE_INT = {
@@ -295,20 +527,23 @@ def zero_dropped(
     drop_prob: float,
     *,
     generator: torch.Generator | None = None,
+    key: int | None = None,
+    start: int = 0,
     out: Tensor | None = None,
 ) -> Tensor:
     """``value.masked_fill(drop_mask(value.shape, drop_prob), 0.0)``: dropout without rescaling.
 
     Dropped values become ``+0.0``, infinities and ``NaN`` included; kept values are
-    unchanged, bit for bit. On CPU (no gradient needed) the mask is made and applied as
-    integers: ``bits & -(random >= threshold)``, three vectorised operations where
-    boolean masks and ``masked_fill`` are not vectorised. The random stream and the
-    result are those of :func:`drop_mask` and ``masked_fill``.
+    unchanged, bit for bit. On CPU (no gradient needed) the mask is applied as integers,
+    ``bits & -(keep)``, where boolean masks and ``masked_fill`` are not vectorised. The
+    random bits and the result are those of :func:`drop_mask` and ``masked_fill``.
 
     Args:
         value: Floating-point values.
         drop_prob: Probability of dropping each value, in ``[0, 1]``.
         generator: Source of the random bits, on ``value``'s device.
+        key: The key of the random bits, if drawn already (the blocks of one tensor share it).
+        start: Flat index of ``value``'s first element within the whole tensor.
         out: Where to write the result on the fast path (shaped and typed like ``value``).
 
     Returns:
@@ -319,28 +554,23 @@ def zero_dropped(
         tensor([0., 0.])
     """
     int_dtype = _SAME_SIZE_INT.get(value.dtype)
-    if (
-        int_dtype is None
-        or value.device.type != "cpu"
-        or (value.requires_grad and torch.is_grad_enabled())
-        or not value.is_contiguous()
-        or not fast_paths_enabled()
-        or value.numel() < SMALL
-    ):
+    if key is None and not large_cpu(value):
         drop = drop_mask(value.shape, drop_prob, device=value.device, generator=generator)
         return value.masked_fill(drop, 0.0)
-    n = value.numel()
-    words = torch.empty((n + 1) // 2, dtype=torch.int64)
-    words.random_(-(2**63), None, generator=generator)
-    bits = words.view(torch.int32)[:n].view(value.shape)
-    threshold = round(drop_prob * 2.0**32) - 2**31
+    if key is None:
+        key = random_key(generator)
+    keep = hash_bits(start, value.numel(), key).view(value.shape) >= drop_threshold(drop_prob)
+    if (
+        int_dtype is None
+        or not value.is_contiguous()
+        or (value.requires_grad and torch.is_grad_enabled())
+    ):
+        return value.masked_fill(~keep, 0.0)
     if out is None:
         out = torch.empty_like(value)
-    if threshold > 2**31 - 1:
-        return out.zero_()
-    # keep: 1 where bits >= threshold (the complement of drop_mask), then -1: all bits set.
-    keep = torch.ge(bits, threshold, out=torch.empty(value.shape, dtype=int_dtype)).neg_()
-    torch.bitwise_and(value.view(int_dtype), keep, out=out.view(int_dtype))
+    # keep as 1 or 0, negated: all bits set, or none.
+    mask = keep.to(int_dtype).neg_()
+    torch.bitwise_and(value.view(int_dtype), mask, out=out.view(int_dtype))
     return out
 
 

@@ -34,6 +34,7 @@ Where the reference misbehaves, these functions define the result instead:
 
 from __future__ import annotations
 
+import decimal
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -241,6 +242,18 @@ def _finite_range(
     return lo, hi
 
 
+def _compiled_for(value: Tensor) -> Any:
+    """The compiled CPU kernels if they take ``value`` (a large contiguous float32/64 CPU
+    tensor) and are loaded, else ``None``."""
+    if (
+        not kernels.large_cpu(value)
+        or value.dtype not in (torch.float32, torch.float64)
+        or not value.is_contiguous()
+    ):
+        return None
+    return kernels.compiled_kernels()
+
+
 class _Plan:
     """Everything needed to map values to level indices and back, for one call."""
 
@@ -322,17 +335,52 @@ class _Plan:
         )
         if fused is not None:
             return fused
+        # Large CPU tensors take position-keyed random bits, one key per call, so that the
+        # compiled kernel and the chain cut into blocks draw the same numbers.
+        key = kernels.random_key(generator) if stochastic and kernels.large_cpu(value) else None
+        compiled = _compiled_for(value)
+        if compiled is not None:
+            layout = self._channel_layout(value)
+            if layout is not None:
+                params, channel_dim = layout
+                return compiled.round_levels(  # type: ignore[no-any-return]
+                    value, params, channel_dim, self.top, stochastic, key or 0
+                )
 
-        def chain(block: Tensor, out: Tensor | None) -> Tensor:
+        def chain(block: Tensor, out: Tensor | None, start: int) -> Tensor:
             levels = self.levels(block, out)
             if stochastic:
-                levels = kernels.add_uniform_noise_(levels, generator).floor_()
+                levels = kernels.stochastic_floor_(levels, generator, key=key, start=start)
             else:
                 levels = levels.round_()
             return self.finish(block, levels)
 
         # Per-channel tensors in the plan decide how the value can be cut into blocks.
         return kernels.map_blocks(chain, value, list(vars(self).values()))
+
+    def _channel_layout(self, value: Tensor) -> tuple[Tensor, int | None] | None:
+        """The plan as the compiled kernel's ``(6, channels)`` table, and the channel dim.
+
+        ``None`` where the kernel does not apply: a zero-width input range with an explicit
+        output range (rare; the chain handles it), or parameters that vary along more than
+        one dimension (no plan made here does that).
+        """
+        if not self.default_output and (
+            self.degenerate is True
+            or (isinstance(self.degenerate, Tensor) and bool(self.degenerate.any()))
+        ):
+            return None
+        zero_level = -1.0 if self.zero_level is None else self.zero_level
+        columns = [self.in_lo, self.in_quantum, self.out_lo, self.out_quantum, self.out_hi]
+        tensors = [torch.as_tensor(c, dtype=value.dtype) for c in [*columns, zero_level]]
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))  # type: ignore[no-untyped-call]
+        varying = [d for d, n in enumerate(shape) if n > 1]
+        if len(varying) > 1 or len(shape) > value.dim():
+            return None
+        channel_dim = varying[0] + value.dim() - len(shape) if varying else None
+        width = shape[varying[0]] if varying else 1
+        table = torch.stack([t.expand(shape).reshape(-1) for t in tensors]).reshape(6, width)
+        return table.contiguous(), channel_dim
 
     def finish(self, value: Tensor, levels: Tensor) -> Tensor:
         """Saturate level indices, map them to the output space, and handle edge cases."""
@@ -673,8 +721,11 @@ def int_quant(
     limit = float(2 ** (max(bits, max_bits if map_to_max else bits) - 1) - 1)
 
     def compute(x: Tensor) -> Tensor:
+        compiled = _compiled_for(x)
+        if compiled is not None:
+            return compiled.int_quant(x, float(centre), float(scale), limit)  # type: ignore[no-any-return]
         return kernels.map_blocks(
-            lambda block, out: (
+            lambda block, out, start: (
                 torch.sub(block, centre, out=out).mul_(scale).round_().clamp_(-limit, limit)
             ),
             x,
@@ -717,15 +768,61 @@ def dropout(
     param = _as_float(param)
 
     # Zeroed (masked_fill) rather than multiplied by the mask: a dropped inf or NaN is zero
-    # too, not NaN. Block by block on large CPU tensors, so the masks stay in cache.
+    # too, not NaN. Large CPU tensors: one key of position-keyed random bits, then one
+    # compiled pass, or the chain block by block so that the masks stay in cache.
+    if not kernels.large_cpu(param):
+        return kernels.zero_dropped(param, dropout_prob, generator=generator)
+    key = kernels.random_key(generator)
+    compiled = None if param.requires_grad and torch.is_grad_enabled() else _compiled_for(param)
+    if compiled is not None:
+        return compiled.dropout(param, kernels.drop_threshold(dropout_prob), key)  # type: ignore[no-any-return]
     return kernels.map_blocks(
-        lambda block, out: kernels.zero_dropped(block, dropout_prob, generator=generator, out=out),
+        lambda block, out, start: kernels.zero_dropped(
+            block, dropout_prob, key=key, start=start, out=out
+        ),
         param,
     )
 
 
 # --------------------------------------------------------------------------------------
 # Decay quantisation
+
+
+@functools.cache
+def _decay_tables(dtype: torch.dtype, work_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Thresholds and values of the bit-shift decays, for decays of ``dtype``.
+
+    A decay ``d`` has shift ``n = round(log2(tau / dt)) = round(log2(-1 / ln d))``, which is
+    at least ``k + 1`` exactly when ``d >= exp(-2**(-k - 1/2))``. So ``n`` is the number of
+    thresholds ``t_k = exp(-2**(-k - 1/2))`` at or below ``d``: one comparison per possible
+    shift instead of two logarithms and a rounding per value. Each ``t_k`` is computed to
+    40 digits and rounded up to ``work_dtype``, so comparing a ``work_dtype`` value with it
+    is comparing with the exact threshold. Shifts run up to the largest whose decay
+    ``1 - 2**-n`` is still below 1 in ``dtype``; decays at or above 1 get that one.
+
+    Returns:
+        ``(thresholds, values)``: ``values[n] = 1 - 2**-n`` in ``dtype``.
+    """
+    max_shift = round(-math.log2(torch.finfo(dtype).eps)) + 1
+    with decimal.localcontext() as context:
+        context.prec = 40
+        half = decimal.Decimal(2).sqrt() / 2  # 2**(-1/2)
+        exact = [(-(half / decimal.Decimal(2) ** k)).exp() for k in range(max_shift)]
+    thresholds = torch.tensor([_round_up(t, work_dtype) for t in exact], dtype=work_dtype)
+    values = torch.tensor([1.0 - 2.0**-n for n in range(max_shift + 1)], dtype=torch.float64)
+    return thresholds, values.to(dtype)
+
+
+def _round_up(exact: decimal.Decimal, dtype: torch.dtype) -> float:
+    """The smallest value of ``dtype`` at or above ``exact`` (a number in (0, 1))."""
+    up, down = torch.tensor(2.0, dtype=dtype), torch.tensor(0.0, dtype=dtype)
+    value = torch.tensor(float(exact), dtype=dtype)  # the nearest value, or next to it
+    while decimal.Decimal(float(value)) < exact:
+        value = torch.nextafter(value, up)
+    below = torch.nextafter(value, down)
+    while decimal.Decimal(float(below)) >= exact:
+        value, below = below, torch.nextafter(below, down)
+    return float(value)
 
 
 class class_calc_q_decay:  # the reference API's name, kept
@@ -753,22 +850,21 @@ class class_calc_q_decay:  # the reference API's name, kept
     def calc_q_decay(self, decay: Tensor) -> Tensor:
         """Return the bit-shift decays for ``decay`` (same shape, dtype and device)."""
         decay = _as_float(decay)
-        # The largest shift whose decay 1 - 2**-n is still below 1 in this dtype.
-        max_shift = round(-math.log2(torch.finfo(decay.dtype).eps)) + 1
-
-        def chain(decay: Tensor, out: Tensor | None) -> Tensor:
-            # Half-precision logarithms are too coarse to place n reliably.
-            work = decay.float() if torch.finfo(decay.dtype).bits < 32 else decay
-            # Clamped to [0, the largest float below 1], a decay >= 1 gets a shift past any
-            # dtype's max_shift and a decay <= 0 gets log 0 = -inf, so shift 0: the clamp of
-            # the shift below then sets both ends, with no masks (slow on CPU). NaN stays NaN.
-            safe = work.clamp(0.0, 1.0 - torch.finfo(work.dtype).eps / 2)
-            # tau / dt = -1 / log(decay): dt cancels, and dividing by it first would underflow.
-            shift = torch.round(torch.log2(-1.0 / torch.log(safe))).clamp_(0, max_shift)
-            return (1.0 - torch.exp2(-shift)).to(decay.dtype)
-
+        # Half precision is compared in float32, which holds it exactly.
+        work_dtype = decay.dtype if torch.finfo(decay.dtype).bits >= 32 else torch.float32
+        thresholds, table = _decay_tables(decay.dtype, work_dtype)
         with torch.no_grad():
-            # Block by block on large CPU tensors: the chain makes a dozen temporaries.
+            compiled = _compiled_for(decay)
+            if compiled is not None:
+                return compiled.decay(decay, thresholds, table)  # type: ignore[no-any-return]
+            thresholds, table = thresholds.to(decay.device), table.to(decay.device)
+
+            def chain(block: Tensor, out: Tensor | None, start: int) -> Tensor:
+                work = block.to(work_dtype)
+                shift = torch.bucketize(work, thresholds, right=True)
+                return torch.where(torch.isnan(block), block, table[shift])
+
+            # Block by block on large CPU tensors: the chain makes a few temporaries.
             return kernels.map_blocks(chain, decay)
 
     def __call__(self, decay: Tensor) -> Tensor:

@@ -1,0 +1,244 @@
+"""Compiled CPU kernels: loaded in the background, used where they apply, same bits as the chains."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+import transform_core as tt
+from transform_core import kernels
+
+cpu_kernels = pytest.importorskip("transform_core.cpu_kernels", reason="needs Numba")
+
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@pytest.fixture(autouse=True)
+def _loaded() -> None:
+    assert kernels.wait_for_compiled_kernels() is cpu_kernels
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    nan = a.isnan()
+    return (
+        a.dtype == b.dtype
+        and torch.equal(nan, b.isnan())
+        and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+        and torch.equal(a.signbit() & ~nan, b.signbit() & ~nan)
+    )
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    for name in ("round_levels", "int_quant", "dropout", "decay"):
+        original = getattr(cpu_kernels, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cpu_kernels, name, counted)
+    return calls
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "stochastic": lambda x, g: tt.stochastic_rounding(x, generator=g),
+    "stochastic ranges": lambda x, g: tt.stochastic_rounding(
+        x, input_range=[-2, 2], output_range=[-127, 127], num_levels=255, generator=g
+    ),
+    "deterministic": lambda x, g: tt.deterministic_rounding(x, num_levels=15),
+    "deterministic off zero": lambda x, g: tt.deterministic_rounding(
+        x, output_range=[0.0, 3.0], maintain_zero=False, num_levels=16
+    ),
+    "int_quant": lambda x, g: tt.int_quant(x, n_bits=4),
+    "int_quant centred": lambda x, g: tt.int_quant(x, maintain_zero=False, map_to_max=True),
+    "dropout": lambda x, g: tt.dropout(x, 0.3, generator=g),
+    "t_decay": lambda x, g: tt.t_decay(torch.sigmoid(x) * 1.1),
+}
+CHANNEL: dict[str, Transform] = {
+    f"{kind} dim {dim}": (
+        lambda x, g, kind=kind, dim=dim: (
+            tt.stochastic_channel_rounding(x, [-1, 1], num_levels=16, dim=dim, generator=g)
+            if kind == "stochastic_channel"
+            else tt.deterministic_channel_rounding(x, num_levels=16, dim=dim)
+        )
+    )
+    for kind in ("stochastic_channel", "deterministic_channel")
+    for dim in (0, 1, -1)
+}
+
+
+def _data(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3
+    flat = x.view(-1)
+    flat[:4] = torch.tensor([math.nan, math.inf, -math.inf, -0.0])
+    return x.to(dtype)
+
+
+def _compare(fn: Transform, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting(monkeypatch)
+    fast = fn(x, torch.Generator().manual_seed(3))
+    assert calls, "the compiled kernel did not run"
+    with kernels.compiled(False):
+        blocks = fn(x, torch.Generator().manual_seed(3))
+    assert len(calls) == 1
+    assert _identical(fast, blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("shape", [(300_001,), (700, 500)])
+def test_compiled_kernels_give_the_chains_bits(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, name: str, shape: tuple[int, ...]
+) -> None:
+    _compare(TRANSFORMS[name], _data(shape, dtype), monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(CHANNEL))
+@pytest.mark.parametrize("shape", [(700, 500), (3, 500, 70), (64, 32, 5, 5)])
+def test_compiled_channel_rounding_gives_the_chains_bits(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, name: str, shape: tuple[int, ...]
+) -> None:
+    _compare(CHANNEL[name], _data(shape, dtype), monkeypatch)
+
+
+def test_kernels_are_left_to_the_chains_where_they_do_not_apply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _counting(monkeypatch)
+    big = _data((300_001,), torch.float32)
+    tt.deterministic_rounding(big.half())  # half precision
+    tt.deterministic_rounding(big[::2])  # not contiguous
+    tt.deterministic_rounding(big[:1000])  # small
+    tt.deterministic_rounding(torch.zeros(300_001), output_range=[-1.0, 1.0])  # zero width
+    w = big.clone().requires_grad_()
+    tt.dropout(w, 0.5)  # dropout's gradient is the mask, recorded by the chain
+    with kernels.fast_paths(False):
+        tt.deterministic_rounding(big)
+    assert calls == []
+
+
+def test_gradients_pass_straight_through_the_compiled_kernels() -> None:
+    w = _data((700, 500), torch.float32).nan_to_num(0.0, 0.0, 0.0).requires_grad_()
+    out = tt.stochastic_rounding(w, input_range=[-4, 4], output_range=[-8, 8])
+    out.sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, torch.full_like(w, 2.0))
+
+
+def test_hash_bits_are_the_kernels_bits() -> None:
+    start = 2**32 - 3000  # across the 2**32 boundary, where the high word joins in
+    for key in (0, 1, 2**31 + 17, 2**32 - 1):
+        want = kernels.hash_bits(start, 6000, key)
+        got = [int(cpu_kernels._bits(i, key)) for i in range(start, start + 6000, 97)]
+        assert got == want[::97].tolist()
+
+
+def test_decay_padding_never_counts() -> None:
+    x = torch.tensor([math.inf, 1.0, 0.999, 0.5, 0.0, math.nan])
+    thresholds, table = tt.quantise._decay_tables(torch.float32, torch.float32)
+    got = cpu_kernels.decay(x, thresholds, table)
+    with kernels.fast_paths(False):
+        want = tt.t_decay(x)
+    assert _identical(got, want)
+
+
+def test_empty_like_shares_numpy_memory_for_large_tensors() -> None:
+    big = kernels.empty_like(torch.zeros(1 << 21))
+    small = kernels.empty_like(torch.zeros(10))
+    assert big.shape == (1 << 21,) and big.dtype == torch.float32 and big.is_contiguous()
+    assert isinstance(big.numpy(), np.ndarray) and small.shape == (10,)
+
+
+def _run(code: str, **env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=True,
+        timeout=120,
+    )
+    return result.stdout.strip()
+
+
+_PROBE = """
+import sys, torch, transform_core as tt
+from transform_core import kernels
+x = torch.randn(300_001, generator=torch.Generator().manual_seed(0))
+first = tt.stochastic_rounding(x, generator=torch.Generator().manual_seed(1))
+ready = kernels.wait_for_compiled_kernels() is not None
+second = tt.stochastic_rounding(x, generator=torch.Generator().manual_seed(1))
+print(ready, torch.equal(first, second), sys.modules.get('numba') is not None)
+"""
+
+
+@pytest.mark.slow
+def test_a_fresh_process_loads_in_the_background_and_gets_the_same_values() -> None:
+    # The first call runs before the kernels are ready; the second runs compiled.
+    assert _run(_PROBE) == "True True True"
+
+
+@pytest.mark.slow
+def test_without_numba_or_when_turned_off_the_chains_run() -> None:
+    blocked = "import sys; sys.modules['numba'] = None\n" + _PROBE
+    assert _run(blocked) == "False True False"
+    assert _run(_PROBE, ROCKQ_COMPILED_KERNELS="0") == "False True False"
+
+
+def test_importing_transform_core_does_not_import_numba() -> None:
+    assert _run("import sys, transform_core; print('numba' in sys.modules)") == "False"
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_runs_the_kernels_on_threads_of_its_own(two_threads: None) -> None:
+    x = _data((1 << 20,), torch.float32)
+    want = cpu_kernels.int_quant(x, 0.0, 30.0, 127.0).numpy()  # the pool now has threads
+    assert cpu_kernels._pool is not None
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the kernels ran and agreed
+        # Only NumPy and the kernels here: torch's own thread pool does not survive a fork
+        # (which is why DataLoader workers run with one thread).
+        got = cpu_kernels.int_quant(x, 0.0, 30.0, 127.0).numpy()
+        os._exit(0 if np.array_equal(got, want, equal_nan=True) else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+_TRIGGER = """
+import torch, transform_core as tt
+from transform_core import kernels
+kernels.LOAD_AFTER_SECONDS = {after}
+tt.deterministic_rounding(torch.randn(300_001))
+print(kernels._Compiled.thread is not None)
+"""
+
+
+def test_loading_starts_only_after_enough_work_in_the_chains() -> None:
+    assert _run(_TRIGGER.format(after=1000.0)) == "False"
+    assert _run(_TRIGGER.format(after=0.0)) == "True"

@@ -1,0 +1,307 @@
+"""Compiled CPU kernels: each element-wise transform as one pass over memory.
+
+Numba compiles these loops to vectorised machine code. Each computes, element by element,
+exactly the operations of the tensor chains in :mod:`transform_core.quantise` and
+:mod:`transform_core.kernels`, in the same order and precision, with the same counter-based
+random bits (:func:`transform_core.kernels.hash_bits`): a compiled kernel changes how fast a
+transform runs, never what it returns. The tests check that bit for bit.
+
+This module imports Numba, so :mod:`transform_core.kernels` imports it only in a
+background thread, once a process has done enough work for it to pay: loading Numba and
+its cached machine code takes about a second, which a program that transforms a few
+tensors once should not wait for. Until it is ready, the tensor chains run.
+
+The dispatchers (:func:`round_levels`, :func:`int_quant`, :func:`dropout`, :func:`decay`)
+split the work over ``torch.get_num_threads()`` threads; the kernels release the GIL.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar, cast
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from transform_core.kernels import HASH_GOLDEN, HASH_HIGH, HASH_M1, HASH_M2, empty_like
+
+_COMPILED: dict[str, Any] = {"nogil": True, "cache": True, "error_model": "numpy"}
+_u32 = np.uint32
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _jit(**options: Any) -> Callable[[_F], _F]:
+    """``numba.njit(**options)``, typed. ``cache``: machine code is kept beside this file
+    (or in Numba's user cache), so later processes load it instead of compiling."""
+    return cast(Callable[[_F], _F], numba.njit(**options))
+
+
+@_jit(inline="always")
+def _bits(index: Any, key: Any) -> Any:
+    # kernels.hash_bits for one element, in 32-bit arithmetic (which vectorises).
+    h = _u32(_u32(index) * _u32(HASH_GOLDEN))
+    h = _u32(h ^ _u32(_u32(index >> 32) * _u32(HASH_HIGH)))
+    h = _u32(h ^ _u32(key))
+    h = _u32(h ^ (h >> _u32(16)))
+    h = _u32(h * _u32(HASH_M1))
+    h = _u32(h ^ (h >> _u32(13)))
+    h = _u32(h * _u32(HASH_M2))
+    return _u32(h ^ (h >> _u32(16)))
+
+
+@_jit(inline="always")
+def _finish(level: Any, oq: Any, olo: Any, ohi: Any, top: Any, zero_level: Any, zero: Any) -> Any:
+    # _Plan.finish and LevelMap (its mask form): saturate, map, pin the top and zero levels.
+    if level < zero:  # NaN stays NaN; infinities saturate
+        level = zero
+    if level > top:
+        level = top
+    out = level * oq + olo
+    if level == top:
+        out = ohi
+    if level == zero_level:
+        out = zero
+    return out
+
+
+@_jit(inline="always")
+def _stochastic_level(v: Any, lo: Any, q: Any, index: Any, key: Any, one: Any, two_24: Any) -> Any:
+    # kernels.stochastic_floor_: up when the top 24 random bits fall below fraction * 2**24
+    # (both exact, so the float comparison is exact).
+    level = (v - lo) / q
+    floor = np.floor(level)
+    if _bits(index, key) >> _u32(8) < (level - floor) * two_24:
+        floor += one
+    return floor
+
+
+# consts holds 0, 1 and 2**24 in the value's dtype: a Python float would promote to float64.
+# params[k, c] holds parameter k of channel c: input low end, input quantum, output low end,
+# output quantum, output high end, zero level (-1 for none).
+
+
+@_jit(**_COMPILED)
+def _round_groups(
+    x: Any, out: Any, g0: int, g1: int, i0: int, i1: int, inner: int, params: Any,
+    top: Any, consts: Any, stochastic: bool, key: int,
+) -> None:  # fmt: skip
+    # Groups of ``inner`` consecutive elements share one channel's parameters: x is
+    # (outer, channels, inner) flattened.
+    channels = params.shape[1]
+    zero, one, two_24 = consts[0], consts[1], consts[2]
+    for g in range(g0, g1):
+        c = g % channels
+        lo, q, olo, oq, ohi, zl = (
+            params[0, c],
+            params[1, c],
+            params[2, c],
+            params[3, c],
+            params[4, c],
+            params[5, c],
+        )
+        base = g * inner
+        if stochastic:
+            for j in range(base + i0, base + i1):
+                level = _stochastic_level(x[j], lo, q, j, key, one, two_24)
+                out[j] = _finish(level, oq, olo, ohi, top, zl, zero)
+        else:
+            for j in range(base + i0, base + i1):
+                level = np.rint((x[j] - lo) / q)
+                out[j] = _finish(level, oq, olo, ohi, top, zl, zero)
+
+
+@_jit(**_COMPILED)
+def _round_rows(
+    x: Any, out: Any, r0: int, r1: int, params: Any, top: Any, consts: Any, stochastic: bool,
+    key: int,
+) -> None:  # fmt: skip
+    # The channel is the last dimension: each row runs over all channels' parameters.
+    channels = params.shape[1]
+    zero, one, two_24 = consts[0], consts[1], consts[2]
+    lo, q, olo, oq, ohi, zl = params[0], params[1], params[2], params[3], params[4], params[5]
+    for r in range(r0, r1):
+        base = r * channels
+        if stochastic:
+            for c in range(channels):
+                j = base + c
+                level = _stochastic_level(x[j], lo[c], q[c], j, key, one, two_24)
+                out[j] = _finish(level, oq[c], olo[c], ohi[c], top, zl[c], zero)
+        else:
+            for c in range(channels):
+                j = base + c
+                level = np.rint((x[j] - lo[c]) / q[c])
+                out[j] = _finish(level, oq[c], olo[c], ohi[c], top, zl[c], zero)
+
+
+@_jit(**_COMPILED)
+def _int_quant(x: Any, out: Any, i0: int, i1: int, centre: Any, scale: Any, limit: Any) -> None:
+    for j in range(i0, i1):
+        level = np.rint((x[j] - centre) * scale)
+        if level < -limit:
+            level = -limit
+        if level > limit:
+            level = limit
+        out[j] = level
+
+
+@_jit(**_COMPILED)
+def _dropout(x: Any, out: Any, i0: int, i1: int, threshold: int, key: int, zero: Any) -> None:
+    bound = _u32(threshold)
+    for j in range(i0, i1):
+        v = x[j]
+        out[j] = v if _bits(j, key) >= bound else zero
+
+
+@_jit(**_COMPILED)
+def _decay(x: Any, out: Any, i0: int, i1: int, thresholds: Any, table: Any) -> None:
+    # Binary search over 64 thresholds (padded with NaN): the number at or below v.
+    for j in range(i0, i1):
+        v = x[j]
+        i = 32 if v >= thresholds[31] else 0
+        i += 16 if v >= thresholds[i + 15] else 0
+        i += 8 if v >= thresholds[i + 7] else 0
+        i += 4 if v >= thresholds[i + 3] else 0
+        i += 2 if v >= thresholds[i + 1] else 0
+        i += 1 if v >= thresholds[i] else 0
+        out[j] = v if v != v else table[i]
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch
+
+Calls = list[tuple[Any, tuple[Any, ...]]]
+
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
+
+
+def _parallel(calls: Calls) -> None:
+    """Run ``fn(*args)`` for each call, on worker threads when there are several."""
+    global _pool, _pool_pid
+    if len(calls) == 1:
+        fn, args = calls[0]
+        fn(*args)
+        return
+    # A forked child inherits the pool but not its threads: it needs a pool of its own.
+    if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < len(calls):
+        _pool = ThreadPoolExecutor(len(calls), thread_name_prefix="rockq-kernel")
+        _pool_pid = os.getpid()
+    for future in [_pool.submit(fn, *args) for fn, args in calls]:
+        future.result()
+
+
+def _spans(count: int, parts: int) -> list[tuple[int, int]]:
+    step = -(-count // parts)
+    return [(s, min(count, s + step)) for s in range(0, count, step)]
+
+
+def _threads(numel: int) -> int:
+    # A thread per 256k elements at most: below that, starting one costs more than it saves.
+    return max(1, min(torch.get_num_threads(), numel >> 18))
+
+
+def _flat(value: Tensor) -> Any:
+    return value.detach().reshape(-1).numpy()
+
+
+def round_levels(
+    value: Tensor,
+    params: Tensor,
+    channel_dim: int | None,
+    top: float,
+    stochastic: bool,
+    key: int,
+) -> Tensor:
+    """Round ``value`` to levels and map them to output values, in one pass.
+
+    Args:
+        value: A contiguous float32 or float64 CPU tensor.
+        params: ``(6, channels)`` in ``value``'s dtype: input low end, input quantum, output
+            low end, output quantum, output high end, zero level (-1 for none); one column
+            (channels 1) for scalar parameters.
+        channel_dim: The dimension the columns run along, or ``None`` for scalar parameters.
+        top: Index of the top level.
+        stochastic: Round stochastically, with the random bits of ``key``.
+        key: Key of :func:`transform_core.kernels.hash_bits`.
+    """
+    out = empty_like(value)
+    x, o, p = _flat(value), _flat(out), params.numpy()
+    top_value = x.dtype.type(top)
+    consts = np.array([0.0, 1.0, 2.0**24], dtype=x.dtype)
+    channels = p.shape[1]
+    if channel_dim is None:
+        outer, inner = 1, value.numel()
+    else:
+        outer = math.prod(value.shape[:channel_dim])
+        inner = math.prod(value.shape[channel_dim + 1 :])
+    threads = _threads(value.numel())
+    calls: Calls
+    if inner == 1 and channels > 1:
+        calls = [
+            (_round_rows, (x, o, r0, r1, p, top_value, consts, stochastic, key))
+            for r0, r1 in _spans(outer, threads)
+        ]
+    elif outer * channels >= threads:
+        calls = [
+            (_round_groups, (x, o, g0, g1, 0, inner, inner, p, top_value, consts, stochastic, key))
+            for g0, g1 in _spans(outer * channels, threads)
+        ]
+    else:
+        calls = [
+            (_round_groups, (x, o, 0, outer * channels, i0, i1, inner, p, top_value, consts,
+                             stochastic, key))
+            for i0, i1 in _spans(inner, threads)
+        ]  # fmt: skip
+    _parallel(calls)
+    return out
+
+
+def _element_wise(kernel: Any, value: Tensor, *args: Any) -> Tensor:
+    out = empty_like(value)
+    x, o = _flat(value), _flat(out)
+    _parallel([(kernel, (x, o, i0, i1, *args)) for i0, i1 in _spans(x.size, _threads(x.size))])
+    return out
+
+
+def int_quant(value: Tensor, centre: float, scale: float, limit: float) -> Tensor:
+    """``clamp(round((value - centre) * scale), -limit, limit)`` in one pass."""
+    t = _flat(value).dtype.type
+    return _element_wise(_int_quant, value, t(centre), t(scale), t(limit))
+
+
+def dropout(value: Tensor, threshold: int, key: int) -> Tensor:
+    """Zero each element whose random bits fall below ``threshold`` (out of ``2**32``)."""
+    if threshold >= 2**32:
+        return torch.zeros_like(value)
+    return _element_wise(_dropout, value, threshold, key, _flat(value).dtype.type(0.0))
+
+
+def decay(value: Tensor, thresholds: Tensor, table: Tensor) -> Tensor:
+    """``table[number of thresholds <= value]``, ``NaN`` kept: bit-shift decays in one pass.
+
+    At most 63 thresholds.
+    """
+    # NaN padding: no value is >= NaN, so the padding never counts.
+    padded = torch.full((64,), math.nan, dtype=thresholds.dtype)
+    padded[: thresholds.numel()] = thresholds
+    table_padded = torch.zeros(65, dtype=table.dtype)
+    table_padded[: table.numel()] = table
+    return _element_wise(_decay, value, padded.numpy(), table_padded.numpy())
+
+
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) every kernel for float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.zeros(6, dtype=dtype).view(2, 3)
+        for stochastic in (False, True):
+            for dim, channels in ((None, 1), (0, 2), (1, 3)):
+                params = torch.ones(6, channels, dtype=dtype)
+                round_levels(x, params, dim, 1.0, stochastic, 1)
+        int_quant(x, 0.0, 1.0, 1.0)
+        dropout(x, 1 << 31, 1)
+        decay(x, torch.zeros(2, dtype=dtype), torch.zeros(3, dtype=dtype))
