@@ -11,9 +11,11 @@ Every figure is a ratio measured side by side in the same run: a transform's tim
 copy of the same tensor, channel rounding over stochastic rounding of the same matrix, a
 patched training step over the unpatched one, ``rockq quantize``'s peak memory over a
 plain safetensors read and write. Timings are medians of the counted rounds, after
-warm-up rounds. Columns are implementations: ``rockq`` (as shipped), ``chain`` (the same
-functions with fast paths off), ``before`` (``--before REV``: quantise.py at a git
-revision) and ``rockpool`` (the reference, when installed).
+warm-up rounds. Columns are implementations: ``rockq`` (as shipped, with the compiled CPU
+kernels loaded before timing starts), ``blocks`` (the same without the compiled kernels:
+the tensor chains cut into blocks, as before they load or without Numba), ``chain`` (fast
+paths off), ``before`` (``--before REV``: quantise.py at a git revision) and ``rockpool``
+(the reference, when installed).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 GROUPS = ("transforms", "channel", "training", "gpu", "memory")
 DEFAULT_GROUPS = ("transforms", "channel", "training", "gpu")
-IMPLS = ("rockq", "chain", "before", "rockpool")
+IMPLS = ("rockq", "blocks", "chain", "before", "rockpool")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,6 +85,15 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+    from transform_core import kernels
+
+    info["compiled_kernels"] = kernels.compiled_kernels() is not None
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+    except ImportError:
+        info["numba"] = None
     try:
         from importlib.metadata import version
 
@@ -101,9 +112,12 @@ def machine() -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen groups; returns the JSON document."""
     from bench import memory, training, transforms
+    from transform_core import kernels
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Steady state: a long run loads the compiled kernels early (see kernels.LOAD_AFTER_SECONDS).
+    kernels.wait_for_compiled_kernels()
     if args.before:
         transforms.BEFORE = transforms.load_before(args.before)
     quick = args.quick

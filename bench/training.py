@@ -26,13 +26,18 @@ SNN_TARGET = 1.05
 
 
 def _step_fn(
-    net: nn.Module, x: torch.Tensor, target: torch.Tensor, *, fast: bool = True
+    net: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    fast: bool = True,
+    compiled: bool = True,
 ) -> Callable[[], object]:
     params = list(nn.Module.parameters(net))  # Rockpool modules override .parameters()
     optimiser = torch.optim.SGD(params, lr=1e-4)
 
     def step() -> None:
-        with kernels.fast_paths(fast):
+        with kernels.fast_paths(fast), kernels.compiled(compiled):
             optimiser.zero_grad(set_to_none=True)
             out = net(x)
             if isinstance(out, tuple):  # Rockpool: (output, state, record)
@@ -78,6 +83,7 @@ def mlp(*, width: int, depth: int, batch: int, repeats: int, warmup: int) -> dic
     cases = {
         "unpatched": _step_fn(copy.deepcopy(net), x, target),
         "rockq": _step_fn(patched, x, target),
+        "blocks": _step_fn(copy.deepcopy(patched), x, target, compiled=False),
         "chain": _step_fn(copy.deepcopy(patched), x, target, fast=False),
     }
     timings = measure(cases, repeats=repeats, warmup=warmup)
@@ -113,6 +119,7 @@ def snn(
     cases = {
         "unpatched": _step_fn(copy.deepcopy(net), x, target),
         "rockq": _step_fn(ours, x, target),
+        "blocks": _step_fn(copy.deepcopy(ours), x, target, compiled=False),
         "chain": _step_fn(copy.deepcopy(ours), x, target, fast=False),
         "rockpool": _step_fn(theirs, x, target),
     }

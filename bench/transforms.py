@@ -86,6 +86,14 @@ def _without_fast_paths(fn: Transform) -> Transform:
     return run
 
 
+def _without_compiled_kernels(fn: Transform) -> Transform:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with kernels.compiled(False):
+            return fn(x)
+
+    return run
+
+
 #: ``transform_core/quantise.py`` of an earlier revision, set by ``--before``.
 BEFORE: ModuleType | None = None
 
@@ -110,7 +118,11 @@ def implementations(
     """Implementation name -> transform name -> function, for tensors on ``device``."""
     generator = torch.Generator(device=device).manual_seed(0)
     ours = _transforms(quantise, generator)
-    impls = {"rockq": ours, "chain": {k: _without_fast_paths(f) for k, f in ours.items()}}
+    impls = {
+        "rockq": ours,
+        "blocks": {k: _without_compiled_kernels(f) for k, f in ours.items()},
+        "chain": {k: _without_fast_paths(f) for k, f in ours.items()},
+    }
     if BEFORE is not None:
         impls["before"] = _transforms(BEFORE, generator)
     ref = reference() if with_reference else None

@@ -153,6 +153,7 @@ def run(out: Path, *, float_epochs: int, qat_epochs: int) -> dict[str, dict[str,
         recipe_path.write_text(recipe_text)
         recipe = parse_recipe(recipe_text, str(recipe_path))
         loaded = load_network(model_path)
+        assert loaded.module is not None  # a whole-module pickle, not tensor mode
         plan = plan_network(loaded.module, recipe)
         T_net = patch_network(loaded.module, plan)
         target = CheckpointTarget(

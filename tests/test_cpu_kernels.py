@@ -136,10 +136,12 @@ def test_gradients_pass_straight_through_the_compiled_kernels() -> None:
 
 
 def test_hash_bits_are_the_kernels_bits() -> None:
-    start = 2**32 - 3000  # across the 2**32 boundary, where the high word joins in
+    start = 2**32 - 6000  # up to the last index the kernels take
     for key in (0, 1, 2**31 + 17, 2**32 - 1):
         want = kernels.hash_bits(start, 6000, key)
-        got = [int(cpu_kernels._bits(i, key)) for i in range(start, start + 6000, 97)]
+        got = [
+            int(cpu_kernels._bits(np.uint32(i), np.uint32(key))) for i in range(start, 2**32, 97)
+        ]
         assert got == want[::97].tolist()
 
 
@@ -150,13 +152,6 @@ def test_decay_padding_never_counts() -> None:
     with kernels.fast_paths(False):
         want = tt.t_decay(x)
     assert _identical(got, want)
-
-
-def test_empty_like_shares_numpy_memory_for_large_tensors() -> None:
-    big = kernels.empty_like(torch.zeros(1 << 21))
-    small = kernels.empty_like(torch.zeros(10))
-    assert big.shape == (1 << 21,) and big.dtype == torch.float32 and big.is_contiguous()
-    assert isinstance(big.numpy(), np.ndarray) and small.shape == (10,)
 
 
 def _run(code: str, **env: str) -> str:

@@ -267,6 +267,40 @@ def test_map_blocks_keeps_a_promoting_chain_whole() -> None:
     assert out.dtype == torch.float64
 
 
+def test_output_like_reuses_storage_only_when_nothing_uses_it() -> None:
+    w = torch.zeros(300, 200)
+    first = kernels.output_like(w)
+    held = kernels.output_like(w)  # the first is still in use
+    assert held.data_ptr() != first.data_ptr()
+    assert held.shape == w.shape and held.is_contiguous() and held.dtype == w.dtype
+    ptr = held.data_ptr()
+    del first, held
+    again = kernels.output_like(w)
+    assert again.data_ptr() == ptr
+    # Saved for a backward pass, it is still in use even without a Python reference.
+    leaf = torch.ones(300, 200, requires_grad=True)
+    loss = (leaf * again).sum()
+    del again
+    fresh = kernels.output_like(w)  # a new storage, which takes the busy one's place
+    assert fresh.data_ptr() != ptr
+    ptr = fresh.data_ptr()
+    del fresh
+    loss.backward()  # type: ignore[no-untyped-call]
+    del loss
+    assert kernels.output_like(w).data_ptr() == ptr
+
+
+def test_output_like_keeps_at_most_the_cache_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "OUTPUT_CACHE_BYTES", 4 << 20)
+    for rows in range(1, 40):
+        kernels.output_like(torch.zeros(rows, 1000, dtype=torch.float64))
+    assert sum(s.nbytes() for s in kernels._Outputs.storages.values()) <= 4 << 20
+    resized = kernels.output_like(torch.zeros(7, 7))
+    resized.resize_(100)  # a caller may do anything with its result
+    del resized
+    assert kernels.output_like(torch.zeros(7, 7)).shape == (7, 7)
+
+
 @pytest.mark.parametrize("dims", [None, (0,), (1,), (0, 2)])
 def test_abs_max_is_abs_amax(dims: tuple[int, ...] | None) -> None:
     x = torch.randn(50, 60, 70)  # above kernels.SMALL, where the fast path runs

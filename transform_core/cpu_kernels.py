@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from transform_core.kernels import HASH_GOLDEN, HASH_HIGH, HASH_M1, HASH_M2, empty_like
+from transform_core.kernels import HASH_M1, HASH_M2, output_like
 
 _COMPILED: dict[str, Any] = {"nogil": True, "cache": True, "error_model": "numpy"}
 _u32 = np.uint32
+_i32 = np.int32
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -43,10 +44,8 @@ def _jit(**options: Any) -> Callable[[_F], _F]:
 
 @_jit(inline="always")
 def _bits(index: Any, key: Any) -> Any:
-    # kernels.hash_bits for one element, in 32-bit arithmetic (which vectorises).
-    h = _u32(_u32(index) * _u32(HASH_GOLDEN))
-    h = _u32(h ^ _u32(_u32(index >> 32) * _u32(HASH_HIGH)))
-    h = _u32(h ^ _u32(key))
+    # kernels.hash_bits of element ``index`` (below 2**32), in 32-bit arithmetic.
+    h = _u32(index ^ key)
     h = _u32(h ^ (h >> _u32(16)))
     h = _u32(h * _u32(HASH_M1))
     h = _u32(h ^ (h >> _u32(13)))
@@ -71,11 +70,12 @@ def _finish(level: Any, oq: Any, olo: Any, ohi: Any, top: Any, zero_level: Any, 
 
 @_jit(inline="always")
 def _stochastic_level(v: Any, lo: Any, q: Any, index: Any, key: Any, one: Any, two_24: Any) -> Any:
-    # kernels.stochastic_floor_: up when the top 24 random bits fall below fraction * 2**24
-    # (both exact, so the float comparison is exact).
+    # kernels.stochastic_floor_: up when the top 24 random bits, an integer n, fall below
+    # fraction * 2**24 = s (exact). n < s is n < ceil(s), compared as int32, which vectorises.
+    # A NaN or infinite level stays what it is, whatever the comparison says.
     level = (v - lo) / q
     floor = np.floor(level)
-    if _bits(index, key) >> _u32(8) < (level - floor) * two_24:
+    if _i32(_bits(index, key) >> _u32(8)) < _i32(np.ceil((level - floor) * two_24)):
         floor += one
     return floor
 
@@ -104,15 +104,19 @@ def _round_groups(
             params[4, c],
             params[5, c],
         )
-        base = g * inner
+        start = g * inner + i0
+        # Loops run over slices from 0: an index Numba can prove non-negative needs no
+        # wrap-around check, and only then does the loop vectorise.
+        xs, outs = x[start : start + i1 - i0], out[start : start + i1 - i0]
+        first = _u32(start)
         if stochastic:
-            for j in range(base + i0, base + i1):
-                level = _stochastic_level(x[j], lo, q, j, key, one, two_24)
-                out[j] = _finish(level, oq, olo, ohi, top, zl, zero)
+            for k in range(xs.size):
+                level = _stochastic_level(xs[k], lo, q, _u32(first + _u32(k)), key, one, two_24)
+                outs[k] = _finish(level, oq, olo, ohi, top, zl, zero)
         else:
-            for j in range(base + i0, base + i1):
-                level = np.rint((x[j] - lo) / q)
-                out[j] = _finish(level, oq, olo, ohi, top, zl, zero)
+            for k in range(xs.size):
+                level = np.rint((xs[k] - lo) / q)
+                outs[k] = _finish(level, oq, olo, ohi, top, zl, zero)
 
 
 @_jit(**_COMPILED)
@@ -126,49 +130,53 @@ def _round_rows(
     lo, q, olo, oq, ohi, zl = params[0], params[1], params[2], params[3], params[4], params[5]
     for r in range(r0, r1):
         base = r * channels
+        xs, outs = x[base : base + channels], out[base : base + channels]
+        first = _u32(base)
         if stochastic:
             for c in range(channels):
-                j = base + c
-                level = _stochastic_level(x[j], lo[c], q[c], j, key, one, two_24)
-                out[j] = _finish(level, oq[c], olo[c], ohi[c], top, zl[c], zero)
+                index = _u32(first + _u32(c))
+                level = _stochastic_level(xs[c], lo[c], q[c], index, key, one, two_24)
+                outs[c] = _finish(level, oq[c], olo[c], ohi[c], top, zl[c], zero)
         else:
             for c in range(channels):
-                j = base + c
-                level = np.rint((x[j] - lo[c]) / q[c])
-                out[j] = _finish(level, oq[c], olo[c], ohi[c], top, zl[c], zero)
+                level = np.rint((xs[c] - lo[c]) / q[c])
+                outs[c] = _finish(level, oq[c], olo[c], ohi[c], top, zl[c], zero)
 
 
 @_jit(**_COMPILED)
 def _int_quant(x: Any, out: Any, i0: int, i1: int, centre: Any, scale: Any, limit: Any) -> None:
-    for j in range(i0, i1):
-        level = np.rint((x[j] - centre) * scale)
+    xs, outs = x[i0:i1], out[i0:i1]
+    for k in range(xs.size):
+        level = np.rint((xs[k] - centre) * scale)
         if level < -limit:
             level = -limit
         if level > limit:
             level = limit
-        out[j] = level
+        outs[k] = level
 
 
 @_jit(**_COMPILED)
 def _dropout(x: Any, out: Any, i0: int, i1: int, threshold: int, key: int, zero: Any) -> None:
-    bound = _u32(threshold)
-    for j in range(i0, i1):
-        v = x[j]
-        out[j] = v if _bits(j, key) >= bound else zero
+    bound, first = _u32(threshold), _u32(i0)
+    xs, outs = x[i0:i1], out[i0:i1]
+    for k in range(xs.size):
+        v = xs[k]
+        outs[k] = v if _bits(_u32(first + _u32(k)), key) >= bound else zero
 
 
 @_jit(**_COMPILED)
 def _decay(x: Any, out: Any, i0: int, i1: int, thresholds: Any, table: Any) -> None:
     # Binary search over 64 thresholds (padded with NaN): the number at or below v.
-    for j in range(i0, i1):
-        v = x[j]
+    xs, outs = x[i0:i1], out[i0:i1]
+    for k in range(xs.size):
+        v = xs[k]
         i = 32 if v >= thresholds[31] else 0
         i += 16 if v >= thresholds[i + 15] else 0
         i += 8 if v >= thresholds[i + 7] else 0
         i += 4 if v >= thresholds[i + 3] else 0
         i += 2 if v >= thresholds[i + 1] else 0
         i += 1 if v >= thresholds[i] else 0
-        out[j] = v if v != v else table[i]
+        outs[k] = v if v != v else table[i]
 
 
 # --------------------------------------------------------------------------------------
@@ -188,10 +196,14 @@ def _parallel(calls: Calls) -> None:
         fn(*args)
         return
     # A forked child inherits the pool but not its threads: it needs a pool of its own.
-    if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < len(calls):
-        _pool = ThreadPoolExecutor(len(calls), thread_name_prefix="rockq-kernel")
+    if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < len(calls) - 1:
+        _pool = ThreadPoolExecutor(len(calls) - 1, thread_name_prefix="rockq-kernel")
         _pool_pid = os.getpid()
-    for future in [_pool.submit(fn, *args) for fn, args in calls]:
+    # The calling thread takes the first share itself rather than waiting idle.
+    futures = [_pool.submit(fn, *args) for fn, args in calls[1:]]
+    fn, args = calls[0]
+    fn(*args)
+    for future in futures:
         future.result()
 
 
@@ -229,9 +241,9 @@ def round_levels(
         stochastic: Round stochastically, with the random bits of ``key``.
         key: Key of :func:`transform_core.kernels.hash_bits`.
     """
-    out = empty_like(value)
+    out = output_like(value)
     x, o, p = _flat(value), _flat(out), params.numpy()
-    top_value = x.dtype.type(top)
+    top_value, key = x.dtype.type(top), _u32(key)
     consts = np.array([0.0, 1.0, 2.0**24], dtype=x.dtype)
     channels = p.shape[1]
     if channel_dim is None:
@@ -262,7 +274,7 @@ def round_levels(
 
 
 def _element_wise(kernel: Any, value: Tensor, *args: Any) -> Tensor:
-    out = empty_like(value)
+    out = output_like(value)
     x, o = _flat(value), _flat(out)
     _parallel([(kernel, (x, o, i0, i1, *args)) for i0, i1 in _spans(x.size, _threads(x.size))])
     return out
@@ -278,7 +290,7 @@ def dropout(value: Tensor, threshold: int, key: int) -> Tensor:
     """Zero each element whose random bits fall below ``threshold`` (out of ``2**32``)."""
     if threshold >= 2**32:
         return torch.zeros_like(value)
-    return _element_wise(_dropout, value, threshold, key, _flat(value).dtype.type(0.0))
+    return _element_wise(_dropout, value, threshold, _u32(key), _flat(value).dtype.type(0.0))
 
 
 def decay(value: Tensor, thresholds: Tensor, table: Tensor) -> Tensor:

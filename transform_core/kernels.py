@@ -20,8 +20,6 @@ The remedies, for large CPU tensors (:data:`SMALL` elements or more):
   and output stay in cache from the first step to the last, the temporaries are small
   enough for the allocator to recycle, and the only large allocation is the result. The
   chain itself is unchanged, so results are bit-for-bit those of the whole-tensor chain.
-- :func:`empty_like` allocates large results in transparent huge pages where the system
-  allows, which makes their first touch several times cheaper.
 - :class:`LevelMap` pins the top and zero levels with vectorised operations (a clamp, an
   exact gap added through a float mask, ``hardshrink``) where it can prove them exact;
   boolean masks and ``masked_fill`` are not vectorised on CPU and cost more than the
@@ -64,15 +62,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "BLOCK",
     "LOAD_AFTER_SECONDS",
+    "OUTPUT_CACHE_BYTES",
     "SMALL",
     "LevelMap",
     "abs_max",
@@ -81,12 +79,12 @@ __all__ = [
     "compiled_kernels",
     "drop_mask",
     "drop_threshold",
-    "empty_like",
     "fast_paths",
     "fast_paths_enabled",
     "hash_bits",
     "large_cpu",
     "map_blocks",
+    "output_like",
     "random_key",
     "stochastic_floor_",
     "wait_for_compiled_kernels",
@@ -252,30 +250,68 @@ def compiled(enabled: bool = True) -> Iterator[None]:
 # Block-wise execution on CPU
 
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+#: Outputs of at most this many bytes in all are kept for reuse by :func:`output_like`.
+OUTPUT_CACHE_BYTES = 256 << 20
 
 
-def empty_like(value: Tensor) -> Tensor:
-    """A contiguous uninitialised CPU tensor shaped and typed like ``value``, cheap to fill.
+class _Outputs:
+    """Storage of recent results, by shape and dtype, for :func:`output_like` to reuse."""
 
-    Writing a fresh buffer of many megabytes costs more than computing its values: the
-    operating system maps and zeroes each 4 KiB page on first touch. NumPy asks for
-    transparent huge pages (2 MiB) for large buffers where the system allows it, which
-    makes that first touch several times cheaper; torch's allocator does not by default.
-    So large float results are allocated by NumPy and shared with torch, without a copy.
+    storages: ClassVar[dict[tuple[tuple[int, ...], torch.dtype], torch.UntypedStorage]] = {}
+    lock = threading.Lock()
+    pid = 0
+
+
+def _unused(storage: torch.UntypedStorage) -> bool:
+    # Only the cache's own reference is left: no tensor (autograd's saved ones included).
+    return bool(torch._C._storage_Use_Count(storage._cdata) == 1)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def output_like(value: Tensor) -> Tensor:
+    """A new contiguous CPU tensor shaped and typed like ``value``, for a transform's result.
+
+    A training step transforms the same weights every forward pass, and each result lives
+    until the backward pass. Freshly allocated each time, a result of megabytes comes as
+    new pages from the operating system, mapped one by one on first touch: that costs
+    more than computing it. So the storage of a recent result of the same shape and dtype
+    is handed out again once nothing uses it any more (its reference count shows that);
+    otherwise a new one is allocated and kept in its place. At most
+    :data:`OUTPUT_CACHE_BYTES` are kept, one storage per shape and dtype.
 
     Example:
-        >>> empty_like(torch.zeros(2, 3)).shape
-        torch.Size([2, 3])
+        >>> first = output_like(torch.zeros(512, 512))
+        >>> ptr = first.data_ptr()
+        >>> del first
+        >>> output_like(torch.zeros(512, 512)).data_ptr() == ptr
+        True
     """
-    np_dtype = _NUMPY_DTYPES.get(value.dtype)
-    if (
-        value.device.type != "cpu"
-        or np_dtype is None
-        or value.numel() * value.element_size() < (1 << 22)
-    ):
-        return torch.empty_like(value, memory_format=torch.contiguous_format)
-    return torch.from_numpy(np.empty(tuple(value.shape), dtype=np_dtype))
+    shape, dtype = tuple(value.shape), value.dtype
+    nbytes = value.numel() * value.element_size()
+    if nbytes > OUTPUT_CACHE_BYTES // 4:
+        return torch.empty(shape, dtype=dtype)
+    key = (shape, dtype)
+    with _Outputs.lock:
+        if _Outputs.pid != os.getpid():  # a forked child starts afresh
+            _Outputs.storages, _Outputs.pid = {}, os.getpid()
+        storage = _Outputs.storages.pop(key, None)
+        if storage is None or storage.nbytes() != nbytes or not _unused(storage):
+            storage = torch.empty(shape, dtype=dtype).untyped_storage()
+        _Outputs.storages[key] = storage  # the most recently used last
+        out = torch.empty(0, dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
+        kept = sum(s.nbytes() for s in _Outputs.storages.values())
+        for old in list(_Outputs.storages):
+            if kept <= OUTPUT_CACHE_BYTES:
+                break
+            kept -= _Outputs.storages.pop(old).nbytes()
+    return out
 
 
 def _row_blocks(value: Tensor, params: Sequence[object]) -> Tensor | None:
@@ -355,7 +391,7 @@ def _map_blocks(
         return fn(value, None, 0)
     per_row = rows[0].numel() if rows.dim() > 1 else 1
     step = max(1, BLOCK // per_row)
-    out = empty_like(value)
+    out = torch.empty_like(value)
     out_rows = out.view(rows.shape)
     for start in range(0, rows.shape[0], step):
         block = rows[start : start + step]
@@ -381,9 +417,8 @@ def _map_blocks(
 # Random numbers
 
 
-#: Constants of :func:`hash_bits`: a Weyl step spreads neighbouring indices, then the
-#: murmur3 finaliser mixes every input bit into every output bit.
-HASH_GOLDEN = 0x9E3779B9
+#: Constants of :func:`hash_bits`, murmur3's 32-bit finaliser (every input bit moves every
+#: output bit), and a multiplier for the high word of indices past ``2**32``.
 HASH_HIGH = 0x85EBCA77
 HASH_M1 = 0x85EBCA6B
 HASH_M2 = 0xC2B2AE35
@@ -421,7 +456,7 @@ def hash_bits(start: int, count: int, key: int) -> Tensor:
         True
     """
     index = torch.arange(start, start + count, dtype=torch.int64)
-    h = torch.bitwise_and(index, _M32).mul_(HASH_GOLDEN).bitwise_and_(_M32)
+    h = torch.bitwise_and(index, _M32)
     if start + count > 2**32:
         h.bitwise_xor_(index.bitwise_right_shift_(32).mul_(HASH_HIGH).bitwise_and_(_M32))
     h.bitwise_xor_(key)

@@ -244,11 +244,12 @@ def _finite_range(
 
 def _compiled_for(value: Tensor) -> Any:
     """The compiled CPU kernels if they take ``value`` (a large contiguous float32/64 CPU
-    tensor) and are loaded, else ``None``."""
+    tensor, under ``2**32`` elements) and are loaded, else ``None``."""
     if (
         not kernels.large_cpu(value)
         or value.dtype not in (torch.float32, torch.float64)
         or not value.is_contiguous()
+        or value.numel() >= 2**32  # the kernels count elements in 32 bits
     ):
         return None
     return kernels.compiled_kernels()
@@ -372,7 +373,12 @@ class _Plan:
             return None
         zero_level = -1.0 if self.zero_level is None else self.zero_level
         columns = [self.in_lo, self.in_quantum, self.out_lo, self.out_quantum, self.out_hi]
-        tensors = [torch.as_tensor(c, dtype=value.dtype) for c in [*columns, zero_level]]
+        columns.append(zero_level)
+        if all(not isinstance(c, Tensor) or c.numel() == 1 for c in columns):
+            # Scalars (the common case, once per forward pass): skip the tensor operations.
+            scalars = [float(c) for c in columns]
+            return torch.tensor(scalars, dtype=value.dtype).view(6, 1), None
+        tensors = [torch.as_tensor(c, dtype=value.dtype) for c in columns]
         shape = torch.broadcast_shapes(*(t.shape for t in tensors))  # type: ignore[no-untyped-call]
         varying = [d for d, n in enumerate(shape) if n > 1]
         if len(varying) > 1 or len(shape) > value.dim():
