@@ -237,3 +237,26 @@ print(kernels._Compiled.thread is not None)
 def test_loading_starts_only_after_enough_work_in_the_chains() -> None:
     assert _run(_TRIGGER.format(after=1000.0)) == "False"
     assert _run(_TRIGGER.format(after=0.0)) == "True"
+
+
+@pytest.mark.parametrize("maintain_zero", [True, False])
+@pytest.mark.parametrize(("shape", "dim"), [((600, 300), 1), ((300, 600), 0), ((40, 30, 9, 9), 1)])
+def test_channel_ranges_are_the_chains(
+    monkeypatch: pytest.MonkeyPatch, maintain_zero: bool, shape: tuple[int, ...], dim: int
+) -> None:
+    x = _data(shape, torch.float32)
+    x.select(dim, 1).fill_(math.nan)  # no finite value
+    x.select(dim, 2).fill_(-0.0)  # zero width, negative zeros
+    x.select(dim, 3).fill_(math.inf)
+    x.select(dim, 4).fill_(-5.0)
+    others = tuple(d for d in range(x.dim()) if d != dim)
+    calls: list[int] = []
+    original = cpu_kernels.channel_range
+    monkeypatch.setattr(cpu_kernels, "channel_range", lambda *a: calls.append(1) or original(*a))
+    fast = tt.quantise._finite_range(x, maintain_zero, others)
+    with kernels.compiled(False):
+        plain = tt.quantise._finite_range(x, maintain_zero, others)
+    assert calls
+    for a, b in zip(fast, plain, strict=True):
+        assert a.shape == b.shape and _identical(a, b)
+    assert fast[0].flatten()[1:4].tolist() == [0.0, 0.0, 0.0]

@@ -179,6 +179,35 @@ def _decay(x: Any, out: Any, i0: int, i1: int, thresholds: Any, table: Any) -> N
         outs[k] = v if v != v else table[i]
 
 
+@_jit(**_COMPILED)
+def _range_groups(x: Any, lo: Any, hi: Any, g0: int, g1: int, inner: int) -> None:
+    # Finite minimum and maximum of each group of ``inner`` elements, into its channel.
+    channels = lo.size
+    for g in range(g0, g1):
+        c = g % channels
+        a, b = lo[c], hi[c]
+        xs = x[g * inner : (g + 1) * inner]
+        for k in range(xs.size):
+            v = xs[k]
+            finite = v - v == 0  # False for infinities and NaN
+            a = v if finite and v < a else a
+            b = v if finite and v > b else b
+        lo[c], hi[c] = a, b
+
+
+@_jit(**_COMPILED)
+def _range_rows(x: Any, lo: Any, hi: Any, r0: int, r1: int) -> None:
+    # The channel is the last dimension: each row updates every channel's minimum and maximum.
+    channels = lo.size
+    for r in range(r0, r1):
+        xs = x[r * channels : (r + 1) * channels]
+        for c in range(channels):
+            v = xs[c]
+            finite = v - v == 0
+            lo[c] = v if finite and v < lo[c] else lo[c]
+            hi[c] = v if finite and v > hi[c] else hi[c]
+
+
 # --------------------------------------------------------------------------------------
 # Dispatch
 
@@ -273,6 +302,47 @@ def round_levels(
     return out
 
 
+def channel_range(value: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
+    """Minimum and maximum of the finite values of each slice along ``channel_dim``.
+
+    Args:
+        value: A contiguous float32 or float64 CPU tensor.
+        channel_dim: The channel dimension.
+
+    Returns:
+        ``(lo, hi)`` shaped for broadcasting against ``value`` (size 1 in every other
+        dimension); ``[0, 0]`` for a channel without a finite value.
+    """
+    x = _flat(value)
+    channels = value.shape[channel_dim]
+    outer = math.prod(value.shape[:channel_dim])
+    inner = math.prod(value.shape[channel_dim + 1 :])
+    threads = _threads(value.numel())
+    kernel: Any
+    if inner == 1:
+        kernel, spans = _range_rows, _spans(outer, threads)
+    else:
+        kernel, spans = _range_groups, _spans(outer * channels, threads)
+    partial = [
+        (np.full(channels, np.inf, dtype=x.dtype), np.full(channels, -np.inf, dtype=x.dtype))
+        for _ in spans
+    ]
+    extra = () if inner == 1 else (inner,)
+    _parallel(
+        [
+            (kernel, (x, lo, hi, a, b, *extra))
+            for (lo, hi), (a, b) in zip(partial, spans, strict=True)
+        ]
+    )
+    lo = np.minimum.reduce([p[0] for p in partial])
+    hi = np.maximum.reduce([p[1] for p in partial])
+    empty = lo > hi  # no finite value: still +inf and -inf
+    lo[empty], hi[empty] = 0.0, 0.0
+    shape = [1] * value.dim()
+    shape[channel_dim] = channels
+    return torch.from_numpy(lo).view(shape), torch.from_numpy(hi).view(shape)
+
+
 def _element_wise(kernel: Any, value: Tensor, *args: Any) -> Tensor:
     out = output_like(value)
     x, o = _flat(value), _flat(out)
@@ -317,3 +387,5 @@ def warm_up() -> None:
         int_quant(x, 0.0, 1.0, 1.0)
         dropout(x, 1 << 31, 1)
         decay(x, torch.zeros(2, dtype=dtype), torch.zeros(3, dtype=dtype))
+        channel_range(x, 0)
+        channel_range(x, 1)

@@ -219,11 +219,24 @@ def _finite_range(
                 peak = torch.maximum(-lo, hi).abs_()  # abs_: +0.0 for an all-zero tensor
                 return -peak, peak
             return lo, hi
+    if reduce_dims is not None:
+        # Per-channel ranges: one pass of the compiled kernel where it applies. Either way
+        # "+ 0.0" makes a zero end +0.0, so that both paths agree on the sign of zeros.
+        compiled = _compiled_for(value)
+        if compiled is not None and len(set(dims)) == value.dim() - 1:
+            channel = next(d for d in range(value.dim()) if d not in dims)
+            lo, hi = compiled.channel_range(value, channel)
+            if maintain_zero:
+                peak = torch.maximum(lo.neg(), hi).add_(0.0)
+                return -peak, peak
+            return lo.add_(0.0), hi.add_(0.0)
     if maintain_zero:
         peak = kernels.abs_max(value, reduce_dims, keep) if value.dim() else value.abs()
         if not bool(torch.isfinite(peak).all()):
             masked = torch.where(torch.isfinite(value), value.abs(), 0.0)
             peak = masked.amax(dim=dims, keepdim=keep) if value.dim() else masked
+        if keep:
+            peak = peak + 0.0
         return -peak, peak
     if value.dim() == 0:
         lo = hi = value
@@ -239,6 +252,8 @@ def _finite_range(
         empty = ~torch.isfinite(lo)
         lo = torch.where(empty, 0.0, lo)
         hi = torch.where(empty, 0.0, hi)
+    if keep:
+        lo, hi = lo + 0.0, hi + 0.0
     return lo, hi
 
 
