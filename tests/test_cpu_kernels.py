@@ -145,9 +145,11 @@ def test_hash_bits_are_the_kernels_bits() -> None:
         assert got == want[::97].tolist()
 
 
-def test_decay_padding_never_counts() -> None:
-    x = torch.tensor([math.inf, 1.0, 0.999, 0.5, 0.0, math.nan])
-    thresholds, table = tt.quantise._decay_tables(torch.float32, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decay_at_the_ends_and_across_tiles(dtype: torch.dtype) -> None:
+    ends = torch.tensor([math.inf, 1.0, 0.999, 0.5, 0.0, -math.inf, math.nan], dtype=dtype)
+    x = torch.cat([ends, torch.rand(3000, dtype=dtype), ends])  # a ragged last tile
+    thresholds, table = tt.quantise._decay_tables(dtype, dtype)
     got = cpu_kernels.decay(x, thresholds, table)
     with kernels.fast_paths(False):
         want = tt.t_decay(x)

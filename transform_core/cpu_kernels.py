@@ -166,17 +166,19 @@ def _dropout(x: Any, out: Any, i0: int, i1: int, threshold: int, key: int, zero:
 
 @_jit(**_COMPILED)
 def _decay(x: Any, out: Any, i0: int, i1: int, thresholds: Any, table: Any) -> None:
-    # Binary search over 64 thresholds (padded with NaN): the number at or below v.
-    xs, outs = x[i0:i1], out[i0:i1]
-    for k in range(xs.size):
-        v = xs[k]
-        i = 32 if v >= thresholds[31] else 0
-        i += 16 if v >= thresholds[i + 15] else 0
-        i += 8 if v >= thresholds[i + 7] else 0
-        i += 4 if v >= thresholds[i + 3] else 0
-        i += 2 if v >= thresholds[i + 1] else 0
-        i += 1 if v >= thresholds[i] else 0
-        outs[k] = v if v != v else table[i]
+    # table[number of thresholds <= v], NaN kept. Counted tile by tile, one threshold at a
+    # time: each pass over a tile vectorises, where a search per element would not.
+    count = np.zeros(1024, dtype=np.int32)
+    for start in range(i0, i1, 1024):
+        stop = min(start + 1024, i1)
+        xs, outs, counts = x[start:stop], out[start:stop], count[: stop - start]
+        counts[:] = 0
+        for t in thresholds:
+            for k in range(xs.size):
+                counts[k] += np.int32(xs[k] >= t)
+        for k in range(xs.size):
+            v = xs[k]
+            outs[k] = v if v != v else table[counts[k]]
 
 
 @_jit(**_COMPILED)
@@ -364,16 +366,8 @@ def dropout(value: Tensor, threshold: int, key: int) -> Tensor:
 
 
 def decay(value: Tensor, thresholds: Tensor, table: Tensor) -> Tensor:
-    """``table[number of thresholds <= value]``, ``NaN`` kept: bit-shift decays in one pass.
-
-    At most 63 thresholds.
-    """
-    # NaN padding: no value is >= NaN, so the padding never counts.
-    padded = torch.full((64,), math.nan, dtype=thresholds.dtype)
-    padded[: thresholds.numel()] = thresholds
-    table_padded = torch.zeros(65, dtype=table.dtype)
-    table_padded[: table.numel()] = table
-    return _element_wise(_decay, value, padded.numpy(), table_padded.numpy())
+    """``table[number of thresholds <= value]``, ``NaN`` kept: bit-shift decays in one pass."""
+    return _element_wise(_decay, value, thresholds.numpy(), table.numpy())
 
 
 def warm_up() -> None:
