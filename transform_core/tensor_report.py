@@ -414,14 +414,17 @@ def _errors(
     for start in range(0, values.size, _ERROR_CHUNK):
         ref = reference[start : start + _ERROR_CHUNK].astype(np.float64)
         err = np.subtract(values[start : start + _ERROR_CHUNK], ref, dtype=np.float64)
-        finite = np.isfinite(err)  # also false where either side is non-finite
-        if not finite.all():
+        err_sq, ref_sq = float(np.dot(err, err)), float(np.dot(ref, ref))
+        if not (math.isfinite(err_sq) and math.isfinite(ref_sq)):
+            # Some pair is not finite (or a square overflowed): keep the finite pairs.
+            finite = np.isfinite(err)  # also false where either side is non-finite
             err, ref = err[finite], ref[finite]
+            err_sq, ref_sq = float(np.dot(err, err)), float(np.dot(ref, ref))
         if not err.size:
             continue
         count += err.size
-        err_power += float(np.dot(err, err))
-        ref_power += float(np.dot(ref, ref))
+        err_power += err_sq
+        ref_power += ref_sq
         max_abs = max(max_abs, float(np.abs(err).max()))
     if not count:
         return None, None, None
