@@ -12,7 +12,9 @@ copy of the same tensor, channel rounding over stochastic rounding of the same m
 patched training step over the unpatched one, ``rockq quantize``'s peak memory over a
 plain safetensors read and write. Timings are medians of the counted rounds, after
 warm-up rounds. Columns are implementations: ``rockq`` (as shipped, with the compiled CPU
-kernels loaded before timing starts), ``blocks`` (the same without the compiled kernels:
+kernels loaded before timing starts; a repeated call reuses the storage of its previous
+result once that is unused, see ``kernels.output_like``), ``fresh`` (the same with every
+result in newly allocated memory, as ``clone()`` gets), ``blocks`` (the same without the compiled kernels:
 the tensor chains cut into blocks, as before they load or without Numba), ``chain`` (fast
 paths off), ``before`` (``--before REV``: quantise.py at a git revision) and ``rockpool``
 (the reference, when installed).
@@ -32,7 +34,7 @@ import torch
 
 GROUPS = ("transforms", "channel", "training", "gpu", "memory")
 DEFAULT_GROUPS = ("transforms", "channel", "training", "gpu")
-IMPLS = ("rockq", "blocks", "chain", "before", "rockpool")
+IMPLS = ("rockq", "fresh", "blocks", "chain", "before", "rockpool")
 
 
 def _parser() -> argparse.ArgumentParser:

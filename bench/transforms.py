@@ -86,6 +86,20 @@ def _without_fast_paths(fn: Transform) -> Transform:
     return run
 
 
+def _with_fresh_outputs(fn: Transform) -> Transform:
+    """As shipped, but every result in newly allocated memory (no storage reuse)."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        kept = kernels.OUTPUT_CACHE_BYTES
+        kernels.OUTPUT_CACHE_BYTES = 0
+        try:
+            return fn(x)
+        finally:
+            kernels.OUTPUT_CACHE_BYTES = kept
+
+    return run
+
+
 def _without_compiled_kernels(fn: Transform) -> Transform:
     def run(x: torch.Tensor) -> torch.Tensor:
         with kernels.compiled(False):
@@ -120,6 +134,7 @@ def implementations(
     ours = _transforms(quantise, generator)
     impls = {
         "rockq": ours,
+        "fresh": {k: _with_fresh_outputs(f) for k, f in ours.items()},
         "blocks": {k: _without_compiled_kernels(f) for k, f in ours.items()},
         "chain": {k: _without_fast_paths(f) for k, f in ours.items()},
     }

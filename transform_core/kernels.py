@@ -250,8 +250,9 @@ def compiled(enabled: bool = True) -> Iterator[None]:
 # Block-wise execution on CPU
 
 
-#: Outputs of at most this many bytes in all are kept for reuse by :func:`output_like`.
-OUTPUT_CACHE_BYTES = 256 << 20
+#: Outputs of at most this many bytes in all are kept for reuse by :func:`output_like`,
+#: each of at most an eighth of it.
+OUTPUT_CACHE_BYTES = 128 << 20
 
 
 class _Outputs:
@@ -284,7 +285,8 @@ def output_like(value: Tensor) -> Tensor:
     more than computing it. So the storage of a recent result of the same shape and dtype
     is handed out again once nothing uses it any more (its reference count shows that);
     otherwise a new one is allocated and kept in its place. At most
-    :data:`OUTPUT_CACHE_BYTES` are kept, one storage per shape and dtype.
+    :data:`OUTPUT_CACHE_BYTES` are kept, one storage per shape and dtype, each at most an
+    eighth of that (16 MiB).
 
     Example:
         >>> first = output_like(torch.zeros(512, 512))
@@ -295,7 +297,9 @@ def output_like(value: Tensor) -> Tensor:
     """
     shape, dtype = tuple(value.shape), value.dtype
     nbytes = value.numel() * value.element_size()
-    if nbytes > OUTPUT_CACHE_BYTES // 4:
+    if nbytes > OUTPUT_CACHE_BYTES // 8:
+        # Larger results are rare in training, where their first touch is small next to
+        # the work done with them; kept, they would add to a one-off run's peak memory.
         return torch.empty(shape, dtype=dtype)
     key = (shape, dtype)
     with _Outputs.lock:
