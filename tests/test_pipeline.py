@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import transform_core as tt
 from transform_core.checkpoint import SourceInfo, save_patched
 from transform_core.errors import CheckpointError, RecipeError
 from transform_core.patching import ActWrapper, TWrapper
@@ -510,3 +511,25 @@ def test_checkpoint_report_errors(tmp_path: Path, seeded_mlp: nn.Module) -> None
     save_file({"w": torch.zeros(2)}, str(bad), metadata={"rockq.families": '{"w": 3}'})
     with pytest.raises(CheckpointError, match=r"rockq\.families: has malformed"):
         checkpoint_report(bad)
+
+
+def test_burn_in_never_loads_the_compiled_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One transform per tensor: loading the kernels would cost more than it saves.
+    from transform_core import kernels
+
+    monkeypatch.setattr(kernels, "LOAD_AFTER_SECONDS", 0.0)
+    # As in a fresh process, whatever earlier tests loaded.
+    monkeypatch.setattr(kernels._Compiled, "thread", None)
+    monkeypatch.setattr(kernels._Compiled, "module", None)
+    started: list[int] = []
+    monkeypatch.setattr(kernels, "_start_loading", lambda: started.append(1))
+    net = torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.Linear(300, 300))
+    recipe = parse_recipe(
+        "version: 1\nparams:\n  - family: weights\n    transform: deterministic_rounding\n",
+        "recipe.yaml",
+    )
+    plan = plan_network(net, recipe)
+    burn_in(patch_network(net, plan), plan)
+    assert started == []
+    tt.deterministic_rounding(torch.randn(300, 300))  # outside burn-in, the work counts
+    assert started

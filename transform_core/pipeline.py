@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from transform_core import kernels
 from transform_core.errors import CheckpointError, RecipeError
 from transform_core.families import TensorInfo, family_for_name, tensor_infos
 from transform_core.groups import (
@@ -415,7 +416,9 @@ def burn_in(
         if progress is not None:
             progress(name)
 
-    with frozen_ranges(T_net):
+    # Each tensor is transformed once: the tensor chains do it as well as the compiled
+    # kernels would, without loading them (about a second and 120 MB).
+    with frozen_ranges(T_net), kernels.compiled(False):
         apply_T(T_net, inplace=True, on_tensor=record)
     net = remove_T_net(T_net, inplace=True)
     state = net.state_dict()
@@ -451,7 +454,8 @@ def burn_in_tensors(
     """
     by_name = {t.info.name: t for t in plan.tensors}
     entries = []
-    with torch.no_grad():
+    # One transform per tensor: the tensor chains, without loading the compiled kernels.
+    with torch.no_grad(), kernels.compiled(False):
         for name, raw in tensors:
             entry = by_name[name]
             bound = plan.transform_for(entry)
