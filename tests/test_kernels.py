@@ -177,6 +177,19 @@ def test_stochastic_floor_rounds_up_with_the_fraction(fraction: float) -> None:
     assert abs(up - fraction) <= 4 * math.sqrt(max(fraction * (1 - fraction), 1e-6) / n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_stochastic_rounding_of_large_tensors_is_unbiased_in_every_dtype(
+    fast_path: str, dtype: torch.dtype
+) -> None:
+    n = 200_000
+    x = torch.full((n,), 0.3137, dtype=dtype)
+    # The level as the transform computes it, in the dtype: about 3.137.
+    fraction = (torch.sub(x, 0.0).div_(0.1).double() - 3).mean().item()
+    out = quantise.stochastic_rounding(x, input_range=[0.0, 1.0], num_levels=11)
+    up = (out.double() > 0.35).double().mean().item()
+    assert abs(up - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / n)
+
+
 def test_hash_bits_are_uniform_and_positional() -> None:
     bits = kernels.hash_bits(0, 1 << 20, key=12345)
     assert bits.min() >= 0 and bits.max() < 2**32

@@ -506,9 +506,14 @@ def stochastic_floor_(
     if key is None:
         key = random_key(generator)
     floor = torch.floor(levels)
-    scaled = levels.sub_(floor).mul_(2.0**24)  # the fraction, exactly, times 2**24 (exact)
+    fraction = levels.sub_(floor)  # exact
+    if fraction.dtype not in (torch.float32, torch.float64):
+        # Half precision cannot hold 2**24, nor the noise exactly; float32 holds both.
+        fraction = fraction.float()
+    scaled = fraction.mul_(2.0**24)  # exact: a power of two
     noise = hash_bits(start, levels.numel(), key).bitwise_right_shift_(8).view(levels.shape)
-    return floor.add_(torch.lt(noise, scaled, out=torch.empty_like(scaled)))
+    # noise < 2**24 converts exactly to scaled's dtype, so the comparison is exact.
+    return floor.add_(torch.lt(noise, scaled, out=torch.empty(scaled.shape, dtype=torch.bool)))
 
 
 def drop_threshold(drop_prob: float) -> int:
