@@ -11,8 +11,11 @@ background thread, once a process has done enough work for it to pay: loading Nu
 its cached machine code takes about a second, which a program that transforms a few
 tensors once should not wait for. Until it is ready, the tensor chains run.
 
-The dispatchers (:func:`round_levels`, :func:`int_quant`, :func:`dropout`, :func:`decay`)
-split the work over ``torch.get_num_threads()`` threads; the kernels release the GIL.
+The dispatchers (:func:`round_levels`, :func:`int_quant`, :func:`dropout`, :func:`decay`,
+:func:`channel_range`) split the work over ``torch.get_num_threads()`` threads, the
+calling thread included; the kernels release the GIL. Each loop runs over a slice from
+index 0: Numba checks an index it cannot prove non-negative for wrap-around, and such a
+loop does not vectorise.
 """
 
 from __future__ import annotations
