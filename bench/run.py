@@ -14,10 +14,10 @@ plain safetensors read and write. Timings are medians of the counted rounds, aft
 warm-up rounds. Columns are implementations: ``rockq`` (as shipped, with the compiled CPU
 kernels loaded before timing starts; a repeated call reuses the storage of its previous
 result once that is unused, see ``kernels.output_like``), ``fresh`` (the same with every
-result in newly allocated memory, as ``clone()`` gets), ``blocks`` (the same without the compiled kernels:
-the tensor chains cut into blocks, as before they load or without Numba), ``chain`` (fast
-paths off), ``before`` (``--before REV``: quantise.py at a git revision) and ``rockpool``
-(the reference, when installed).
+result in newly allocated memory, as ``clone()`` gets), ``blocks`` (without the compiled
+kernels: the tensor chains cut into blocks, as before they load or without Numba),
+``chain`` (fast paths off), ``before`` (``--before REV``: quantise.py at a git revision)
+and ``rockpool`` (the reference, when installed).
 """
 
 from __future__ import annotations

@@ -175,8 +175,13 @@ def _join_loader() -> None:
         thread.join()
 
 
+def _turned_off_by_environment() -> bool:
+    setting = os.environ.get("ROCKQ_COMPILED_KERNELS", "").strip().lower()
+    return setting in ("0", "false", "no", "off")
+
+
 def _start_loading() -> None:
-    if os.environ.get("ROCKQ_COMPILED_KERNELS", "1") == "0":
+    if _turned_off_by_environment():
         return
     with _Compiled.lock:
         if _Compiled.thread is None and _Compiled.failure is None:
@@ -205,7 +210,8 @@ def compiled_kernels() -> ModuleType | None:
     :data:`LOAD_AFTER_SECONDS` in the tensor chains that they replace (or at once, with
     :func:`wait_for_compiled_kernels`), so no transform waits for them. Until then, and
     where Numba is missing or fails, the tensor chains run and give the same results.
-    Turned off by :func:`compiled` or by setting ``ROCKQ_COMPILED_KERNELS=0``.
+    Turned off by :func:`compiled`, or for the process by setting the environment variable
+    ``ROCKQ_COMPILED_KERNELS`` to ``0`` (or ``false``, ``no``, ``off``).
     """
     return _Compiled.module if compiled_enabled() else None
 
@@ -247,7 +253,7 @@ def compiled(enabled: bool = True) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------
-# Block-wise execution on CPU
+# Result storage
 
 
 #: Outputs of at most this many bytes in all are kept for reuse by :func:`output_like`,
@@ -318,6 +324,10 @@ def output_like(value: Tensor) -> Tensor:
     return out
 
 
+# --------------------------------------------------------------------------------------
+# Block-wise execution on CPU
+
+
 def _row_blocks(value: Tensor, params: Sequence[object]) -> Tensor | None:
     """A view of ``value`` whose leading dimension can be cut into blocks, or ``None``.
 
@@ -346,8 +356,9 @@ def map_blocks(
     element ``start`` of ``value`` (for position-keyed random bits, see :func:`hash_bits`).
     ``out`` is the matching block of the result (``value``'s dtype), or ``None`` when the
     value is not cut: ``fn`` may write into it and return it, which saves a copy; any
-    other tensor it returns is copied there. ``fn`` must act on each element independently (broadcasting against
-    ``params``), keep the shape, and not need a gradient through it.
+    other tensor it returns is copied there. ``fn`` must act on each element
+    independently (broadcasting against ``params``), keep the shape, and not need a
+    gradient through it.
 
     Large contiguous CPU tensors are cut into blocks of about :data:`BLOCK` elements.
     Anything else (CUDA, small or non-contiguous tensors, a value that needs a gradient,

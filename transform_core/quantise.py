@@ -359,9 +359,10 @@ class _Plan:
             layout = self._channel_layout(value)
             if layout is not None:
                 params, channel_dim = layout
-                return compiled.round_levels(  # type: ignore[no-any-return]
-                    value, params, channel_dim, self.top, stochastic, key or 0
+                rounded: Tensor = compiled.round_levels(
+                    value, params, channel_dim, self.top, stochastic, 0 if key is None else key
                 )
+                return rounded
 
         def chain(block: Tensor, out: Tensor | None, start: int) -> Tensor:
             levels = self.levels(block, out)
@@ -744,7 +745,8 @@ def int_quant(
     def compute(x: Tensor) -> Tensor:
         compiled = _compiled_for(x)
         if compiled is not None:
-            return compiled.int_quant(x, float(centre), float(scale), limit)  # type: ignore[no-any-return]
+            quantised: Tensor = compiled.int_quant(x, float(centre), float(scale), limit)
+            return quantised
         return kernels.map_blocks(
             lambda block, out, start: (
                 torch.sub(block, centre, out=out).mul_(scale).round_().clamp_(-limit, limit)
@@ -796,7 +798,8 @@ def dropout(
     key = kernels.random_key(generator)
     compiled = None if param.requires_grad and torch.is_grad_enabled() else _compiled_for(param)
     if compiled is not None:
-        return compiled.dropout(param, kernels.drop_threshold(dropout_prob), key)  # type: ignore[no-any-return]
+        dropped: Tensor = compiled.dropout(param, kernels.drop_threshold(dropout_prob), key)
+        return dropped
     return kernels.map_blocks(
         lambda block, out, start: kernels.zero_dropped(
             block, dropout_prob, key=key, start=start, out=out
@@ -877,7 +880,8 @@ class class_calc_q_decay:  # the reference API's name, kept
         with torch.no_grad():
             compiled = _compiled_for(decay)
             if compiled is not None:
-                return compiled.decay(decay, thresholds, table)  # type: ignore[no-any-return]
+                decays: Tensor = compiled.decay(decay, thresholds, table)
+                return decays
             thresholds, table = thresholds.to(decay.device), table.to(decay.device)
 
             def chain(block: Tensor, out: Tensor | None, start: int) -> Tensor:
