@@ -177,6 +177,23 @@ def test_stochastic_floor_rounds_up_with_the_fraction(fraction: float) -> None:
     assert abs(up - fraction) <= 4 * math.sqrt(max(fraction * (1 - fraction), 1e-6) / n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_small_tensors_on_a_level_stay_there_and_round_up_with_the_fraction(
+    dtype: torch.dtype,
+) -> None:
+    # bfloat16 holds 20 + k/8: 20 + noise in bfloat16 would round to 21 whenever the noise
+    # is above 1 - 1/16, for 6 % of the elements sitting on level 20 (float16: 0.8 %).
+    n = kernels.SMALL - 1
+    on_level = torch.full((n,), 20.0, dtype=dtype)
+    out = kernels.stochastic_floor_(on_level, torch.Generator().manual_seed(1))
+    assert torch.equal(out, torch.full((n,), 20.0, dtype=dtype))
+    quarter = torch.full((n,), 20.25, dtype=dtype)
+    out = kernels.stochastic_floor_(quarter, torch.Generator().manual_seed(2))
+    up = (out == 21.0).double().mean().item()
+    assert set(out.unique().tolist()) <= {20.0, 21.0}
+    assert abs(up - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_stochastic_rounding_of_large_tensors_is_unbiased_in_every_dtype(
     fast_path: str, dtype: torch.dtype

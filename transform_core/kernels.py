@@ -498,7 +498,8 @@ def stochastic_floor_(
     On CPU for :data:`SMALL` elements or more, ``levels`` rounds up when the top 24 of its
     :func:`hash_bits` fall below ``fraction * 2**24``: the probability is within ``2**-24``
     of the fraction. Elsewhere (other devices, small tensors, fast paths off) it is
-    ``floor(levels + torch.rand(...))``.
+    ``floor(levels + torch.rand(...))`` as exact arithmetic gives it: a value on a level
+    stays there.
 
     Args:
         levels: Level indices (floating point); may be overwritten.
@@ -513,7 +514,14 @@ def stochastic_floor_(
         noise = torch.rand(
             levels.shape, generator=generator, device=levels.device, dtype=levels.dtype
         )
-        return levels.add_(noise).floor_()
+        # floor(levels + noise), decided exactly: up when noise >= 1 - fraction. The sum in
+        # the levels' own precision rounds to the next level when the noise is within half
+        # a unit of that bound, which would move values that sit on a level.
+        floor = torch.floor(levels)
+        fraction = levels.sub_(floor)  # exact
+        # In float64 the bound is exact for float32 and narrower (MPS has no float64).
+        wide = levels.dtype if levels.device.type == "mps" else torch.float64
+        return floor.add_(noise.to(wide) >= 1.0 - fraction.to(wide))
     if key is None:
         key = random_key(generator)
     floor = torch.floor(levels)
