@@ -263,3 +263,74 @@ def test_channel_ranges_are_the_chains(
     for a, b in zip(fast, plain, strict=True):
         assert a.shape == b.shape and _identical(a, b)
     assert fast[0].flatten()[1:4].tolist() == [0.0, 0.0, 0.0]
+
+
+# --- the report's statistics -------------------------------------------------------------
+
+
+def _report_data(size: int, dtype: np.dtype, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Reference values and their rounding to 1/40: few distinct values, with NaN, infinities,
+    negative zeros and a pair that differs only in non-finite ways."""
+    rng = np.random.default_rng(seed)
+    reference = rng.standard_normal(size).astype(dtype)
+    values = (np.round(reference * 40) / 40).astype(dtype)
+    if size > 20:
+        values[[3, 11]] = np.nan
+        reference[[5, 11]] = np.inf
+        values[7] = -np.inf
+        values[13] = -0.0
+    return values, reference
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [0, 1, 17, 65_536, 65_537, 300_001])
+def test_distinct_values_are_the_sorts(dtype: np.dtype, size: int) -> None:
+    from transform_core.tensor_report import _sorted_distinct
+
+    values, _ = _report_data(size, dtype)
+    found = cpu_kernels.distinct_finite(values, 1 << 16)
+    assert found is not None
+    expected, nonfinite = _sorted_distinct(values)
+    assert found[1] == nonfinite
+    assert found[0].dtype == values.dtype
+    assert np.array_equal(found[0], expected)
+    assert not np.signbit(found[0][found[0] == 0]).any()  # -0.0 counted as 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_too_many_distinct_values_give_up_early(dtype: np.dtype) -> None:
+    values = np.arange(300_001, dtype=dtype)
+    assert cpu_kernels.distinct_finite(values, 1000) is None
+    assert cpu_kernels.distinct_finite(values[:1000], 1000) is not None
+    # Two threads that each hold under the limit, but more than it together.
+    halves = np.concatenate([np.arange(700.0), np.arange(700.0, 1400.0)] * 200).astype(dtype)
+    assert cpu_kernels.distinct_finite(halves, 1000) is None
+
+
+@pytest.mark.parametrize(("vdtype", "rdtype"), [(np.float32,) * 2, (np.float64,) * 2,
+                                                (np.float32, np.float64)])  # fmt: skip
+@pytest.mark.parametrize("size", [0, 1, 17, 1024, 65_536, 65_537, 300_001, 1_048_576 + 3])
+def test_error_sums_are_numpys_bits(vdtype: np.dtype, rdtype: np.dtype, size: int) -> None:
+    from transform_core.tensor_report import error_block_sums
+
+    values, reference = _report_data(size, vdtype, seed=size)
+    reference = reference.astype(rdtype)
+    compiled = cpu_kernels.error_sums(values, reference)
+    plain = error_block_sums(values, reference)
+    assert compiled[0].shape == plain[0].shape
+    assert np.array_equal(compiled[0], plain[0]) and np.array_equal(compiled[1], plain[1])
+    assert compiled[2:] == plain[2:]
+
+
+def test_error_sums_skip_pairs_that_overflow() -> None:
+    from transform_core.tensor_report import error_block_sums
+
+    values = np.full(70_000, 1.5e308)
+    reference = -values
+    reference[:5] = 1.5e308  # these pairs agree; the rest differ by more than float64 holds
+    values[6], reference[6] = 1e160, 0.0  # a finite difference whose square overflows
+    compiled = cpu_kernels.error_sums(values, reference)
+    plain = error_block_sums(values, reference)
+    assert compiled[3] == plain[3] == 5 + 1
+    assert np.array_equal(compiled[0], plain[0], equal_nan=True)
+    assert math.isinf(compiled[0].sum())

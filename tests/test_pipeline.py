@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import transform_core as tt
+from transform_core import kernels, pipeline
 from transform_core.checkpoint import SourceInfo, save_patched
 from transform_core.errors import CheckpointError, RecipeError
 from transform_core.patching import ActWrapper, TWrapper
@@ -327,6 +328,26 @@ def test_burn_in_tensors_reports_and_keeps_dtypes() -> None:
     assert by_name["a.weight"].transform == "deterministic_rounding(num_levels=3)"
     assert by_name["a.bias"].max_abs_error is None and by_name["a.bias"].transform is None
     assert report.meta == {"run": 1}
+
+
+def test_burn_in_tensors_waits_for_each_write_and_loads_kernels_for_big_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recipe = _recipe(STOCHASTIC)
+    tensors = {f"l{i}.weight": torch.randn(40, 40) for i in range(3)}
+    plan = plan_tensors([(n, (40, 40), "float32") for n in tensors], recipe)
+    events: list[str] = []
+    loads: list[int] = []
+    monkeypatch.setattr(kernels, "start_loading_compiled_kernels", lambda: loads.append(1))
+    burn_in_tensors(
+        tensors.items(), plan, lambda n, t: events.append(f"write {n}"),
+        wait=lambda: events.append("wait"),
+    )  # fmt: skip
+    assert events == [e for n in tensors for e in ("wait", f"write {n}")]
+    assert loads == []  # 4800 elements: the chains do
+    monkeypatch.setattr(pipeline, "_PRELOAD_ELEMENTS", 4800)
+    burn_in_tensors(tensors.items(), plan, lambda n, t: None)
+    assert loads == [1]
 
 
 # --- patching and burn-in -----------------------------------------------------------------

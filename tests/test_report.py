@@ -597,3 +597,45 @@ def test_error_statistics_over_several_chunks_match_a_direct_computation() -> No
     assert entry.rmse == pytest.approx(float(err.square().mean().sqrt()), rel=1e-9)
     sqnr = 10 * math.log10(float(ref.square().sum()) / float(err.square().sum()))
     assert entry.sqnr_db == pytest.approx(sqnr, rel=1e-9)
+
+
+def _sequential_sums(values: list[float], reference: list[float]) -> tuple[float, float, int]:
+    """The error sums' defined order, one addition at a time: lanes of each block row by
+    row, blocks one after another per lane, lanes exactly."""
+    from transform_core.tensor_report import ERROR_BLOCK, ERROR_LANES
+
+    totals = [[0.0] * ERROR_LANES, [0.0] * ERROR_LANES]
+    count = 0
+    for start in range(0, len(values), ERROR_BLOCK):
+        block = [[0.0] * ERROR_LANES, [0.0] * ERROR_LANES]
+        for k in range(start, min(start + ERROR_BLOCK, len(values))):
+            err = values[k] - reference[k]
+            if not math.isfinite(err):
+                continue
+            count += 1
+            block[0][(k - start) % ERROR_LANES] += err * err
+            block[1][(k - start) % ERROR_LANES] += reference[k] * reference[k]
+        for total, part in zip(totals, block, strict=True):
+            for lane in range(ERROR_LANES):
+                total[lane] += part[lane]
+    return math.fsum(totals[0]), math.fsum(totals[1]), count
+
+
+@pytest.mark.parametrize("size", [5, 1030, 70_001])
+def test_error_sums_follow_their_defined_order_on_every_path(size: int) -> None:
+    from transform_core import kernels
+
+    generator = torch.Generator().manual_seed(size)
+    reference = torch.randn(size, generator=generator, dtype=torch.float64) * 1e3
+    values = torch.round(reference * 3) / 3
+    values[size // 2] = float("nan")
+    err_power, ref_power, count = _sequential_sums(values.tolist(), reference.tolist())
+    expected = (
+        math.sqrt(err_power / count),
+        10.0 * math.log10(ref_power / err_power),
+    )
+    kernels.wait_for_compiled_kernels()  # where Numba is installed, large inputs use it
+    for compiled in (True, False):
+        with kernels.compiled(compiled):
+            entry = tensor_report("w", values, reference=reference)
+        assert (entry.rmse, entry.sqnr_db) == expected  # bit for bit

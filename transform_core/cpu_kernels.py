@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from transform_core.kernels import HASH_M1, HASH_M2, output_like
+from transform_core.tensor_report import ERROR_BLOCK, ERROR_LANES
 
 _COMPILED: dict[str, Any] = {"nogil": True, "cache": True, "error_model": "numpy"}
 _u32 = np.uint32
@@ -213,6 +214,127 @@ def _range_rows(x: Any, lo: Any, hi: Any, r0: int, r1: int) -> None:
             hi[c] = v if finite and v > hi[c] else hi[c]
 
 
+_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd
+
+
+@_jit(**_COMPILED)
+def _insert_distinct(
+    bits: Any, table: Any, shift: Any, finite_mask: Any, negative_zero: Any, limit: int
+) -> tuple[int, int]:
+    # Adds each finite value's bit pattern (-0.0 as +0.0) to an open-addressing hash set
+    # (Fibonacci hashing, linear probing; an empty slot holds a NaN pattern, which no
+    # finite value has). Returns (distinct, non-finite); stops early, with distinct >
+    # limit, once the set would hold more than ``limit`` values.
+    one = np.uint64(1)
+    slots = np.uint64(table.size - 1)
+    empty = table[0]  # the caller fills the table with the empty pattern
+    distinct = 0
+    nonfinite = 0
+    for k in range(bits.size):
+        b = bits[k]
+        if b & finite_mask == finite_mask:  # exponent all ones: infinity or NaN
+            nonfinite += 1
+            continue
+        if b == negative_zero:
+            b = b ^ b
+        slot = (np.uint64(b) * _FIBONACCI) >> shift
+        while True:
+            held = table[slot]
+            if held == b:
+                break
+            if held == empty:
+                table[slot] = b
+                distinct += 1
+                if distinct > limit:
+                    return distinct, nonfinite
+                break
+            slot = (slot + one) & slots
+    return distinct, nonfinite
+
+
+_LANES = 1024
+# tensor_report.ERROR_LANES, as a constant of this file: a loop of a constant trip count
+# vectorises better, and Numba's cache sees a change only in this file (checked below).
+if _LANES != ERROR_LANES:  # pragma: no cover - a guard for editing one file only
+    raise ImportError(f"cpu_kernels._LANES is {_LANES}, tensor_report.ERROR_LANES {ERROR_LANES}")
+
+
+@_jit(inline="always")
+def _error_row_finite(v: Any, r: Any, e_acc: Any, r_acc: Any, top: Any) -> None:
+    # One row of _LANES pairs, a lane each, taking every pair as finite: if one is not, its
+    # lane's sum of squared errors is not finite either, and the block is done again.
+    for j in range(_LANES):
+        y = np.float64(r[j])
+        e = np.float64(v[j]) - y
+        e_acc[j] += e * e
+        r_acc[j] += y * y
+        top[j] = max(abs(e), top[j])
+
+
+@_jit(inline="always")
+def _error_row(v: Any, r: Any, e_acc: Any, r_acc: Any, top: Any, n: Any) -> None:
+    # One row of _LANES pairs. Pairs whose float64 difference is not finite count as zeros,
+    # as in tensor_report's NumPy sums.
+    for j in range(_LANES):
+        y = np.float64(r[j])
+        e = np.float64(v[j]) - y
+        ok = e - e == 0
+        e = e if ok else 0.0
+        y = y if ok else 0.0
+        e_acc[j] += e * e
+        r_acc[j] += y * y
+        top[j] = max(abs(e), top[j])
+        n[j] += ok
+
+
+@_jit(**_COMPILED)
+def _error_blocks(
+    v: Any, r: Any, b0: int, b1: int, block: int, err_sq: Any, ref_sq: Any, top: Any, n: Any
+) -> None:
+    # tensor_report.error_block_sums, block by block: lane j of block b sums err**2 and
+    # ref**2 over the block's rows in order (NumPy's sum along the rows of the block, viewed
+    # as (rows, lanes)). A short last row is copied into zero padding, which adds nothing.
+    tail_v = np.zeros(_LANES, dtype=v.dtype)
+    tail_r = np.zeros(_LANES, dtype=r.dtype)
+    # Sums in arrays of this function's own, which the compiler knows alias no input.
+    e_acc = np.zeros(_LANES)
+    r_acc = np.zeros(_LANES)
+    top_b = np.zeros(_LANES)
+    n_b = np.zeros(_LANES, dtype=np.int64)
+    for b in range(b0, b1):
+        vs = v[b * block : min((b + 1) * block, v.size)]
+        rs = r[b * block : min((b + 1) * block, r.size)]
+        rows, rest = divmod(vs.size, _LANES)
+        tail_v[:] = 0
+        tail_r[:] = 0
+        tail_v[:rest] = vs[rows * _LANES :]
+        tail_r[:rest] = rs[rows * _LANES :]
+        for careful in (False, True):
+            e_acc[:] = 0.0
+            r_acc[:] = 0.0
+            top_b[:] = 0.0
+            n_b[:] = 0
+            for i in range(rows + (rest > 0)):
+                if i < rows:
+                    row_v = vs[i * _LANES : (i + 1) * _LANES]
+                    row_r = rs[i * _LANES : (i + 1) * _LANES]
+                else:
+                    row_v, row_r = tail_v, tail_r
+                if careful:
+                    _error_row(row_v, row_r, e_acc, r_acc, top_b, n_b)
+                else:
+                    _error_row_finite(row_v, row_r, e_acc, r_acc, top_b)
+            if careful:
+                if rest:
+                    n_b[rest:] -= 1  # the padding's pairs are finite: not counted
+                break
+            if np.isfinite(e_acc).all():
+                n_b[:] = rows
+                n_b[:rest] += 1
+                break
+        err_sq[b], ref_sq[b], top[b], n[b] = e_acc, r_acc, top_b, n_b
+
+
 # --------------------------------------------------------------------------------------
 # Dispatch
 
@@ -242,8 +364,9 @@ def _parallel(calls: Calls) -> None:
 
 
 def _spans(count: int, parts: int) -> list[tuple[int, int]]:
-    step = -(-count // parts)
-    return [(s, min(count, s + step)) for s in range(0, count, step)]
+    # At least one span, empty for nothing to do.
+    step = max(1, -(-count // parts))
+    return [(s, min(count, s + step)) for s in range(0, count, step)] or [(0, 0)]
 
 
 def _threads(numel: int) -> int:
@@ -373,6 +496,67 @@ def decay(value: Tensor, thresholds: Tensor, table: Tensor) -> Tensor:
     return _element_wise(_decay, value, thresholds.numpy(), table.numpy())
 
 
+_BIT_TYPES = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
+
+
+def distinct_finite(values: Any, limit: int) -> tuple[Any, int] | None:
+    """Sorted distinct finite values of a float32 or float64 array, and its non-finite count.
+
+    ``-0.0`` counts as ``0.0``. Returns ``None`` as soon as more than ``limit`` distinct
+    values turn up (a sort is then the faster way), having read only part of the array.
+    Each thread fills a hash set of its own share; their union is the answer.
+    """
+    uint = _BIT_TYPES[values.dtype]
+    info = np.finfo(values.dtype)
+    finite_mask = uint(((1 << info.nexp) - 1) << info.nmant)
+    negative_zero = uint(1 << (info.bits - 1))
+    bits = values.reshape(-1).view(uint)
+    # A table at most half full: a probe then mostly ends at its first slot.
+    size = 1 << max(4, (2 * min(limit + 1, bits.size)).bit_length())
+    shift = np.uint64(64 - size.bit_length() + 1)
+    spans = _spans(bits.size, _threads(bits.size))
+    tables = [np.full(size, np.iinfo(uint).max, dtype=uint) for _ in spans]
+    results: list[tuple[int, int]] = []
+
+    def share(table: Any, i0: int, i1: int) -> None:
+        results.append(
+            _insert_distinct(bits[i0:i1], table, shift, finite_mask, negative_zero, limit)
+        )
+
+    _parallel([(share, (table, i0, i1)) for table, (i0, i1) in zip(tables, spans, strict=True)])
+    if any(distinct > limit for distinct, _ in results):
+        return None
+    empty = np.iinfo(uint).max
+    found = np.unique(
+        np.concatenate([table[table != empty] for table in tables]).view(values.dtype)
+    )
+    if found.size > limit:
+        return None
+    return found, sum(nonfinite for _, nonfinite in results)
+
+
+def error_sums(values: Any, reference: Any) -> tuple[Any, Any, float, int]:
+    """:func:`transform_core.tensor_report.error_block_sums`, bit for bit, in one pass.
+
+    Args:
+        values: A float32 or float64 array.
+        reference: An array of the same size, float32 or float64.
+    """
+    blocks = -(-values.size // ERROR_BLOCK)
+    err_sq = np.empty((blocks, ERROR_LANES))
+    ref_sq = np.empty((blocks, ERROR_LANES))
+    top = np.empty((blocks, ERROR_LANES))
+    count = np.empty((blocks, ERROR_LANES), dtype=np.int64)
+    v, r = values.reshape(-1), reference.reshape(-1)
+    _parallel(
+        [
+            (_error_blocks, (v, r, b0, b1, ERROR_BLOCK, err_sq, ref_sq, top, count))
+            for b0, b1 in _spans(blocks, _threads(values.size))
+        ]
+    )
+    return err_sq, ref_sq, float(top.max(initial=0.0)), int(count.sum())
+
+
 def warm_up() -> None:
     """Compile (or load from Numba's cache) every kernel for float32 and float64."""
     for dtype in (torch.float32, torch.float64):
@@ -386,3 +570,6 @@ def warm_up() -> None:
         decay(x, torch.zeros(2, dtype=dtype), torch.zeros(3, dtype=dtype))
         channel_range(x, 0)
         channel_range(x, 1)
+        values = x.reshape(-1).numpy()
+        distinct_finite(values, 4)
+        error_sums(values, values)

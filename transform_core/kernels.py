@@ -74,6 +74,7 @@ __all__ = [
     "SMALL",
     "LevelMap",
     "abs_max",
+    "chain_timer",
     "compiled",
     "compiled_enabled",
     "compiled_kernels",
@@ -86,6 +87,7 @@ __all__ = [
     "map_blocks",
     "output_like",
     "random_key",
+    "start_loading_compiled_kernels",
     "stochastic_floor_",
     "wait_for_compiled_kernels",
     "zero_dropped",
@@ -203,6 +205,21 @@ def _chain_ran(seconds: float) -> None:
         _start_loading()
 
 
+@contextlib.contextmanager
+def chain_timer() -> Iterator[None]:
+    """Count the time of the block as time spent where a compiled kernel would serve.
+
+    Code with a compiled counterpart (the transforms, the report's statistics) runs its
+    plain version inside this block, so that the kernels start loading once that time
+    adds up to :data:`LOAD_AFTER_SECONDS`.
+    """
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _chain_ran(time.perf_counter() - started)
+
+
 def compiled_kernels() -> ModuleType | None:
     """The compiled CPU kernels (:mod:`transform_core.cpu_kernels`) if loaded, else ``None``.
 
@@ -214,6 +231,17 @@ def compiled_kernels() -> ModuleType | None:
     ``ROCKQ_COMPILED_KERNELS`` to ``0`` (or ``false``, ``no``, ``off``).
     """
     return _Compiled.module if compiled_enabled() else None
+
+
+def start_loading_compiled_kernels() -> None:
+    """Start loading the compiled kernels in the background now, without waiting.
+
+    For a caller that knows a lot of work is coming (a large tensor file): the kernels
+    are then ready sooner than the chain time of :data:`LOAD_AFTER_SECONDS` would make
+    them. Does nothing where :func:`compiled` turns them off in this thread.
+    """
+    if compiled_enabled():
+        _start_loading()
 
 
 def wait_for_compiled_kernels() -> ModuleType | None:
@@ -382,10 +410,8 @@ def map_blocks(
     """
     if not large_cpu(value):
         return _map_blocks(fn, value, params)
-    started = time.perf_counter()
-    out = _map_blocks(fn, value, params)
-    _chain_ran(time.perf_counter() - started)
-    return out
+    with chain_timer():
+        return _map_blocks(fn, value, params)
 
 
 def _map_blocks(

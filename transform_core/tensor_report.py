@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from transform_core import kernels
 from transform_core.errors import ConfigError, did_you_mean
 
 __all__ = ["NON_QUANTISING", "TensorReport", "describe_transform", "tensor_report"]
@@ -328,8 +329,25 @@ def _as_array(tensor: torch.Tensor) -> npt.NDArray[Any]:
     return array
 
 
+_DISTINCT_LIMIT = 1 << 16
+"""Up to this many distinct values, the compiled kernels count them in a hash set; beyond,
+a sort is faster (and unquantised data has about as many distinct values as elements)."""
+
+
 def _distinct_finite(array: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]:
     """Return the sorted distinct finite values (in the array's dtype) and the non-finite count."""
+    compiled = _compiled_kernels(array)
+    if compiled is not None:
+        found: tuple[npt.NDArray[Any], int] | None = compiled.distinct_finite(
+            array, _DISTINCT_LIMIT
+        )
+        if found is not None:
+            return found
+    with kernels.chain_timer():
+        return _sorted_distinct(array)
+
+
+def _sorted_distinct(array: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]:
     nonfinite = 0
     if array.dtype.kind == "f":
         finite = np.isfinite(array)
@@ -397,37 +415,86 @@ def _int_type(lo: int, hi: int) -> tuple[bool, int]:
     return True, max((-lo - 1).bit_length(), hi.bit_length() if hi > 0 else 0) + 1
 
 
-_ERROR_CHUNK = 1 << 20
-"""Elements per chunk of the error statistics: float64 work arrays stay at 8 MiB."""
+ERROR_LANES = 1024
+ERROR_BLOCK = 1 << 16
+"""The error statistics sum squares in a fixed order, whichever code computes them: each
+block of ``ERROR_BLOCK`` elements (zero-padded) is viewed as ``(rows, ERROR_LANES)`` and
+summed along its rows, row by row; the block sums add up block by block, and the lanes
+exactly (``math.fsum``). The compiled kernel and NumPy then give the same bits."""
+
+_ERROR_CHUNK = 16 * ERROR_BLOCK
+"""Elements per chunk of the NumPy error sums: float64 work arrays stay at 8 MiB."""
+
+
+def error_block_sums(
+    values: npt.NDArray[Any], reference: npt.NDArray[Any]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int]:
+    """Per block and lane sums of ``err**2`` and ``reference**2``, max ``|err|``, pair count.
+
+    ``err`` is ``values - reference`` in float64; pairs where it is not finite (either side
+    NaN or infinite, or an overflow) count as zeros and are not counted. Works through the
+    arrays in chunks, so memory stays small whatever the tensor's size.
+
+    Example:
+        >>> err_sq, ref_sq, max_abs, count = error_block_sums(np.array([1.0, 2.0]), np.array([1.5, np.nan]))
+        >>> err_sq.shape, float(err_sq.sum()), max_abs, count
+        ((1, 1024), 0.25, 0.5, 1)
+    """
+    err_blocks, ref_blocks = [], []
+    max_abs = 0.0
+    count = 0
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are expected
+        for start in range(0, values.size, _ERROR_CHUNK):
+            err_block, ref_block, chunk_max, chunk_count = _chunk_sums(values, reference, start)
+            err_blocks.append(err_block)
+            ref_blocks.append(ref_block)
+            max_abs = max(max_abs, chunk_max)
+            count += chunk_count
+    if not err_blocks:
+        empty = np.zeros((0, ERROR_LANES))
+        return empty, empty, 0.0, 0
+    return np.concatenate(err_blocks), np.concatenate(ref_blocks), max_abs, count
+
+
+def _chunk_sums(
+    values: npt.NDArray[Any], reference: npt.NDArray[Any], start: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int]:
+    """:func:`error_block_sums` of the chunk from element ``start`` on."""
+    ref = reference[start : start + _ERROR_CHUNK].astype(np.float64)
+    err = np.subtract(values[start : start + _ERROR_CHUNK], ref, dtype=np.float64)
+    finite = np.isfinite(err)  # also false where either side is not finite
+    if finite.all():
+        count = err.size
+    else:
+        err[~finite] = 0.0
+        ref[~finite] = 0.0
+        count = int(np.count_nonzero(finite))
+    max_abs = max(float(err.max()), -float(err.min()))
+    blocks = -(-err.size // ERROR_BLOCK)
+    if err.size != blocks * ERROR_BLOCK:  # the last chunk: pad to whole blocks
+        err = np.pad(err, (0, blocks * ERROR_BLOCK - err.size))
+        ref = np.pad(ref, (0, blocks * ERROR_BLOCK - ref.size))
+    shape = (blocks, ERROR_BLOCK // ERROR_LANES, ERROR_LANES)
+    err_sq = np.multiply(err, err, out=err).reshape(shape).sum(axis=1)
+    ref_sq = np.multiply(ref, ref, out=ref).reshape(shape).sum(axis=1)
+    return err_sq, ref_sq, max_abs, count
 
 
 def _errors(
     values: npt.NDArray[Any], reference: npt.NDArray[Any]
 ) -> tuple[float | None, float | None, float | None]:
-    """Return max |err|, RMSE and SQNR (dB) over elements finite in both tensors.
-
-    Works through the arrays in chunks, accumulating in float64, so memory stays small
-    whatever the tensor's size.
-    """
-    err_power = ref_power = max_abs = 0.0
-    count = 0
-    for start in range(0, values.size, _ERROR_CHUNK):
-        ref = reference[start : start + _ERROR_CHUNK].astype(np.float64)
-        err = np.subtract(values[start : start + _ERROR_CHUNK], ref, dtype=np.float64)
-        err_sq, ref_sq = float(np.dot(err, err)), float(np.dot(ref, ref))
-        if not (math.isfinite(err_sq) and math.isfinite(ref_sq)):
-            # Some pair is not finite (or a square overflowed): keep the finite pairs.
-            finite = np.isfinite(err)  # also false where either side is non-finite
-            err, ref = err[finite], ref[finite]
-            err_sq, ref_sq = float(np.dot(err, err)), float(np.dot(ref, ref))
-        if not err.size:
-            continue
-        count += err.size
-        err_power += err_sq
-        ref_power += ref_sq
-        max_abs = max(max_abs, float(np.abs(err).max()))
+    """Return max |err|, RMSE and SQNR (dB) over elements finite in both tensors."""
+    compiled = _compiled_kernels(values, reference)
+    if compiled is not None:
+        err_sq, ref_sq, max_abs, count = compiled.error_sums(values, reference)
+    else:
+        with kernels.chain_timer():
+            err_sq, ref_sq, max_abs, count = error_block_sums(values, reference)
     if not count:
         return None, None, None
+    # Blocks add up in order (NumPy's reduction along the first axis), lanes exactly.
+    err_power = math.fsum(np.add.reduce(err_sq, axis=0).tolist())
+    ref_power = math.fsum(np.add.reduce(ref_sq, axis=0).tolist())
     rmse = math.sqrt(err_power / count)
     if err_power == 0.0:
         sqnr = math.inf
@@ -436,6 +503,13 @@ def _errors(
     else:
         sqnr = 10.0 * math.log10(ref_power / err_power)
     return max_abs, rmse, sqnr
+
+
+def _compiled_kernels(*arrays: npt.NDArray[Any]) -> Any:
+    """The compiled kernels, for float32/float64 arrays large enough for them to pay."""
+    if arrays[0].size < kernels.SMALL or any(a.dtype.kind != "f" or a.itemsize < 4 for a in arrays):
+        return None
+    return kernels.compiled_kernels()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
