@@ -15,7 +15,13 @@ from typing import Annotated, Any
 import typer
 
 from cli.finetune_command import checkpoint_target, run_finetune
-from cli.inputs import check_finite, default_output, load_model, load_patched_plan
+from cli.inputs import (
+    check_finite,
+    default_output,
+    let_openmp_threads_sleep,
+    load_model,
+    load_patched_plan,
+)
 from cli.options import (
     EXIT_LIMITS,
     AllowNonfinite,
@@ -257,6 +263,7 @@ def quantize(
     A bare safetensors file (or a folder of shards) without --arch is quantised tensor by
     tensor, with families taken from tensor names.
     """
+    let_openmp_threads_sleep()
     from transform_core.outputs import write_burned, write_burned_tensors
     from transform_core.pipeline import plan_network
     from transform_core.recipe import load_recipe
@@ -270,7 +277,7 @@ def quantize(
                 reader,
                 parsed,
                 output,
-                source=loaded.source,
+                source=lambda: loaded.source,  # its digest comes from the bytes read
                 seed=seed,
                 force=force,
                 inputs=[model],

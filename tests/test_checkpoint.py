@@ -39,6 +39,7 @@ from transform_core.checkpoint import (
 from transform_core.errors import CheckpointError
 from transform_core.safetensors_io import (
     SafetensorsWriter,
+    WriteBehind,
     atomic_output,
     open_tensors,
     read_header,
@@ -578,6 +579,60 @@ def test_tensor_mode_sharded_reads_shard_by_shard(
     assert load_network(tmp_path).source.kind == "tensors"
 
 
+def _big_tensors(path: Path) -> dict[str, torch.Tensor]:
+    # Megabytes and bytes; two dtypes, odd sizes.
+    generator = torch.Generator().manual_seed(1)
+    tensors = {
+        "big.weight": torch.randn(700, 501, generator=generator),
+        "half.weight": torch.randn(600_001, generator=generator).half(),
+        "small.bias": torch.arange(7.0),
+    }
+    save_file(tensors, str(path))
+    return tensors
+
+
+def test_reading_computes_the_files_digest_on_the_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.safetensors"
+    tensors = _big_tensors(path)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert open_tensors(path).sha256() == expected  # read for the purpose
+    source = open_tensors(path)
+    read = dict(source.iter_tensors(digest=True))
+    assert all(torch.equal(read[n], t) for n, t in tensors.items())
+    assert load_network(path).source.sha256 == expected
+    monkeypatch.setattr(safetensors_io, "sha256_file", lambda _: pytest.fail("read again"))
+    assert source.sha256() == expected
+
+
+def test_a_folders_digest_lists_its_index_and_shards(tmp_path: Path) -> None:
+    state = {f"layer{i}.weight": torch.full((2, 2), float(i)) for i in range(6)}
+    _write_shards(tmp_path, state)
+    source = open_tensors(tmp_path)
+    lines = "".join(
+        f"{hashlib.sha256(f.read_bytes()).hexdigest()} {f.name}\n"
+        for f in (tmp_path / "model.safetensors.index.json", *source.files)
+    )
+    expected = hashlib.sha256(lines.encode()).hexdigest()
+    assert source.sha256() == expected
+    list(source.iter_tensors(digest=True))
+    assert source.sha256() == expected
+    assert load_network(tmp_path).source.sha256 == expected
+
+
+def test_a_file_truncated_after_opening_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    _big_tensors(path)
+    source = open_tensors(path)
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size - 1000)
+    with pytest.raises(
+        CheckpointError, match=r"bytes into tensor data .* truncated, copy it again"
+    ):
+        dict(source.iter_tensors())
+
+
 @pytest.mark.parametrize(
     ("case", "phrase"),
     [
@@ -793,6 +848,53 @@ def test_writer_rejects_mismatches(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"c: has dtype torch\.complex128, which safetensors"):
         save_safetensors({"c": torch.zeros(2, dtype=torch.complex128)}, tmp_path / "c.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writing_behind_gives_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensors = {**_big_tensors(tmp_path / "ref.safetensors"), "zero": torch.zeros(0)}
+    save_file(tensors, str(tmp_path / "ref.safetensors"), {"k": "v"})
+    specs = {n: (t.dtype, list(t.shape)) for n, t in tensors.items()}
+    synced: list[int] = []
+    real_sync = SafetensorsWriter.sync
+    monkeypatch.setattr(SafetensorsWriter, "sync", lambda w: synced.append(1) or real_sync(w))
+    monkeypatch.setattr(WriteBehind, "SYNC_BYTES", 1 << 20)
+    with (tmp_path / "ours.safetensors").open("wb") as handle:
+        writer = SafetensorsWriter(handle, specs, {"k": "v"})
+        with WriteBehind(writer) as behind:
+            for name, tensor in tensors.items():
+                behind.write(name, tensor)
+        writer.close()
+    assert synced  # the disk was asked to start on the data before the end
+    assert (tmp_path / "ours.safetensors").read_bytes() == (
+        tmp_path / "ref.safetensors"
+    ).read_bytes()
+
+
+def test_an_error_while_writing_behind_comes_back_to_the_caller() -> None:
+    big = torch.zeros(1 << 19)  # 2 MiB: written in the background
+    writer = SafetensorsWriter(io.BytesIO(), {"a": (torch.float32, [1 << 19])})
+    with pytest.raises(ValueError, match="was not declared"), WriteBehind(writer) as behind:
+        behind.write("b", big)
+        behind.wait()
+    with WriteBehind(writer) as behind:
+        behind.write("a", big)
+    with pytest.raises(ValueError, match="already written"), WriteBehind(writer) as behind:
+        behind.write("a", big)
+    writer.close()
+
+
+def test_metadata_can_be_replaced_by_metadata_of_the_same_length() -> None:
+    buffer = io.BytesIO()
+    writer = SafetensorsWriter(buffer, {"w": (torch.float32, [2])}, {"digest": "0" * 8})
+    writer.write("w", torch.ones(2))
+    with pytest.raises(ValueError, match="keep every value's length"):
+        writer.replace_metadata({"digest": "0" * 64})
+    writer.replace_metadata({"digest": "abcd1234"})
+    writer.close()
+    writer.sync()  # nothing to do for a buffer in memory
+    assert buffer.getvalue() == save({"w": torch.ones(2)}, {"digest": "abcd1234"})
 
 
 # --- the patched checkpoint ---------------------------------------------------------

@@ -722,6 +722,19 @@ def _check_golden(name: str, data: object) -> None:
     assert text == path.read_text(), f"{name} differs; if intended, ROCKQ_UPDATE_GOLDEN=1"
 
 
+def test_tensor_mode_records_the_inputs_digest(tmp_path: Path, inputs: Inputs) -> None:
+    import hashlib
+
+    out = tmp_path / "q.safetensors"
+    ok("quantize", inputs.state_st, "int8", "-o", out, "-q")
+    digest = hashlib.sha256(inputs.state_st.read_bytes()).hexdigest()
+    with safe_open(str(out), framework="pt") as handle:
+        assert handle.metadata()["rockq.input_sha256"] == digest
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    assert report["meta"]["input_sha256"] == digest
+    assert list(report["meta"]) == ["rockq_version", "recipe", "seed", "input", "input_sha256"]
+
+
 def test_output_metadata_and_report_golden(
     tmp_path: Path, inputs: Inputs, recipe_file: Path
 ) -> None:

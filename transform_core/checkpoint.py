@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,30 +83,40 @@ __all__ = [
 ]
 
 
-@dataclass
 class LoadedNetwork:
     """What :func:`load_network` returns.
 
     Attributes:
         module: The network, or ``None`` in tensor mode.
-        source: Where it came from.
         tensors: The tensor reader, in tensor mode.
         network_bytes: The whole-module pickle exactly as loaded, for embedding in a
             patched checkpoint.
     """
 
-    module: nn.Module | None
-    source: SourceInfo
-    tensors: TensorSource | None = None
-    network_bytes: bytes | None = field(default=None, repr=False)
+    def __init__(
+        self,
+        module: nn.Module | None,
+        source: SourceInfo | Callable[[], SourceInfo],
+        tensors: TensorSource | None = None,
+        network_bytes: bytes | None = None,
+    ) -> None:
+        self.module = module
+        self.tensors = tensors
+        self.network_bytes = network_bytes
+        self._source = source
 
+    @property
+    def source(self) -> SourceInfo:
+        """Where it came from. In tensor mode the input's SHA-256 is found when first asked
+        for: after ``tensors.iter_tensors(digest=True)`` has read every file, without
+        reading them again."""
+        if callable(self._source):
+            self._source = self._source()
+        return self._source
 
-def _folder_digest(source: TensorSource) -> str:
-    digest = hashlib.sha256()
-    for file in (source.index_file, *source.files):
-        if file is not None:
-            digest.update(f"{sha256_file(file)} {file.name}\n".encode())
-    return digest.hexdigest()
+    def __repr__(self) -> str:
+        kind = "tensors" if self.module is None else type(self.module).__name__
+        return f"LoadedNetwork({kind})"
 
 
 def _check_kwargs(arch_kwargs: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -182,7 +191,7 @@ def load_network(
         state = load_state_dict_file(path, trust=trusted)
         module = build_loaded(arch, kwargs, state, path=label)
         del state  # the network holds the loaded tensors now
-        digest = _folder_digest(open_tensors(path)) if target.is_dir() else sha256_file(path)
+        digest = open_tensors(path).sha256() if target.is_dir() else sha256_file(path)
         info = SourceInfo("arch", label, digest, arch=arch, arch_kwargs=kwargs, trust=trusted)
         return LoadedNetwork(module, info)
     if looks_like_safetensors(path):
@@ -199,8 +208,11 @@ def load_network(
             )
             return LoadedNetwork(ckpt.network, info, network_bytes=ckpt.network_bytes)
         tensors = open_tensors(path)
-        digest = _folder_digest(tensors) if target.is_dir() else sha256_file(path)
-        return LoadedNetwork(None, SourceInfo("tensors", label, digest, trust=trusted), tensors)
+
+        def describe() -> SourceInfo:
+            return SourceInfo("tensors", label, tensors.sha256(), trust=trusted)
+
+        return LoadedNetwork(None, describe, tensors)
     data = require_file(path).read_bytes()
     module = module_from_bytes(data, label, trusted)
     info = SourceInfo("pickle", label, hashlib.sha256(data).hexdigest(), trust=trusted)

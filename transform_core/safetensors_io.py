@@ -24,10 +24,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -54,6 +56,7 @@ from transform_core.safetensors_header import (
 from transform_core.safetensors_writer import (
     SafetensorsWriter,
     TensorSpec,
+    WriteBehind,
     save_safetensors,
     write_safetensors,
 )
@@ -68,6 +71,7 @@ __all__ = [
     "StoredTensor",
     "TensorSource",
     "TensorSpec",
+    "WriteBehind",
     "atomic_output",
     "check_output_path",
     "is_safetensors",
@@ -111,6 +115,7 @@ class TensorSource:
         self._infos: dict[str, StoredTensor] = {}
         self._by_file: dict[Path, list[str]] = {}
         self._data_start = {header.path: header.data_start for header in headers}
+        self._digests: dict[Path, str] = {}
         for header in headers:
             wanted = set(names[header.path]) if names is not None else set(header.tensors)
             order = [name for name in header.tensors if name in wanted]
@@ -151,16 +156,62 @@ class TensorSource:
         with _open(info.file) as handle:
             return _read(handle, self._data_start[info.file], info)
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, *, digest: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` file by file, holding one file open and one tensor at a time.
+
+        Tensors come in the order of their data, so each file is read once from start to
+        end.
+
+        Args:
+            digest: Also compute each file's SHA-256 from the bytes read, in a background
+                thread at most one tensor behind, so that :meth:`sha256` need not read the
+                files again once the iteration is complete. The caller must then not
+                change a tensor in place before it asks for the next one.
 
         Raises:
             CheckpointError: A file can no longer be read.
         """
-        for file, names in self._by_file.items():
-            with _open(file) as handle:
-                for name in names:
-                    yield name, _read(handle, self._data_start[file], self._infos[name])
+        # On a big-endian machine _read swaps bytes: what it returns is not the file's.
+        digest = digest and sys.byteorder == "little"
+        with ThreadPoolExecutor(1, thread_name_prefix="rockq-digest") as hashing:
+            for file, names in self._by_file.items():
+                hasher = hashlib.sha256()
+                hashed: Future[None] | None = None
+                with _open(file) as handle:
+                    head = handle.read(self._data_start[file]) if digest else b""
+                    hasher.update(head)
+                    for name in names:
+                        tensor = _read(handle, self._data_start[file], self._infos[name])
+                        if digest:
+                            if hashed is not None:
+                                hashed.result()
+                            hashed = hashing.submit(hasher.update, _bytes_of(tensor))
+                        yield name, tensor
+                        del tensor
+                if hashed is not None:
+                    hashed.result()
+                if digest and len(head) == self._data_start[file]:
+                    self._digests[file] = hasher.hexdigest()
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the input: of the file, or for a folder, of a text that lists the
+        index's digest and name and then each shard's, a line each.
+
+        A file that :meth:`iter_tensors` has read whole is not read again.
+
+        Raises:
+            CheckpointError: A file can no longer be read.
+        """
+        if self.index_file is None:
+            return self._file_sha256(self.files[0])
+        digest = hashlib.sha256()
+        for file in (self.index_file, *self.files):
+            digest.update(f"{self._file_sha256(file)} {file.name}\n".encode())
+        return digest.hexdigest()
+
+    def _file_sha256(self, file: Path) -> str:
+        known = self._digests.get(file)
+        return known if known is not None else sha256_file(file)
 
     def load_all(self) -> dict[str, torch.Tensor]:
         """Read every tensor into memory (for state dicts that fit)."""
@@ -206,6 +257,11 @@ def _read(handle: io.FileIO, data_start: int, info: StoredTensor) -> torch.Tenso
             )
         done += count
     return data.view(info.dtype).reshape(info.shape)
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a freshly read (contiguous CPU) tensor, without a copy."""
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def open_tensors(path: PathLike) -> TensorSource:

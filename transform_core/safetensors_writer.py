@@ -21,7 +21,9 @@ import json
 import os
 import struct
 import sys
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
 import torch
@@ -35,7 +37,13 @@ from transform_core.safetensors_header import (
     count_names,
 )
 
-__all__ = ["SafetensorsWriter", "TensorSpec", "save_safetensors", "write_safetensors"]
+__all__ = [
+    "SafetensorsWriter",
+    "TensorSpec",
+    "WriteBehind",
+    "save_safetensors",
+    "write_safetensors",
+]
 
 TensorSpec = tuple[torch.dtype, Sequence[int]]
 
@@ -92,9 +100,7 @@ class SafetensorsWriter:
                 )
             entries.append((name, DTYPE_TO_NAME[dtype], [int(n) for n in shape]))
         entries.sort(key=lambda e: (-LAYOUT_RANK[e[1]], e[0]))
-        header: dict[str, Any] = {}
-        if metadata is not None:
-            header["__metadata__"] = {key: metadata[key] for key in sorted(metadata)}
+        self._tensors: dict[str, Any] = {}
         self._slots: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         offset = 0
         for name, dtype_name, shape in entries:
@@ -103,11 +109,14 @@ class SafetensorsWriter:
             for n in shape:
                 numel *= n
             end = offset + numel * dtype.itemsize
-            header[name] = {"dtype": dtype_name, "shape": shape, "data_offsets": [offset, end]}
+            self._tensors[name] = {
+                "dtype": dtype_name,
+                "shape": shape,
+                "data_offsets": [offset, end],
+            }
             self._slots[name] = (dtype, tuple(shape), offset, end)
             offset = end
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
+        raw = self._header(metadata)
         self._file = file
         self._data_start = 8 + len(raw)
         self._size = self._data_start + offset
@@ -115,10 +124,41 @@ class SafetensorsWriter:
         file.write(struct.pack("<Q", len(raw)))
         file.write(raw)
 
+    def _header(self, metadata: Mapping[str, str] | None) -> bytes:
+        header: dict[str, Any] = {}
+        if metadata is not None:
+            header["__metadata__"] = {key: metadata[key] for key in sorted(metadata)}
+        header.update(self._tensors)
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return raw + b" " * (-len(raw) % 8)
+
+    def replace_metadata(self, metadata: Mapping[str, str] | None) -> None:
+        """Rewrite the header with other metadata of the same encoded length.
+
+        For a value known only once the data is written (an input digest, say): write
+        a placeholder of the same length first.
+
+        Raises:
+            ValueError: The new header's length differs from the one written.
+        """
+        raw = self._header(metadata)
+        if 8 + len(raw) != self._data_start:
+            raise ValueError(
+                f"new metadata makes a header of {len(raw)} bytes, the file's has "
+                f"{self._data_start - 8}; keep every value's length"
+            )
+        self._file.seek(8)
+        self._file.write(raw)
+
     @property
     def names(self) -> list[str]:
         """Tensor names in the order their data is laid out in the file."""
         return list(self._slots)
+
+    @property
+    def largest_bytes(self) -> int:
+        """Size in bytes of the largest declared tensor (0 for none)."""
+        return max((end - begin for _, _, begin, end in self._slots.values()), default=0)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor's bytes at its offset.
@@ -141,6 +181,18 @@ class SafetensorsWriter:
             self._file.write(data.numpy().data)
         self._pending.discard(name)
 
+    def sync(self) -> None:
+        """Flush what was written so far and have the OS write it to disk now (``fdatasync``).
+
+        Nothing for a file without a descriptor (an in-memory buffer).
+        """
+        self._file.flush()
+        try:
+            fd = self._file.fileno()
+        except (AttributeError, OSError):  # io.BytesIO and the like
+            return
+        getattr(os, "fdatasync", os.fsync)(fd)
+
     def close(self) -> None:
         """Check that every declared tensor was written.
 
@@ -152,6 +204,86 @@ class SafetensorsWriter:
         self._file.seek(0, os.SEEK_END)
         if self._file.tell() != self._size:  # pragma: no cover - guards the layout maths
             raise RuntimeError(f"wrote {self._file.tell()} bytes, expected {self._size}")
+
+
+class WriteBehind:
+    """Write tensors through a :class:`SafetensorsWriter` in a background thread.
+
+    :meth:`write` queues a tensor and returns at once; one thread writes the queue in
+    order. :meth:`wait` holds the caller back while the tensors in flight leave no room
+    under ``budget_bytes`` for one more of the largest declared size, so that memory stays
+    bounded. Every :data:`SYNC_BYTES` bytes a second thread has the OS put the file on
+    disk (:meth:`SafetensorsWriter.sync`) while writing goes on: the disk works while the
+    caller computes, and the ``fsync`` that makes the finished file durable finds little
+    left to do. An error in the writing thread is raised by a later call.
+
+    Use it as a context manager: leaving the block waits for every write.
+
+    Example:
+        >>> import io, torch
+        >>> buffer = io.BytesIO()
+        >>> writer = SafetensorsWriter(buffer, {"w": (torch.float32, [2])})
+        >>> with WriteBehind(writer) as behind:
+        ...     behind.write("w", torch.ones(2))
+        >>> writer.close()
+    """
+
+    SYNC_BYTES = 64 << 20
+    """Bytes written between two requests to put them on disk."""
+    BUDGET_BYTES = 128 << 20
+    """Default bound on the bytes in flight, beyond one tensor of the largest size."""
+
+    def __init__(self, writer: SafetensorsWriter, *, budget_bytes: int = BUDGET_BYTES) -> None:
+        self._writer = writer
+        self._room = max(0, budget_bytes - writer.largest_bytes)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rockq-write")
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="rockq-sync")
+        self._queued: deque[tuple[Future[None], int]] = deque()
+        self._syncing: Future[None] | None = None
+        self._unsynced = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor for :meth:`SafetensorsWriter.write`; the caller must not change it
+        in place afterwards."""
+        self._collect()
+        nbytes = tensor.numel() * tensor.element_size()
+        self._queued.append((self._pool.submit(self._write, name, tensor), nbytes))
+
+    def wait(self) -> None:
+        """Wait until one more tensor of the largest size fits under the budget."""
+        self._collect()
+        while self._queued and sum(n for _, n in self._queued) > self._room:
+            self._queued.popleft()[0].result()
+
+    def _collect(self) -> None:
+        # Forget finished writes, raising the error of a failed one.
+        while self._queued and self._queued[0][0].done():
+            self._queued.popleft()[0].result()
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        self._writer.write(name, tensor)
+        self._unsynced += tensor.numel() * tensor.element_size()
+        if self._unsynced >= self.SYNC_BYTES and (self._syncing is None or self._syncing.done()):
+            if self._syncing is not None:
+                self._syncing.result()  # raise what the last one met
+            self._unsynced = 0
+            self._syncing = self._syncer.submit(self._writer.sync)
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            if kind is None:
+                while self._queued:
+                    self._queued.popleft()[0].result()
+                if self._syncing is not None:
+                    self._syncing.result()
+        finally:
+            # On an error, what was queued and not begun is dropped, and the write under
+            # way finishes before the file may be closed.
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._syncer.shutdown(wait=True)
 
 
 def write_safetensors(
