@@ -99,7 +99,12 @@ def test_table_marks_misses() -> None:
 
 @pytest.mark.slow
 def test_memory_group_measures_peak_rss_of_the_cli() -> None:
-    rows = [memory.quantize_tensors(2), memory.quantize_network(2)]
-    _check_rows(rows)
-    for row in rows:
+    peak, timing, network = [*memory.quantize_tensors(2, repeats=2), memory.quantize_network(2)]
+    _check_rows([peak, timing, network])
+    for row in (peak, network):
         assert row["baseline_peak_mib"] > 0 and row["impls"]["rockq"]["peak_mib"] > 0
+    assert peak["limit_mib"] == pytest.approx((3 * 256 * 256 * 4 + 500e6) / 2**20)
+    assert timing["impls"]["rockq"]["ratio"] == pytest.approx(
+        timing["impls"]["rockq"]["median_ms"] / timing["baseline_ms"]
+    )
+    assert timing["target"] == memory.TENSOR_TIME_TARGET
