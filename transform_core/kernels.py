@@ -87,6 +87,7 @@ __all__ = [
     "map_blocks",
     "output_like",
     "random_key",
+    "reusable_empty",
     "start_loading_compiled_kernels",
     "stochastic_floor_",
     "wait_for_compiled_kernels",
@@ -290,9 +291,10 @@ OUTPUT_CACHE_BYTES = 128 << 20
 
 
 class _Outputs:
-    """Storage of recent results, by shape and dtype, for :func:`output_like` to reuse."""
+    """Storages of recent results, by shape and dtype, for :func:`output_like` to reuse."""
 
-    storages: ClassVar[dict[tuple[tuple[int, ...], torch.dtype], torch.UntypedStorage]] = {}
+    storages: ClassVar[dict[tuple[tuple[int, ...], torch.dtype], list[torch.UntypedStorage]]] = {}
+    kept = 0  # their bytes
     lock = threading.Lock()
     pid = 0
 
@@ -313,14 +315,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 def output_like(value: Tensor) -> Tensor:
     """A new contiguous CPU tensor shaped and typed like ``value``, for a transform's result.
 
-    A training step transforms the same weights every forward pass, and each result lives
-    until the backward pass. Freshly allocated each time, a result of megabytes comes as
-    new pages from the operating system, mapped one by one on first touch: that costs
-    more than computing it. So the storage of a recent result of the same shape and dtype
-    is handed out again once nothing uses it any more (its reference count shows that);
-    otherwise a new one is allocated and kept in its place. At most
-    :data:`OUTPUT_CACHE_BYTES` are kept, one storage per shape and dtype, each at most an
-    eighth of that (16 MiB).
+    See :func:`reusable_empty`.
 
     Example:
         >>> first = output_like(torch.zeros(512, 512))
@@ -329,26 +324,51 @@ def output_like(value: Tensor) -> Tensor:
         >>> output_like(torch.zeros(512, 512)).data_ptr() == ptr
         True
     """
-    shape, dtype = tuple(value.shape), value.dtype
-    nbytes = value.numel() * value.element_size()
+    return reusable_empty(tuple(value.shape), value.dtype)
+
+
+def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on CPU, in the storage of an earlier one if free.
+
+    A training step transforms the same weights every forward pass, and each result lives
+    until the backward pass; tensor mode reads and transforms tensor after tensor of the
+    same shape. Freshly allocated each time, megabytes come as new pages from the
+    operating system, mapped and zeroed one by one on first touch and unmapped again
+    afterwards: that costs more than computing them. So the storages handed out are kept,
+    and one of the same shape and dtype is handed out again once nothing uses it any more
+    (its reference count shows that); otherwise a new one is allocated. At most
+    :data:`OUTPUT_CACHE_BYTES` are kept, the least recently used shape going first, each
+    storage at most an eighth of that (16 MiB).
+
+    Example:
+        >>> a = reusable_empty((1024,), torch.uint8)
+        >>> b = reusable_empty((1024,), torch.uint8)  # a is in use: another storage
+        >>> a.data_ptr() != b.data_ptr()
+        True
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > OUTPUT_CACHE_BYTES // 8:
-        # Larger results are rare in training, where their first touch is small next to
+        # Larger tensors are rare in training, where their first touch is small next to
         # the work done with them; kept, they would add to a one-off run's peak memory.
         return torch.empty(shape, dtype=dtype)
     key = (shape, dtype)
     with _Outputs.lock:
         if _Outputs.pid != os.getpid():  # a forked child starts afresh
-            _Outputs.storages, _Outputs.pid = {}, os.getpid()
-        storage = _Outputs.storages.pop(key, None)
-        if storage is None or storage.nbytes() != nbytes or not _unused(storage):
-            storage = torch.empty(shape, dtype=dtype).untyped_storage()
-        _Outputs.storages[key] = storage  # the most recently used last
-        out = torch.empty(0, dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
-        kept = sum(s.nbytes() for s in _Outputs.storages.values())
-        for old in list(_Outputs.storages):
-            if kept <= OUTPUT_CACHE_BYTES:
-                break
-            kept -= _Outputs.storages.pop(old).nbytes()
+            _Outputs.storages, _Outputs.kept, _Outputs.pid = {}, 0, os.getpid()
+        kept = _Outputs.storages.pop(key, [])  # put back last: the most recently used
+        _Outputs.storages[key] = kept
+        free = next((s for s in kept if s.nbytes() == nbytes and _unused(s)), None)
+        if free is None:
+            free = torch.empty(shape, dtype=dtype).untyped_storage()
+            kept.append(free)
+            _Outputs.kept += nbytes
+        out = torch.empty(0, dtype=dtype).set_(free, 0, shape, _contiguous_strides(shape))
+        while _Outputs.kept > OUTPUT_CACHE_BYTES:
+            (old_shape, old_dtype), storages = next(iter(_Outputs.storages.items()))
+            storages.pop(0)  # counted at its size when made, whatever a caller did since
+            _Outputs.kept -= math.prod(old_shape) * old_dtype.itemsize
+            if not storages:
+                del _Outputs.storages[(old_shape, old_dtype)]
     return out
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from transform_core import kernels
 from transform_core.errors import CheckpointError
 from transform_core.files import (
     KNOWN_FORMATS,
@@ -164,9 +165,10 @@ class TensorSource:
 
         Args:
             digest: Also compute each file's SHA-256 from the bytes read, in a background
-                thread at most one tensor behind, so that :meth:`sha256` need not read the
-                files again once the iteration is complete. The caller must then not
-                change a tensor in place before it asks for the next one.
+                thread that finishes a tensor before the next is read, so that
+                :meth:`sha256` need not read the files again once the iteration is
+                complete. The caller must then not change a tensor in place before it
+                asks for the next one.
 
         Raises:
             CheckpointError: A file can no longer be read.
@@ -181,10 +183,10 @@ class TensorSource:
                     head = handle.read(self._data_start[file]) if digest else b""
                     hasher.update(head)
                     for name in names:
+                        if hashed is not None:
+                            hashed.result()  # the last tensor goes before the next comes
                         tensor = _read(handle, self._data_start[file], self._infos[name])
                         if digest:
-                            if hashed is not None:
-                                hashed.result()
                             hashed = hashing.submit(hasher.update, _bytes_of(tensor))
                         yield name, tensor
                         del tensor
@@ -242,7 +244,8 @@ def _read(handle: io.FileIO, data_start: int, info: StoredTensor) -> torch.Tenso
         with safe_open(str(info.file), framework="pt", device="cpu") as opened:
             tensor: torch.Tensor = opened.get_tensor(info.name)
             return tensor
-    data = torch.empty(info.nbytes, dtype=torch.uint8)
+    # Storage that an earlier tensor no longer uses: no fresh pages to map and zero.
+    data = kernels.reusable_empty((info.nbytes,), torch.uint8)
     view = data.numpy().data
     handle.seek(data_start + info.offsets[0])
     done = 0

@@ -230,7 +230,7 @@ class WriteBehind:
 
     SYNC_BYTES = 64 << 20
     """Bytes written between two requests to put them on disk."""
-    BUDGET_BYTES = 128 << 20
+    BUDGET_BYTES = 64 << 20
     """Default bound on the bytes in flight, beyond one tensor of the largest size."""
 
     def __init__(self, writer: SafetensorsWriter, *, budget_bytes: int = BUDGET_BYTES) -> None:
