@@ -560,14 +560,13 @@ def stochastic_floor_(
         noise = torch.rand(
             levels.shape, generator=generator, device=levels.device, dtype=levels.dtype
         )
-        # floor(levels + noise), decided exactly: up when noise >= 1 - fraction. The sum in
-        # the levels' own precision rounds to the next level when the noise is within half
-        # a unit of that bound, which would move values that sit on a level.
+        # floor(levels + noise), decided exactly: up when fraction + noise >= 1. The sum
+        # levels + noise rounds to the next level when the noise is within half a unit of
+        # 1 - fraction, which would move values that sit on a level; fraction + noise is
+        # exact below 1 (both are multiples of the noise's unit for levels of 1 or more).
         floor = torch.floor(levels)
         fraction = levels.sub_(floor)  # exact
-        # In float64 the bound is exact for float32 and narrower (MPS has no float64).
-        wide = levels.dtype if levels.device.type == "mps" else torch.float64
-        return floor.add_(noise.to(wide) >= 1.0 - fraction.to(wide))
+        return floor.add_(noise.add_(fraction).ge_(1.0))
     if key is None:
         key = random_key(generator)
     floor = torch.floor(levels)
