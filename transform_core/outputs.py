@@ -98,8 +98,9 @@ def write_burned_tensors(
 ) -> Report:
     """Quantise a bare tensor file one tensor at a time, streaming into ``output``.
 
-    Memory stays bounded by the largest tensor; families come from tensor names. Each
-    tensor is written in a background thread while the next one is read and transformed.
+    Memory stays bounded by a few of the largest tensors and the writes in flight;
+    families come from tensor names. Each tensor is written in a background thread while
+    the next one is read and transformed.
 
     Args:
         reader: The :class:`~transform_core.safetensors_io.TensorSource` to read.
@@ -108,7 +109,8 @@ def write_burned_tensors(
         source: The :class:`~transform_core.checkpoint.SourceInfo` of the tensors, or a
             function that returns it, called once the tensors are written (so that the
             input's digest can come from the bytes read; see
-            :class:`~transform_core.checkpoint.LoadedNetwork`).
+            :class:`~transform_core.checkpoint.LoadedNetwork`). The function's digest
+            must be a hex SHA-256, whose length the header reserves.
         seed: Overrides the recipe's seed.
         force: Replace existing output files.
         inputs: The files this run reads, which are never overwritten.
@@ -144,15 +146,17 @@ def write_burned_tensors(
 
     with _report_outputs(output, force, inputs) as (tmp, write_reports):
         with tmp.open("wb") as handle:
-            # The digest goes into the header, written first: a placeholder of its length
-            # holds its place until the digest is known.
-            writer = SafetensorsWriter(handle, specs, _metadata(plan, _DIGEST_PLACEHOLDER))
+            # The digest goes into the header, written first: when it comes only at the
+            # end, a placeholder of its length holds its place until then.
+            early = _DIGEST_PLACEHOLDER if callable(source) else source.sha256
+            writer = SafetensorsWriter(handle, specs, _metadata(plan, early))
             with WriteBehind(writer) as behind, _core_left_for_io():
                 report = burn_in_tensors(
                     checked(), plan, behind.write, wait=behind.wait, progress=progress
                 )
             known = source() if callable(source) else source
-            writer.replace_metadata(_metadata(plan, known.sha256))
+            if known.sha256 != early:
+                writer.replace_metadata(_metadata(plan, known.sha256))
             writer.close()
         report = dataclasses.replace(report, meta=_report_meta(plan, known))
         write_reports(report)

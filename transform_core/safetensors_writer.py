@@ -231,7 +231,8 @@ class WriteBehind:
     SYNC_BYTES = 64 << 20
     """Bytes written between two requests to put them on disk."""
     BUDGET_BYTES = 64 << 20
-    """Default bound on the bytes in flight, beyond one tensor of the largest size."""
+    """Default bound on the bytes queued or being written; a tensor larger than the room
+    left goes through alone."""
 
     def __init__(self, writer: SafetensorsWriter, *, budget_bytes: int = BUDGET_BYTES) -> None:
         self._writer = writer
