@@ -1,10 +1,13 @@
-"""Compiled CPU kernels: each element-wise transform as one pass over memory.
+"""Compiled CPU kernels: each element-wise transform, and the report's statistics, as one
+pass over memory.
 
 Numba compiles these loops to vectorised machine code. Each computes, element by element,
 exactly the operations of the tensor chains in :mod:`transform_core.quantise` and
 :mod:`transform_core.kernels`, in the same order and precision, with the same counter-based
 random bits (:func:`transform_core.kernels.hash_bits`): a compiled kernel changes how fast a
-transform runs, never what it returns. The tests check that bit for bit.
+transform runs, never what it returns. :func:`distinct_finite` and :func:`error_sums` give
+:mod:`transform_core.tensor_report` the same values and sums as its NumPy code. The tests
+check all of that bit for bit.
 
 This module imports Numba, so :mod:`transform_core.kernels` imports it only in a
 background thread, once a process has done enough work for it to pay: loading Numba and
@@ -12,10 +15,10 @@ its cached machine code takes about a second, which a program that transforms a 
 tensors once should not wait for. Until it is ready, the tensor chains run.
 
 The dispatchers (:func:`round_levels`, :func:`int_quant`, :func:`dropout`, :func:`decay`,
-:func:`channel_range`) split the work over ``torch.get_num_threads()`` threads, the
-calling thread included; the kernels release the GIL. Each loop runs over a slice from
-index 0: Numba checks an index it cannot prove non-negative for wrap-around, and such a
-loop does not vectorise.
+:func:`channel_range`, :func:`distinct_finite`, :func:`error_sums`) split the work over
+``torch.get_num_threads()`` threads, the calling thread included; the kernels release the
+GIL. Each loop runs over a slice from index 0: Numba checks an index it cannot prove
+non-negative for wrap-around, and such a loop does not vectorise.
 """
 
 from __future__ import annotations
