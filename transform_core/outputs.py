@@ -125,6 +125,7 @@ def write_burned_tensors(
         RecipeError: The recipe needs a network, or a rule matches nothing.
         CheckpointError: An output may not be written; checked before any work.
     """
+    from transform_core.direct_file import DirectFile
     from transform_core.pipeline import burn_in_tensors, plan_tensors
     from transform_core.safetensors_io import SafetensorsWriter, WriteBehind
 
@@ -145,12 +146,13 @@ def write_burned_tensors(
             yield name, tensor
 
     with _report_outputs(output, force, inputs) as (tmp, write_reports):
-        with tmp.open("wb") as handle:
+        # Past the page cache: cheaper in CPU time, and a burn-in never reads it back.
+        with DirectFile(tmp) as handle:
             # The digest goes into the header, written first: when it comes only at the
             # end, a placeholder of its length holds its place until then.
             early = _DIGEST_PLACEHOLDER if callable(source) else source.sha256
             writer = SafetensorsWriter(handle, specs, _metadata(plan, early))
-            with WriteBehind(writer) as behind, _core_left_for_io():
+            with WriteBehind(writer, sync=not handle.direct) as behind, _core_left_for_io():
                 report = burn_in_tensors(
                     checked(), plan, behind.write, wait=behind.wait, progress=progress
                 )

@@ -24,7 +24,7 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -40,12 +40,33 @@ from transform_core.safetensors_header import (
 __all__ = [
     "SafetensorsWriter",
     "TensorSpec",
+    "WritableFile",
     "WriteBehind",
     "save_safetensors",
     "write_safetensors",
 ]
 
 TensorSpec = tuple[torch.dtype, Sequence[int]]
+
+
+class WritableFile(Protocol):
+    """What :class:`SafetensorsWriter` needs of a file: an open binary file, an
+    ``io.BytesIO`` or a :class:`~transform_core.direct_file.DirectFile`."""
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        """Write ``data`` at the position and return its length."""
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET, /) -> int:
+        """Move the position and return it."""
+
+    def tell(self) -> int:
+        """The position."""
+
+    def flush(self) -> None:
+        """Hand buffered bytes to the operating system."""
+
+    def fileno(self) -> int:
+        """The descriptor, for ``fdatasync``."""
 
 
 class SafetensorsWriter:
@@ -78,7 +99,7 @@ class SafetensorsWriter:
 
     def __init__(
         self,
-        file: IO[bytes],
+        file: WritableFile,
         specs: Mapping[str, TensorSpec],
         metadata: Mapping[str, str] | None = None,
     ) -> None:
@@ -212,10 +233,13 @@ class WriteBehind:
     :meth:`write` queues a tensor and returns at once; one thread writes the queue in
     order. :meth:`wait` holds the caller back while the tensors in flight leave no room
     under ``budget_bytes`` for one more of the largest declared size, so that memory stays
-    bounded. Every :data:`SYNC_BYTES` bytes a second thread has the OS put the file on
-    disk (:meth:`SafetensorsWriter.sync`) while writing goes on: the disk works while the
-    caller computes, and the ``fsync`` that makes the finished file durable finds little
-    left to do. An error in the writing thread is raised by a later call.
+    bounded. With ``sync`` (the default), every :data:`SYNC_BYTES` bytes a second thread
+    has the OS put the file on disk (:meth:`SafetensorsWriter.sync`) while writing goes on:
+    the disk works while the caller computes, and the ``fsync`` that makes the finished
+    file durable finds little left to do. A file written past the page cache
+    (:class:`~transform_core.direct_file.DirectFile`) needs none: its data is on the
+    device already, and a flush between its writes stalls them. An error in the writing
+    thread is raised by a later call.
 
     Use it as a context manager: leaving the block waits for every write.
 
@@ -234,8 +258,15 @@ class WriteBehind:
     """Default bound on the bytes queued or being written; a tensor larger than the room
     left goes through alone."""
 
-    def __init__(self, writer: SafetensorsWriter, *, budget_bytes: int = BUDGET_BYTES) -> None:
+    def __init__(
+        self,
+        writer: SafetensorsWriter,
+        *,
+        budget_bytes: int = BUDGET_BYTES,
+        sync: bool = True,
+    ) -> None:
         self._writer = writer
+        self._sync = sync
         self._room = max(0, budget_bytes - writer.largest_bytes)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rockq-write")
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="rockq-sync")
@@ -264,6 +295,8 @@ class WriteBehind:
     def _write(self, name: str, tensor: torch.Tensor) -> None:
         self._writer.write(name, tensor)
         self._unsynced += tensor.numel() * tensor.element_size()
+        if not self._sync:
+            return
         if self._unsynced >= self.SYNC_BYTES and (self._syncing is None or self._syncing.done()):
             if self._syncing is not None:
                 self._syncing.result()  # raise what the last one met
