@@ -21,6 +21,7 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from typer.testing import CliRunner
 
 import transform_core
 from cli.main import app
+from transform_core.direct_file import DirectFile
 from transform_core.errors import CheckpointError, RecipeError
 from transform_core.safetensors_io import SafetensorsWriter
 
@@ -700,6 +702,33 @@ def test_same_inputs_and_seed_give_identical_bytes(tmp_path: Path, inputs: Input
             assert p1 == p2.read_bytes()
         for stale in tmp_path.iterdir():
             stale.unlink()
+
+
+def test_tensor_mode_writes_the_same_bytes_past_the_page_cache_or_through_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Weights of 1 MiB and more, with biases between them, leave tensor boundaries off the
+    # page grid: the whole pages go direct, the edges through the cache.
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"layer{i}.weight": torch.randn(512 + i, 520, generator=generator) for i in range(3)}
+    tensors.update({f"layer{i}.bias": torch.randn(512 + i, generator=generator) for i in range(3)})
+    save_file(tensors, str(tmp_path / "in.safetensors"))
+    written: list[bool] = []
+    real_init = DirectFile.__init__
+
+    def recorded(self: DirectFile, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        written.append(self.direct)
+
+    monkeypatch.setattr(DirectFile, "__init__", recorded)
+    ok("quantize", tmp_path / "in.safetensors", "int8", "-o", tmp_path / "a.safetensors", "-q")
+    monkeypatch.setenv("ROCKQ_DIRECT_IO", "0")
+    ok("quantize", tmp_path / "in.safetensors", "int8", "-o", tmp_path / "b.safetensors", "-q")
+    assert written[1] is False
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    loaded = load_file(str(tmp_path / "a.safetensors"))
+    assert torch.equal(loaded["layer0.bias"], tensors["layer0.bias"])  # int8 rounds weights only
+    assert loaded["layer2.weight"].unique().numel() <= 255
 
 
 # --- metadata and golden files -------------------------------------------------------------

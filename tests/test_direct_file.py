@@ -170,3 +170,14 @@ def test_writing_behind_without_sync_never_syncs(
             behind.write("a", torch.ones(1 << 18))
         writer.close()
     assert synced == []
+
+
+@pytest.mark.parametrize("setting", ["0", "off", "No"])
+def test_the_environment_can_turn_direct_writes_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    monkeypatch.setenv("ROCKQ_DIRECT_IO", setting)
+    with DirectFile(tmp_path / "f") as file:
+        assert not file.direct
+        file.write(_pattern(2 * _MIB, 5))
+    assert (tmp_path / "f").stat().st_size == 2 * _MIB

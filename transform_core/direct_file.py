@@ -7,6 +7,7 @@ on a two-core virtual machine, writing 4 GiB took 4 to 8 s of system time that w
 with ``O_DIRECT``, through a page-aligned staging buffer, and the few bytes at either end
 (and every small write) through the page cache as usual, so any offset and length work.
 Where ``O_DIRECT`` is missing or refused (another operating system, some file systems),
+or the environment variable ``ROCKQ_DIRECT_IO`` is ``0`` (or ``false``, ``no``, ``off``),
 everything goes through the page cache.
 
 Example:
@@ -38,6 +39,11 @@ __all__ = ["DirectFile"]
 _PAGE = mmap.PAGESIZE
 
 
+def _allowed_by_environment() -> bool:
+    setting = os.environ.get("ROCKQ_DIRECT_IO", "").strip().lower()
+    return setting not in ("0", "false", "no", "off")
+
+
 class DirectFile:
     """A binary file opened for writing, large writes going past the page cache.
 
@@ -48,7 +54,8 @@ class DirectFile:
 
     Args:
         path: The file to create or truncate.
-        direct: Try ``O_DIRECT`` at all; ``False`` gives an ordinary unbuffered file.
+        direct: Try ``O_DIRECT`` at all (unless ``ROCKQ_DIRECT_IO`` turns it off);
+            ``False`` gives an ordinary unbuffered file.
 
     Example:
         >>> import tempfile
@@ -70,7 +77,7 @@ class DirectFile:
     def __init__(self, path: PathLike, *, direct: bool = True) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self._direct_fd: int | None = None
-        if direct and hasattr(os, "O_DIRECT"):
+        if direct and hasattr(os, "O_DIRECT") and _allowed_by_environment():
             try:
                 self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
             except OSError:  # a file system without O_DIRECT: the page cache it is
