@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -175,9 +176,12 @@ class DirectFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._stage is not None:
-            self._stage.close()
-            self._stage = None
+        stage, self._stage = self._stage, None
+        if stage is not None:
+            # After a failed write, the error's traceback may still hold a view of the
+            # buffer; it is then unmapped once that goes, and the error is not masked.
+            with contextlib.suppress(BufferError):
+                stage.close()
 
     def __enter__(self) -> DirectFile:
         return self
