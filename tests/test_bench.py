@@ -108,3 +108,5 @@ def test_memory_group_measures_peak_rss_of_the_cli() -> None:
         timing["impls"]["rockq"]["median_ms"] / timing["baseline_ms"]
     )
     assert timing["target"] == memory.TENSOR_TIME_TARGET
+    pairs = timing["impls"]["rockq"]["pair_ratios"]
+    assert len(pairs) == 2 and all(ratio > 0 for ratio in pairs)
