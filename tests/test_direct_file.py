@@ -181,3 +181,17 @@ def test_the_environment_can_turn_direct_writes_off(
         assert not file.direct
         file.write(_pattern(2 * _MIB, 5))
     assert (tmp_path / "f").stat().st_size == 2 * _MIB
+
+
+def test_without_pwrite_the_cache_path_seeks_and_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on Windows, which has no os.pwrite (nor O_DIRECT).
+    monkeypatch.delattr(os, "pwrite")
+    with DirectFile(tmp_path / "f", direct=False) as file:
+        file.write(b"abcdef")
+        file.seek(2)
+        file.write(b"XY")
+        file.seek(10)
+        file.write(b"z")
+    assert (tmp_path / "f").read_bytes() == b"abXYef\0\0\0\0z"
