@@ -33,16 +33,12 @@ from types import TracebackType
 
 import numpy as np
 
+from transform_core import kernels
 from transform_core.files import PathLike
 
 __all__ = ["DirectFile"]
 
 _PAGE = mmap.PAGESIZE
-
-
-def _allowed_by_environment() -> bool:
-    setting = os.environ.get("ROCKQ_DIRECT_IO", "").strip().lower()
-    return setting not in ("0", "false", "no", "off")
 
 
 class DirectFile:
@@ -80,7 +76,11 @@ class DirectFile:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
         self._fd = os.open(path, flags, 0o666)
         self._direct_fd: int | None = None
-        if direct and hasattr(os, "O_DIRECT") and _allowed_by_environment():
+        if (
+            direct
+            and hasattr(os, "O_DIRECT")
+            and not kernels.switched_off_by_environment("ROCKQ_DIRECT_IO")
+        ):
             try:
                 self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
             except OSError:  # a file system without O_DIRECT: the page cache it is

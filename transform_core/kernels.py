@@ -90,6 +90,7 @@ __all__ = [
     "reusable_empty",
     "start_loading_compiled_kernels",
     "stochastic_floor_",
+    "switched_off_by_environment",
     "wait_for_compiled_kernels",
     "zero_dropped",
 ]
@@ -178,13 +179,22 @@ def _join_loader() -> None:
         thread.join()
 
 
-def _turned_off_by_environment() -> bool:
-    setting = os.environ.get("ROCKQ_COMPILED_KERNELS", "").strip().lower()
+def switched_off_by_environment(variable: str) -> bool:
+    """Whether the environment variable reads ``0``, ``false``, ``no`` or ``off`` (any case).
+
+    Example:
+        >>> import os
+        >>> os.environ["ROCKQ_EXAMPLE"] = "Off"
+        >>> switched_off_by_environment("ROCKQ_EXAMPLE"), switched_off_by_environment("UNSET_ONE")
+        (True, False)
+        >>> del os.environ["ROCKQ_EXAMPLE"]
+    """
+    setting = os.environ.get(variable, "").strip().lower()
     return setting in ("0", "false", "no", "off")
 
 
 def _start_loading() -> None:
-    if _turned_off_by_environment():
+    if switched_off_by_environment("ROCKQ_COMPILED_KERNELS"):
         return
     with _Compiled.lock:
         if _Compiled.thread is None and _Compiled.failure is None:
