@@ -731,6 +731,18 @@ def test_tensor_mode_writes_the_same_bytes_past_the_page_cache_or_through_it(
     assert loaded["layer2.weight"].unique().numel() <= 255
 
 
+def test_a_wrong_direct_io_setting_is_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_file({"layer0.weight": torch.ones(4, 4)}, str(tmp_path / "in.safetensors"))
+    monkeypatch.setenv("ROCKQ_DIRECT_IO", "offf")
+    line = user_error(
+        "quantize", tmp_path / "in.safetensors", "int8", "-o", tmp_path / "o.safetensors"
+    )
+    assert "ROCKQ_DIRECT_IO='offf' is not understood" in line and "unset it" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
 # --- metadata and golden files -------------------------------------------------------------
 
 

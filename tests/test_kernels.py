@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from transform_core import cuda_kernels, kernels, quantise
+from transform_core.errors import ConfigError
 from transform_core.kernels import LevelMap
 
 NAN, INF = math.nan, math.inf
@@ -528,3 +529,12 @@ def test_small_tensors_take_the_plain_chains() -> None:
     with kernels.fast_paths(False):
         plain = quantise.stochastic_rounding(x, generator=torch.Generator().manual_seed(0))
     assert torch.equal(fast, plain)
+
+
+def test_switches_in_the_environment_are_read_strictly(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, off in (("0", True), ("OFF", True), (" no ", True), ("", False), ("yes", False)):
+        monkeypatch.setenv("ROCKQ_SOME_SWITCH", value)
+        assert kernels.switched_off_by_environment("ROCKQ_SOME_SWITCH") is off
+    monkeypatch.setenv("ROCKQ_SOME_SWITCH", "of")
+    with pytest.raises(ConfigError, match="ROCKQ_SOME_SWITCH='of' is not understood"):
+        kernels.switched_off_by_environment("ROCKQ_SOME_SWITCH")

@@ -67,6 +67,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from transform_core.errors import ConfigError
+
 __all__ = [
     "BLOCK",
     "LOAD_AFTER_SECONDS",
@@ -179,8 +181,17 @@ def _join_loader() -> None:
         thread.join()
 
 
+_OFF = ("0", "false", "no", "off")
+_ON = ("", "1", "true", "yes", "on")
+
+
 def switched_off_by_environment(variable: str) -> bool:
     """Whether the environment variable reads ``0``, ``false``, ``no`` or ``off`` (any case).
+
+    Unset, empty, ``1``, ``true``, ``yes`` and ``on`` leave the feature on.
+
+    Raises:
+        ConfigError: Any other value, so that a typing slip does not go unnoticed.
 
     Example:
         >>> import os
@@ -190,7 +201,12 @@ def switched_off_by_environment(variable: str) -> bool:
         >>> del os.environ["ROCKQ_EXAMPLE"]
     """
     setting = os.environ.get(variable, "").strip().lower()
-    return setting in ("0", "false", "no", "off")
+    if setting not in _OFF + _ON:
+        raise ConfigError(
+            f"environment variable {variable}={os.environ[variable]!r} is not understood; "
+            "set it to 0 (or false, no, off) to turn the feature off, or unset it"
+        )
+    return setting in _OFF
 
 
 def _start_loading() -> None:
