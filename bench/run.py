@@ -96,18 +96,15 @@ def machine() -> dict[str, Any]:
         info["numba"] = numba.__version__
     except ImportError:
         info["numba"] = None
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        info["rockpool"] = version("rockpool")
-    except Exception:  # not installed
-        info["rockpool"] = None
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+    # Versions from the installed metadata: importing these costs time (and Triton, once
+    # imported, keeps its mode for the whole process).
+    for package in ("rockpool", "triton"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            info[package] = None
     return info
 
 
