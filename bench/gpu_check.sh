@@ -17,8 +17,8 @@ if [ -d .whl/site ]; then export PYTHONPATH="$PYTHONPATH:$PWD/.whl/site"; fi
   python3 -c "import rockpool; print('rockpool', rockpool.__version__)" 2>/dev/null || echo "no rockpool"
 } 2>&1 | tee "$OUT/env.txt"
 
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -p no:cacheprovider -q -m gpu \
-  tests/test_kernels.py tests/test_quantise.py 2>&1 | tee "$OUT/pytest_gpu.txt"
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -p no:cacheprovider -p no:benchmark -q -m gpu \
+  tests 2>&1 | tee "$OUT/pytest_gpu.txt"
 tests=${PIPESTATUS[0]}
 
 timeout "${BENCH_TIMEOUT:-200}" python3 -m bench --groups gpu --json "$OUT/bench_gpu.json" \

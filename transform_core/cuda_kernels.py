@@ -2,10 +2,12 @@
 
 :func:`fused_round` runs stochastic or deterministic rounding as one Triton kernel (when
 Triton is installed): one read, one write. Its noise comes from Philox, keyed by a seed
-drawn on the device from the caller's generator, and :func:`finite_range` finds the data
-range in one pass, so nothing waits for the host. Both return ``None`` for anything they
-do not cover (a CPU tensor, no Triton, fast paths off), and the caller falls back to the
-plain chain of :mod:`transform_core.quantise`.
+drawn on the device from the caller's generator. :func:`data_ends` finds the range of the
+finite values (of the whole tensor or of each channel) in one pass, and
+:func:`round_in_data_range` rounds with a plan derived from that range inside the kernel,
+so a transform whose range comes from its data is two kernels and nothing waits for the
+host. All return ``None`` for anything they do not cover (a CPU tensor, no Triton, fast
+paths off), and the caller falls back to the plain chain of :mod:`transform_core.quantise`.
 
 Example:
     >>> fused_round(torch.ones(4), in_lo=-1.0, in_quantum=1.0, out_lo=-1.0, out_hi=1.0,
@@ -30,10 +32,20 @@ tl: Any = None
 _triton: Any = None
 _round_kernel_jit: Any = None
 _param_jit: Any = None
-_minmax_jit: Any = None
+_quarter_bits_jit: Any = None
+_rounded_levels_jit: Any = None
+_range_plan_jit: Any = None
+_ranged_kernel_jit: Any = None
+_segments_jit: Any = None
+_columns_jit: Any = None
 _TRITON_MISSING = False
 
 _GPU_BLOCK = 2048
+# Range kernels: a program reduces _CHUNK contiguous elements of one channel's segment, or
+# a band of _BAND rows of _COLUMNS columns where segments are shorter than _SEGMENT_MIN.
+_CHUNK = 4 * _GPU_BLOCK
+_SEGMENT_MIN = _GPU_BLOCK
+_ROWS, _BAND, _COLUMNS = 8, 64, 256
 _ABSENT, _VALUE, _SCALAR, _CHANNEL = 3, 0, 1, 2
 
 
@@ -47,6 +59,38 @@ def _param(ptr, val, chan, mask, KIND: tl.constexpr):  # type: ignore[no-untyped
     else:
         p = tl.load(ptr + chan, mask=mask, other=0.0)
     return p
+
+
+def _quarter_bits(r0, r1, r2, r3, k: tl.constexpr):  # type: ignore[no-untyped-def]
+    # Philox makes four 32-bit words per counter: quarter k of a program's block takes word k.
+    if k == 0:
+        bits = r0
+    elif k == 1:
+        bits = r1
+    elif k == 2:
+        bits = r2
+    else:
+        bits = r3
+    return bits
+
+
+def _rounded_levels(y, bits, top, STOCHASTIC: tl.constexpr):  # type: ignore[no-untyped-def]
+    # Level indices: floor(y + u) or round half to even, then clamp(0, top) keeping NaN.
+    if STOCHASTIC:
+        # 24 random bits, as torch.rand's float32: u in [0, 1 - 2**-24].
+        y = tl.floor(y + (bits >> 8).to(tl.float32) * 5.9604644775390625e-08)
+    else:
+        # Adding and removing 2**23 leaves the integer nearest y, ties to even, for
+        # |y| < 2**23; larger floats are integers already. y * 0 restores the sign of a zero
+        # result (rint(-0.3) is -0.0).
+        big = tl.where(y < 0.0, -8388608.0, 8388608.0)
+        r = (y + big) - big
+        r = tl.where(r == 0.0, y * 0.0, r)
+        y = tl.where(tl.abs(y) < 8388608.0, r, y)
+    # clamp(0, top) that keeps NaN, as torch.clamp does.
+    y = tl.where(y < 0.0, 0.0, y)
+    y = tl.where(y > top, top, y)
+    return y
 
 
 def _round_kernel(  # type: ignore[no-untyped-def]
@@ -90,9 +134,10 @@ def _round_kernel(  # type: ignore[no-untyped-def]
     # deterministic result is bit-for-bit the chain's. Offsets are int32: the caller keeps
     # n + BLOCK below 2**31.
     # Each program takes BLOCK elements as four quarters; one Philox call gives the four
-    # quarters' random words at once (it makes four 32-bit words per counter).
+    # quarters' random words at once.
     pid = tl.program_id(0)
     lane = tl.arange(0, BLOCK // 4)
+    r0, r1, r2, r3 = lane, lane, lane, lane  # unused unless STOCHASTIC
     if STOCHASTIC:
         seed = tl.load(seed_ptr)
         r0, r1, r2, r3 = tl.randint4x(seed, pid * (BLOCK // 4) + lane)
@@ -111,28 +156,7 @@ def _round_kernel(  # type: ignore[no-untyped-def]
         else:
             iq = _param_jit(iq_ptr, iq_val, chan, mask, IQ)
             y = tl.div_rn(x - lo, iq)
-        if STOCHASTIC:
-            if k == 0:
-                bits = r0
-            elif k == 1:
-                bits = r1
-            elif k == 2:
-                bits = r2
-            else:
-                bits = r3
-            # 24 random bits, as torch.rand's float32: u in [0, 1 - 2**-24].
-            y = tl.floor(y + (bits >> 8).to(tl.float32) * 5.9604644775390625e-08)
-        else:
-            # Round half to even: adding and removing 2**23 leaves the integer nearest y, ties
-            # to even, for |y| < 2**23; larger floats are integers already. y * 0 restores the
-            # sign of a zero result (rint(-0.3) is -0.0).
-            big = tl.where(y < 0.0, -8388608.0, 8388608.0)
-            r = (y + big) - big
-            r = tl.where(r == 0.0, y * 0.0, r)
-            y = tl.where(tl.abs(y) < 8388608.0, r, y)
-        # clamp(0, top) that keeps NaN, as torch.clamp does.
-        y = tl.where(y < 0.0, 0.0, y)
-        y = tl.where(y > top, top, y)
+        y = _rounded_levels_jit(y, _quarter_bits_jit(r0, r1, r2, r3, k), top, STOCHASTIC)
         if DG != 3:
             # A zero-width input range with an explicit output range: finite values go to the
             # fallback level.
@@ -150,23 +174,168 @@ def _round_kernel(  # type: ignore[no-untyped-def]
         tl.store(out_ptr + offs, out, mask=mask)
 
 
-def _finite_minmax_kernel(x_ptr, part_ptr, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-    # Each program writes the min and max of its block's finite values; a block without
-    # any writes (+max, -max), which the final reduction ignores.
+def _range_plan(  # type: ignore[no-untyped-def]
+    neg_lo, hi, steps, steps_reciprocal, SYMMETRIC: tl.constexpr, STEPS_RECIPROCAL: tl.constexpr
+):
+    # (lo, hi, quantum, degenerate) from a row of ends, with the chain's float32 operations
+    # in the chain's order (see quantise._finite_range and quantise._Plan).
+    if SYMMETRIC:
+        # max|x| * [-1, 1]; +0.0 where a channel has no finite value.
+        hi = tl.maximum(tl.maximum(neg_lo, hi), 0.0)
+        lo = -hi
+    else:
+        lo = 0.0 - neg_lo
+        empty = lo > hi
+        lo = tl.where(empty, 0.0, lo)
+        hi = tl.where(empty, 0.0, hi)
+    width = hi - lo
+    if STEPS_RECIPROCAL:  # noqa: SIM108 (a compile-time branch in Triton)
+        # torch on CUDA divides by a host scalar as a product with its float32 reciprocal.
+        quantum = width * steps_reciprocal
+    else:
+        quantum = tl.div_rn(width, steps)
+    return lo, hi, quantum, width <= 0.0
+
+
+def _ranged_round_kernel(  # type: ignore[no-untyped-def]
+    x_ptr,
+    out_ptr,
+    seed_ptr,
+    ends_ptr,
+    steps,
+    steps_reciprocal,
+    out_lo,
+    out_hi,
+    out_quantum,
+    zero_level,
+    fallback_level,
+    n,
+    channels,
+    inner_magic,
+    inner_shift,
+    channel_magic,
+    channel_shift,
+    SYMMETRIC: tl.constexpr,
+    DEFAULT_OUTPUT: tl.constexpr,
+    ZERO: tl.constexpr,
+    STEPS_RECIPROCAL: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Rounding whose input range is the data's, read from the (channels, 2) table of
+    # [-min, max] that the range kernels write; the plan is derived here, so that the
+    # deterministic result is bit-for-bit the chain's.
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    finite = mask & ((x - x) == 0.0)
-    lo = tl.min(tl.where(finite, x, 3.4028234663852886e38), axis=0)
-    hi = tl.max(tl.where(finite, x, -3.4028234663852886e38), axis=0)
-    tl.store(part_ptr + 2 * pid, lo)
-    tl.store(part_ptr + 2 * pid + 1, hi)
+    lane = tl.arange(0, BLOCK // 4)
+    r0, r1, r2, r3 = lane, lane, lane, lane  # unused unless STOCHASTIC
+    if STOCHASTIC:
+        seed = tl.load(seed_ptr)
+        r0, r1, r2, r3 = tl.randint4x(seed, pid * (BLOCK // 4) + lane)
+    top = steps
+    if not PER_CHANNEL:
+        # One range for all: the plan once per program.
+        lo, hi, quantum, degenerate = _range_plan_jit(
+            tl.load(ends_ptr),
+            tl.load(ends_ptr + 1),
+            steps,
+            steps_reciprocal,
+            SYMMETRIC,
+            STEPS_RECIPROCAL,
+        )
+    for k in tl.static_range(4):
+        offs = pid * BLOCK + k * (BLOCK // 4) + lane
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if PER_CHANNEL:
+            # (offs // inner) % channels, as products with 64-bit magic numbers: exact for
+            # offsets below 2**31, and far cheaper than two integer divisions.
+            row = (offs.to(tl.int64) * inner_magic) >> inner_shift
+            chan = (row - ((row * channel_magic) >> channel_shift) * channels).to(tl.int32)
+            lo, hi, quantum, degenerate = _range_plan_jit(
+                tl.load(ends_ptr + 2 * chan, mask=mask, other=0.0),
+                tl.load(ends_ptr + 2 * chan + 1, mask=mask, other=0.0),
+                steps,
+                steps_reciprocal,
+                SYMMETRIC,
+                STEPS_RECIPROCAL,
+            )
+        y = tl.div_rn(x - lo, tl.where(degenerate, 1.0, quantum))
+        y = _rounded_levels_jit(y, _quarter_bits_jit(r0, r1, r2, r3, k), top, STOCHASTIC)
+        if DEFAULT_OUTPUT:
+            out = y * quantum + lo
+            out = tl.where(y == top, hi, out)
+            if ZERO:
+                # The middle level of a symmetric range that is not all zero (-1: none).
+                out = tl.where(y == tl.where(hi > 0.0, top * 0.5, -1.0), 0.0, out)
+        else:
+            y = tl.where(degenerate, tl.where((x - x) == 0.0, fallback_level, y), y)
+            out = y * out_quantum + out_lo
+            out = tl.where(y == top, out_hi, out)
+            if ZERO:
+                out = tl.where(y == zero_level, 0.0, out)
+        tl.store(out_ptr + offs, out, mask=mask)
+
+
+def _segments_range_kernel(  # type: ignore[no-untyped-def]
+    x_ptr, ends_ptr, inner, channels, parts, CHUNK: tl.constexpr, BLOCK: tl.constexpr
+):
+    # The tensor is contiguous segments of `inner` elements, segment s in channel
+    # s % channels. Program p takes part p % parts of segment p // parts and folds its finite
+    # values into the channel's row of ends: [-min, max], zeros as +0.0.
+    pid = tl.program_id(0)
+    segment = pid // parts
+    start = (pid % parts) * CHUNK
+    base = x_ptr + segment * inner
+    lane = tl.arange(0, BLOCK)
+    lo = tl.full([BLOCK], float("inf"), tl.float32)
+    hi = tl.full([BLOCK], float("-inf"), tl.float32)
+    for i in tl.static_range(CHUNK // BLOCK):
+        idx = start + i * BLOCK + lane
+        mask = idx < inner
+        v = tl.load(base + idx, mask=mask, other=0.0)
+        finite = mask & ((v - v) == 0.0)
+        lo = tl.minimum(lo, tl.where(finite, v, float("inf")))
+        hi = tl.maximum(hi, tl.where(finite, v, float("-inf")))
+    row = ends_ptr + 2 * (segment % channels)
+    tl.atomic_max(row, 0.0 - tl.min(lo, axis=0))
+    tl.atomic_max(row + 1, tl.max(hi, axis=0) + 0.0)
+
+
+def _columns_range_kernel(  # type: ignore[no-untyped-def]
+    x_ptr,
+    ends_ptr,
+    rows,
+    width,
+    inner,
+    ROWS: tl.constexpr,
+    BAND: tl.constexpr,
+    COLUMNS: tl.constexpr,
+):
+    # The tensor as a (rows, width) matrix whose column c is in channel c // inner. Program
+    # (i, j) folds a band of BAND rows of its COLUMNS columns into ends.
+    cols = tl.program_id(0) * COLUMNS + tl.arange(0, COLUMNS)
+    col_ok = cols < width
+    first = tl.program_id(1) * BAND
+    lo = tl.full([ROWS, COLUMNS], float("inf"), tl.float32)
+    hi = tl.full([ROWS, COLUMNS], float("-inf"), tl.float32)
+    for i in tl.static_range(BAND // ROWS):
+        row = first + i * ROWS + tl.arange(0, ROWS)
+        mask = (row < rows)[:, None] & col_ok[None, :]
+        v = tl.load(x_ptr + row[:, None] * width + cols[None, :], mask=mask, other=0.0)
+        finite = mask & ((v - v) == 0.0)
+        lo = tl.minimum(lo, tl.where(finite, v, float("inf")))
+        hi = tl.maximum(hi, tl.where(finite, v, float("-inf")))
+    chan = ends_ptr + 2 * (cols // inner)
+    tl.atomic_max(chan, 0.0 - tl.min(lo, axis=0), mask=col_ok)
+    tl.atomic_max(chan + 1, tl.max(hi, axis=0) + 0.0, mask=col_ok)
 
 
 def _load_triton() -> bool:
     """Import Triton and build the kernels once; ``False`` if Triton is not installed."""
-    global tl, _triton, _round_kernel_jit, _param_jit, _minmax_jit, _TRITON_MISSING
+    global tl, _triton, _round_kernel_jit, _param_jit, _TRITON_MISSING
+    global _quarter_bits_jit, _rounded_levels_jit, _range_plan_jit, _ranged_kernel_jit
+    global _segments_jit, _columns_jit
     if _round_kernel_jit is not None:
         return True
     if _TRITON_MISSING:
@@ -180,7 +349,12 @@ def _load_triton() -> bool:
     tl = language
     _triton = triton
     _param_jit = triton.jit(_param)
-    _minmax_jit = triton.jit(_finite_minmax_kernel)
+    _quarter_bits_jit = triton.jit(_quarter_bits)
+    _rounded_levels_jit = triton.jit(_rounded_levels)
+    _range_plan_jit = triton.jit(_range_plan)
+    _ranged_kernel_jit = triton.jit(_ranged_round_kernel)
+    _segments_jit = triton.jit(_segments_range_kernel)
+    _columns_jit = triton.jit(_columns_range_kernel)
     _round_kernel_jit = triton.jit(_round_kernel)
     return True
 
@@ -266,15 +440,7 @@ def fused_round(
     Returns:
         The rounded tensor, or ``None``.
     """
-    if (
-        value.device.type != "cuda"
-        or value.dtype != torch.float32
-        or not value.is_contiguous()
-        or value.numel() == 0
-        or value.numel() >= 2**31 - 2 * _GPU_BLOCK
-        or (value.requires_grad and torch.is_grad_enabled())
-        or not fast_paths_enabled()
-    ):
+    if not _covered(value) or (value.requires_grad and torch.is_grad_enabled()):
         return None
     return _fused_round(
         value,
@@ -318,16 +484,17 @@ def _fused_round(
         # As torch computes it on the host: 1.0f / float(b), in float32.
         one = torch.ones((), dtype=torch.float32)
         args[3] = float(one / torch.tensor(float(args[3]), dtype=torch.float32))
-    if stochastic:
-        # A seed drawn on the device from the caller's generator: reproducible from it, and
-        # no host round trip.
-        seed = torch.empty(1, dtype=torch.int64, device=value.device).random_(generator=generator)
-    else:
-        seed = value
+    seed = _seed(value, generator) if stochastic else value
     out = torch.empty_like(value)
     return _launch_round(
         value, out, seed, args, kinds, top, channels, inner, stochastic, reciprocal
     )
+
+
+def _seed(value: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A Philox seed drawn on the device from the caller's generator: reproducible from it,
+    and no host round trip."""
+    return torch.empty(1, dtype=torch.int64, device=value.device).random_(generator=generator)
 
 
 def _launch_round(
@@ -373,13 +540,103 @@ def _launch_round(
     return out
 
 
+def _magic_divisor(d: int) -> tuple[int, int]:
+    """``(m, s)`` with ``(n * m) >> s == n // d`` for every ``0 <= n < 2**31``.
+
+    With ``s = 31 + ceil(log2 d)`` and ``m = ceil(2**s / d)``, ``m * d`` exceeds ``2**s`` by
+    less than ``d``, which moves ``n * m / 2**s`` above ``n / d`` by less than ``1 / d``: not
+    enough to reach the next integer. ``m`` stays below ``2**32 + 1``, so the product fits
+    in 64 bits.
+
+    Example:
+        >>> m, s = _magic_divisor(7)
+        >>> [(n * m) >> s for n in (0, 6, 7, 2**31 - 1)] == [0, 0, 1, (2**31 - 1) // 7]
+        True
+    """
+    shift = 31 + (d - 1).bit_length()
+    return -(-(1 << shift) // d), shift
+
+
+def _covered(value: Tensor) -> bool:
+    """Whether the kernels take ``value``: contiguous float32 on CUDA, fewer than 2**31
+    elements, with fast paths on."""
+    return (
+        value.device.type == "cuda"
+        and value.dtype == torch.float32
+        and value.is_contiguous()
+        and 0 < value.numel() < 2**31 - 2 * _GPU_BLOCK
+        and fast_paths_enabled()
+    )
+
+
+def data_ends(value: Tensor, channel_dim: int | None = None) -> Tensor | None:
+    """``[-min, max]`` of the finite values, in one pass on CUDA without a host wait, or ``None``.
+
+    Returns a ``(channels, 2)`` float32 tensor on ``value``'s device: one row per slice
+    along ``channel_dim``, or a single row for the whole tensor. A zero end is ``+0.0``, and
+    a row without finite values is ``[-inf, -inf]``. Runs where :func:`fused_round` does
+    (contiguous float32 CUDA tensors, with Triton and fast paths on); ``None`` elsewhere.
+
+    Args:
+        value: The data.
+        channel_dim: The channel dimension, or ``None`` for one range over everything.
+
+    Returns:
+        The table of ends, or ``None``.
+    """
+    if not _covered(value) or not _load_triton():
+        return None
+    if channel_dim is None:
+        outer, channels, inner = 1, 1, value.numel()
+    else:
+        shape = value.shape
+        outer, channels = math.prod(shape[:channel_dim]), shape[channel_dim]
+        inner = math.prod(shape[channel_dim + 1 :])
+    # Programs fold their values in with atomic maxima, which do not depend on their order.
+    ends = torch.full((channels, 2), -math.inf, dtype=torch.float32, device=value.device)
+    if channel_dim is None or inner >= _SEGMENT_MIN:
+        parts = _triton.cdiv(inner, _CHUNK)
+        _segments_jit[(outer * channels * parts,)](
+            value, ends, inner, channels, parts, CHUNK=_CHUNK, BLOCK=_GPU_BLOCK, num_warps=8
+        )
+        return ends
+    # Short segments (a channel dimension at or near the end): reduce down the columns of
+    # the (outer, channels * inner) matrix, a band of rows per program.
+    rows, width = outer, channels * inner
+    grid = (_triton.cdiv(width, _COLUMNS), _triton.cdiv(rows, _BAND))
+    _columns_jit[grid](
+        value, ends, rows, width, inner, ROWS=_ROWS, BAND=_BAND, COLUMNS=_COLUMNS, num_warps=8
+    )
+    return ends
+
+
+def range_from_ends(ends: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` of each row of a :func:`data_ends` table, as the plain chain finds them.
+
+    With ``symmetric``, ``max|x| * [-1, 1]``; a row without finite values gets ``[0, 0]``.
+
+    Example:
+        >>> ends = torch.tensor([[1.0, 3.0], [-math.inf, -math.inf]])  # [-min, max]
+        >>> range_from_ends(ends, symmetric=False)
+        (tensor([-1., 0.]), tensor([3., 0.]))
+        >>> range_from_ends(ends, symmetric=True)
+        (tensor([-3., -0.]), tensor([3., 0.]))
+    """
+    neg_lo, hi = ends[:, 0], ends[:, 1]
+    if symmetric:
+        peak = torch.maximum(neg_lo, hi).clamp_min_(0.0)
+        return -peak, peak
+    lo = 0.0 - neg_lo
+    empty = lo > hi
+    return torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+
+
 def finite_range(value: Tensor) -> tuple[Tensor, Tensor] | None:
     """Minimum and maximum of the finite values, in one pass on CUDA, or ``None``.
 
     ``aminmax`` followed by a check for non-finite values waits for the device to answer;
     this reads the data once and never waits. A tensor without finite values gets
-    ``[0, 0]``. Runs where :func:`fused_round` does (contiguous float32 CUDA tensors, with
-    Triton and fast paths on); ``None`` elsewhere.
+    ``[0, 0]``. Runs where :func:`data_ends` does; ``None`` elsewhere.
 
     Args:
         value: The data.
@@ -387,25 +644,100 @@ def finite_range(value: Tensor) -> tuple[Tensor, Tensor] | None:
     Returns:
         ``(lo, hi)`` as 0-dim tensors on ``value``'s device, or ``None``.
     """
+    ends = data_ends(value)
+    if ends is None:
+        return None
+    lo, hi = range_from_ends(ends, symmetric=False)
+    return lo.reshape(()), hi.reshape(())
+
+
+def round_in_data_range(
+    value: Tensor,
+    ends: Tensor,
+    *,
+    channel_dim: int | None,
+    steps: int,
+    symmetric: bool,
+    output_range: tuple[float, float] | None,
+    zero_level: float | None,
+    fallback_level: float,
+    stochastic: bool,
+    generator: torch.Generator | None = None,
+) -> Tensor | None:
+    """Round ``value`` with its input range taken from ``ends``, in one CUDA kernel, or ``None``.
+
+    The kernel derives what :class:`transform_core.quantise._Plan` would from the range
+    (the symmetric range when ``symmetric``, the level width, a zero-width range's
+    fallback) and then rounds as :func:`fused_round` does. ``output_range`` is the given
+    output range, or ``None`` for the input range; ``zero_level`` and ``fallback_level``
+    are the plan's for a given output range (with the input range as output, the middle
+    level of a symmetric range is pinned to zero when ``steps`` is even).
+
+    Args:
+        value: The values to round.
+        ends: Their :func:`data_ends` table (one row, or one per channel).
+        channel_dim: The channel dimension of ``ends``' rows, or ``None``.
+        steps: Number of levels minus one.
+        symmetric: Round in ``max|x| * [-1, 1]`` (``maintain_zero``).
+        output_range: ``(lo, hi)`` of the output, or ``None``.
+        zero_level: Level pinned to zero with a given output range, if any.
+        fallback_level: Level of finite values where the input range has zero width.
+        stochastic: Stochastic instead of nearest rounding.
+        generator: Source of the seed, on ``value``'s device.
+
+    Returns:
+        The rounded tensor, or ``None``.
+    """
     if (
-        value.device.type != "cuda"
-        or value.dtype != torch.float32
-        or not value.is_contiguous()
-        or value.numel() == 0
-        or value.numel() >= 2**31 - 2 * _GPU_BLOCK
-        or not fast_paths_enabled()
+        not _covered(value)
+        or (value.requires_grad and torch.is_grad_enabled())
         or not _load_triton()
     ):
         return None
-    return _finite_range(value)
-
-
-def _finite_range(value: Tensor) -> tuple[Tensor, Tensor]:
+    channels, inner = 1, 1
+    if channel_dim is not None:
+        channels, inner = value.shape[channel_dim], math.prod(value.shape[channel_dim + 1 :])
+    inner_magic, inner_shift = _magic_divisor(inner)
+    channel_magic, channel_shift = _magic_divisor(channels)
+    if output_range is None:
+        out_lo = out_hi = out_quantum = 0.0
+        zero = symmetric and steps % 2 == 0
+    else:
+        out_lo, out_hi = output_range
+        out_quantum = (out_hi - out_lo) / steps
+        zero = zero_level is not None
+    on_cuda = value.device.type == "cuda"
+    # As torch on CUDA computes a division by a host scalar: times 1.0f / float(steps).
+    reciprocal = float(torch.ones((), dtype=torch.float32) / steps) if on_cuda else 0.0
+    seed = _seed(value, generator) if stochastic else value
+    out = torch.empty_like(value)
     n = value.numel()
-    programs = _triton.cdiv(n, _GPU_BLOCK)
-    partial = torch.empty(programs, 2, dtype=value.dtype, device=value.device)
-    _minmax_jit[(programs,)](value, partial, n, BLOCK=_GPU_BLOCK, num_warps=8)
-    lo, hi = partial[:, 0].amin(), partial[:, 1].amax()
-    empty = lo > hi
-    zero = torch.zeros((), dtype=value.dtype, device=value.device)
-    return torch.where(empty, zero, lo), torch.where(empty, zero, hi)
+    _ranged_kernel_jit[(_triton.cdiv(n, _GPU_BLOCK),)](
+        value,
+        out,
+        seed,
+        ends,
+        float(steps),
+        reciprocal,
+        out_lo,
+        out_hi,
+        out_quantum,
+        -1.0 if zero_level is None else zero_level,
+        fallback_level,
+        n,
+        channels,
+        inner_magic,
+        inner_shift,
+        channel_magic,
+        channel_shift,
+        SYMMETRIC=symmetric,
+        DEFAULT_OUTPUT=output_range is None,
+        ZERO=zero,
+        STEPS_RECIPROCAL=on_cuda,
+        STOCHASTIC=stochastic,
+        PER_CHANNEL=channels > 1,
+        BLOCK=_GPU_BLOCK,
+        num_warps=8,
+        enable_fp_fusion=False,
+    )
+    return out

@@ -86,10 +86,17 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def _straight_through(
-    value: Tensor, compute: Callable[[Tensor], Tensor], scale: Bound | None = None
+    value: Tensor,
+    compute: Callable[[Tensor], Tensor],
+    scale: Bound | Callable[[], Bound | None] | None = None,
 ) -> Tensor:
-    """Run ``compute`` without recording a graph, passing the gradient straight through."""
+    """Run ``compute`` without recording a graph, passing the gradient straight through.
+
+    ``scale`` may be a function that gives it: it is called only when a gradient is needed.
+    """
     if value.requires_grad and torch.is_grad_enabled():
+        if callable(scale):
+            scale = scale()
         out = _StraightThrough.apply(value, compute, scale)  # type: ignore[no-untyped-call]
         if out.shape != value.shape:
             raise ValueError(
@@ -212,13 +219,10 @@ def _finite_range(
         return zero, zero
     if reduce_dims is None and value.dim():
         # One pass over the finite values on CUDA, without waiting for the device.
-        ends = cuda_kernels.finite_range(value)
+        ends = cuda_kernels.data_ends(value)
         if ends is not None:
-            lo, hi = ends
-            if maintain_zero:
-                peak = torch.maximum(-lo, hi).abs_()  # abs_: +0.0 for an all-zero tensor
-                return -peak, peak
-            return lo, hi
+            lo, hi = cuda_kernels.range_from_ends(ends, maintain_zero)
+            return lo.reshape(()), hi.reshape(())
     if reduce_dims is not None:
         # Per-channel ranges: one pass of the compiled kernel where it applies. Either way
         # "+ 0.0" makes a zero end +0.0, so that both paths agree on the sign of zeros.
@@ -433,6 +437,113 @@ class _Plan:
         return level_map.apply_(levels)
 
 
+class _DataRangePlan:
+    """A plan whose input range is the data's own, found and used on the GPU.
+
+    The range is a table of ends on the device (:func:`cuda_kernels.data_ends`) and the
+    rounding kernel derives the rest of the plan from it, so that the transform is two
+    kernels and never waits for the device. The same plan as tensors (:class:`_Plan`) is
+    built only when something needs it: the straight-through gradient's scale, or a call
+    that the kernel does not take.
+    """
+
+    def __init__(
+        self,
+        ends: Tensor,
+        channel_dim: int | None,
+        shape: torch.Size,
+        output_range: tuple[float, float] | None,
+        num_levels: int,
+        maintain_zero: bool,
+    ) -> None:
+        self.ends = ends
+        self.channel_dim = channel_dim
+        self.shape = shape
+        self.output_range = output_range
+        self.num_levels = num_levels
+        self.maintain_zero = maintain_zero
+        self._tensor_plan: _Plan | None = None
+
+    @classmethod
+    def on_gpu(
+        cls,
+        value: Tensor,
+        channel_dim: int | None,
+        output_range: tuple[Bound, Bound] | None,
+        num_levels: int,
+        maintain_zero: bool,
+    ) -> _DataRangePlan | None:
+        """The plan for ``value`` if the GPU kernels take it, else ``None``."""
+        if output_range is not None:
+            lo, hi = output_range
+            if isinstance(lo, Tensor) or isinstance(hi, Tensor):
+                return None  # the kernel takes numbers as the output range
+            output_range = (lo, hi)
+        ends = cuda_kernels.data_ends(value, channel_dim)
+        if ends is None:
+            return None
+        return cls(ends, channel_dim, value.shape, output_range, num_levels, maintain_zero)
+
+    @property
+    def tensor_plan(self) -> _Plan:
+        """The same plan as tensors, as :func:`_finite_range` would have made it."""
+        if self._tensor_plan is None:
+            lo, hi = cuda_kernels.range_from_ends(self.ends, self.maintain_zero)
+            if self.channel_dim is None:
+                lo, hi = lo.reshape(()), hi.reshape(())
+            else:
+                keep = [1] * len(self.shape)
+                keep[self.channel_dim] = self.shape[self.channel_dim]
+                lo, hi = lo.reshape(keep), hi.reshape(keep)
+            out_lo, out_hi = self.output_range if self.output_range is not None else (lo, hi)
+            self._tensor_plan = _Plan(
+                lo,
+                hi,
+                out_lo,
+                out_hi,
+                self.num_levels,
+                self.output_range is None,
+                self.maintain_zero,
+            )
+        return self._tensor_plan
+
+    @property
+    def scale(self) -> Bound | None:
+        """As :attr:`_Plan.scale`."""
+        if self.output_range is None:
+            return None
+        return self.tensor_plan.scale
+
+    def round(
+        self, value: Tensor, *, stochastic: bool, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """As :meth:`_Plan.round`, in one kernel where it applies."""
+        steps = self.num_levels - 1
+        zero_level: float | None = None
+        fallback_level = 0.0
+        if self.output_range is not None and self.maintain_zero:
+            out_lo, out_hi = self.output_range
+            quantum = (out_hi - out_lo) / steps
+            zero = _zero_level(out_lo, out_hi, quantum, steps)
+            zero_level = None if zero is None else float(zero)
+            fallback_level = float(_nearest_level_to_zero(out_lo, quantum, steps))
+        rounded = cuda_kernels.round_in_data_range(
+            value,
+            self.ends,
+            channel_dim=self.channel_dim,
+            steps=steps,
+            symmetric=self.maintain_zero,
+            output_range=self.output_range,
+            zero_level=zero_level,
+            fallback_level=fallback_level,
+            stochastic=stochastic,
+            generator=generator,
+        )
+        if rounded is not None:
+            return rounded
+        return self.tensor_plan.round(value, stochastic=stochastic, generator=generator)
+
+
 def _zero_level(out_lo: Bound, out_hi: Bound, out_quantum: Bound, steps: int) -> Bound | None:
     """The level index meant to be zero, or ``None`` (``-1`` for tensor bounds) if none is.
 
@@ -471,10 +582,14 @@ def _plan(
     output_range: Range | None,
     num_levels: Any,
     maintain_zero: bool,
-) -> _Plan:
+) -> _Plan | _DataRangePlan:
     levels = _check_num_levels(num_levels)
     given_in = _check_range(input_range, "input_range")
     given_out = _check_range(output_range, "output_range")
+    if given_in is None:
+        on_gpu = _DataRangePlan.on_gpu(value, None, given_out, levels, maintain_zero)
+        if on_gpu is not None:
+            return on_gpu
     in_lo, in_hi = given_in if given_in is not None else _finite_range(value, maintain_zero)
     out_lo, out_hi = given_out if given_out is not None else (in_lo, in_hi)
     return _Plan(in_lo, in_hi, out_lo, out_hi, levels, given_out is None, maintain_zero)
@@ -526,7 +641,7 @@ def stochastic_rounding(
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=True, generator=generator)
 
-    return _straight_through(value, compute, plan.scale)
+    return _straight_through(value, compute, lambda: plan.scale)
 
 
 def deterministic_rounding(
@@ -566,7 +681,7 @@ def deterministic_rounding(
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=False)
 
-    return _straight_through(value, compute, plan.scale)
+    return _straight_through(value, compute, lambda: plan.scale)
 
 
 def stochastic_channel_rounding(
@@ -613,7 +728,7 @@ def stochastic_channel_rounding(
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=True, generator=generator)
 
-    return _straight_through(value, compute, plan.scale)
+    return _straight_through(value, compute, lambda: plan.scale)
 
 
 def deterministic_channel_rounding(
@@ -658,7 +773,7 @@ def deterministic_channel_rounding(
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=False)
 
-    return _straight_through(value, compute, plan.scale)
+    return _straight_through(value, compute, lambda: plan.scale)
 
 
 def _channel_plan(
@@ -668,7 +783,7 @@ def _channel_plan(
     maintain_zero: bool,
     dim: int,
     kind: str,
-) -> _Plan:
+) -> _Plan | _DataRangePlan:
     """The level plan of a per-channel rounding: one input range per slice along ``dim``."""
     if value.dim() < 2:
         raise ValueError(
@@ -682,6 +797,9 @@ def _channel_plan(
     levels = _check_num_levels(num_levels)
     checked = _check_range(output_range, "output_range")
     channel = dim % value.dim()
+    on_gpu = _DataRangePlan.on_gpu(value, channel, checked, levels, maintain_zero)
+    if on_gpu is not None:
+        return on_gpu
     others = tuple(d for d in range(value.dim()) if d != channel)
     in_lo, in_hi = _finite_range(value, maintain_zero, others)
     out_lo, out_hi = checked if checked is not None else (in_lo, in_hi)
