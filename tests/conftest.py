@@ -6,6 +6,7 @@ state, so tests can run in any order and still see the same numbers.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -17,6 +18,12 @@ SEED = 1234
 # The tests use small tensors, where intra-op threads only add overhead, and a second
 # thread per process thrashes when several test processes share a small machine.
 torch.set_num_threads(1)
+
+# Without a GPU, the Triton kernels run in Triton's interpreter (tests/test_cuda_kernels.py).
+# Triton reads this switch when it is first imported, and torch imports it along with
+# torch._dynamo (an optimiser's first step does), so it is set before any test runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _seeded(build: Callable[[], nn.Module], seed: int = SEED) -> nn.Module:
