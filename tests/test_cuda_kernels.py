@@ -216,7 +216,16 @@ def test_deterministic_rounding_is_the_chain(
     assert calls[kernel] == 8
 
 
-@pytest.mark.parametrize(("shape", "dim"), [((12, 2050), 0), ((12, 2050), 1), ((4, 6, 5, 3), 1)])
+@pytest.mark.parametrize(
+    ("shape", "dim"),
+    [
+        ((12, 2050), 0),  # a channel index per element
+        ((12, 2050), 1),
+        ((4, 6, 5, 3), 1),
+        ((6, 1024), 0),  # a channel per quarter of a program's block
+        ((6, 1024), 1),  # columns: the same channels for four rows (two rows left over)
+    ],
+)
 @pytest.mark.parametrize("output_range", [None, [-1.0, 1.0], [0.0, 15.0]])
 def test_deterministic_channel_rounding_is_the_chain(
     device: str, monkeypatch: pytest.MonkeyPatch, shape, dim: int, output_range

@@ -211,8 +211,9 @@ def _ranged_round_kernel(  # type: ignore[no-untyped-def]
     fallback_level,
     n,
     channels,
-    inner_magic,
-    inner_shift,
+    columns,
+    row_magic,
+    row_shift,
     channel_magic,
     channel_shift,
     SYMMETRIC: tl.constexpr,
@@ -220,12 +221,17 @@ def _ranged_round_kernel(  # type: ignore[no-untyped-def]
     ZERO: tl.constexpr,
     STEPS_RECIPROCAL: tl.constexpr,
     STOCHASTIC: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
+    LAYOUT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Rounding whose input range is the data's, read from the (channels, 2) table of
     # [-min, max] that the range kernels write; the plan is derived here, so that the
     # deterministic result is bit-for-bit the chain's.
+    # Layouts (LAYOUT): 0, one range; 1, a channel per element, (offs // inner) % channels;
+    # 2, a channel per quarter (inner a multiple of BLOCK // 4); 3, channels the last
+    # dimension, a multiple of BLOCK // 4 wide: program p takes four rows of the same
+    # BLOCK // 4 channels. The divisions are products with 64-bit magic numbers, exact for
+    # offsets below 2**31 and far cheaper than integer division.
     pid = tl.program_id(0)
     lane = tl.arange(0, BLOCK // 4)
     r0, r1, r2, r3 = lane, lane, lane, lane  # unused unless STOCHASTIC
@@ -233,28 +239,38 @@ def _ranged_round_kernel(  # type: ignore[no-untyped-def]
         seed = tl.load(seed_ptr)
         r0, r1, r2, r3 = tl.randint4x(seed, pid * (BLOCK // 4) + lane)
     top = steps
-    if not PER_CHANNEL:
-        # One range for all: the plan once per program.
+    if LAYOUT == 0 or LAYOUT == 3:
+        # The plan once per program: one range, or the same channels in all four quarters.
+        chan = 0
+        if LAYOUT == 3:
+            blocks = (pid.to(tl.int64) * row_magic) >> row_shift  # pid // columns
+            chan = (pid - blocks * columns).to(tl.int32) * (BLOCK // 4) + lane
+            first = (blocks * 4).to(tl.int32)
         lo, hi, quantum, degenerate = _range_plan_jit(
-            tl.load(ends_ptr),
-            tl.load(ends_ptr + 1),
+            tl.load(ends_ptr + 2 * chan),
+            tl.load(ends_ptr + 2 * chan + 1),
             steps,
             steps_reciprocal,
             SYMMETRIC,
             STEPS_RECIPROCAL,
         )
     for k in tl.static_range(4):
-        offs = pid * BLOCK + k * (BLOCK // 4) + lane
+        if LAYOUT == 3:
+            offs = (first + k) * channels + chan
+        else:
+            offs = pid * BLOCK + k * (BLOCK // 4) + lane
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        if PER_CHANNEL:
-            # (offs // inner) % channels, as products with 64-bit magic numbers: exact for
-            # offsets below 2**31, and far cheaper than two integer divisions.
-            row = (offs.to(tl.int64) * inner_magic) >> inner_shift
+        if LAYOUT == 1 or LAYOUT == 2:
+            if LAYOUT == 1:
+                start = offs.to(tl.int64)
+            else:
+                start = (pid * BLOCK + k * (BLOCK // 4)).to(tl.int64)
+            row = (start * row_magic) >> row_shift  # start // inner
             chan = (row - ((row * channel_magic) >> channel_shift) * channels).to(tl.int32)
             lo, hi, quantum, degenerate = _range_plan_jit(
-                tl.load(ends_ptr + 2 * chan, mask=mask, other=0.0),
-                tl.load(ends_ptr + 2 * chan + 1, mask=mask, other=0.0),
+                tl.load(ends_ptr + 2 * chan),
+                tl.load(ends_ptr + 2 * chan + 1),
                 steps,
                 steps_reciprocal,
                 SYMMETRIC,
@@ -697,7 +713,16 @@ def round_in_data_range(
     channels, inner = 1, 1
     if channel_dim is not None:
         channels, inner = value.shape[channel_dim], math.prod(value.shape[channel_dim + 1 :])
-    inner_magic, inner_shift = _magic_divisor(inner)
+    n, quarter = value.numel(), _GPU_BLOCK // 4
+    columns, programs = 1, _triton.cdiv(n, _GPU_BLOCK)
+    if channels == 1:
+        layout = 0
+    elif inner == 1 and channels % quarter == 0 and n + 4 * channels < 2**31:
+        layout, columns = 3, channels // quarter
+        programs = columns * _triton.cdiv(n // channels, 4)
+    else:
+        layout = 2 if inner % quarter == 0 else 1
+    row_magic, row_shift = _magic_divisor(columns if layout == 3 else inner)
     channel_magic, channel_shift = _magic_divisor(channels)
     if output_range is None:
         out_lo = out_hi = out_quantum = 0.0
@@ -711,8 +736,7 @@ def round_in_data_range(
     reciprocal = float(torch.ones((), dtype=torch.float32) / steps) if on_cuda else 0.0
     seed = _seed(value, generator) if stochastic else value
     out = torch.empty_like(value)
-    n = value.numel()
-    _ranged_kernel_jit[(_triton.cdiv(n, _GPU_BLOCK),)](
+    _ranged_kernel_jit[(programs,)](
         value,
         out,
         seed,
@@ -726,8 +750,9 @@ def round_in_data_range(
         fallback_level,
         n,
         channels,
-        inner_magic,
-        inner_shift,
+        columns,
+        row_magic,
+        row_shift,
         channel_magic,
         channel_shift,
         SYMMETRIC=symmetric,
@@ -735,7 +760,7 @@ def round_in_data_range(
         ZERO=zero,
         STEPS_RECIPROCAL=on_cuda,
         STOCHASTIC=stochastic,
-        PER_CHANNEL=channels > 1,
+        LAYOUT=layout,
         BLOCK=_GPU_BLOCK,
         num_warps=8,
         enable_fp_fusion=False,
