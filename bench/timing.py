@@ -1,12 +1,15 @@
 """Side-by-side timing: every case of a group is measured in the same rounds.
 
-Each round runs every case once, in an order that rotates from round to round, so a
-burst of load from elsewhere on the machine hits all cases alike rather than one of
-them; the figures are medians over rounds, after warm-up rounds that are not counted.
+Each round runs every case once, in an order shuffled from round to round (from a fixed
+seed), so a burst of load from elsewhere on the machine hits all cases alike rather than
+one of them, and no case always follows the same other one: after a slow case that
+keeps the host busy, a GPU has clocked down for whatever comes next. The figures are
+medians over rounds, after warm-up rounds that are not counted.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -58,9 +61,9 @@ def measure(
     names = list(cases)
     samples: dict[str, list[float]] = {name: [] for name in names}
     calls = dict.fromkeys(names, inner or 1)
+    order = random.Random(0)
     for round_index in range(warmup + repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in order.sample(names, len(names)):
             fn = cases[name]
             synchronize(device)
             start = time.perf_counter()
