@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             gpu = torch.device("cuda")
             size = args.gpu_size or (2**16 if quick else 2**26)
-            names = list(transforms.GPU_TARGETS)
+            names = [*transforms.GPU_TARGETS, "stochastic_rounding_given_range"]
             flat = [n for n in names if n != "stochastic_channel_rounding"]
             common: dict[str, Any] = dict(
                 device=gpu,

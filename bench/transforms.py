@@ -68,6 +68,10 @@ def _transforms(module: Any, generator: torch.Generator | None) -> dict[str, Tra
     extra = {} if generator is None else {"generator": generator}
     return {
         "stochastic_rounding": lambda x: module.stochastic_rounding(x, num_levels=256, **extra),
+        # With the input range given: one pass over the data instead of two.
+        "stochastic_rounding_given_range": lambda x: module.stochastic_rounding(
+            x, [-4.0, 4.0], num_levels=256, **extra
+        ),
         "deterministic_rounding": lambda x: module.deterministic_rounding(x, num_levels=256),
         "int_quant": lambda x: module.int_quant(x, n_bits=8),
         "t_decay": lambda x: module.t_decay(x, dt=1e-3),
