@@ -647,26 +647,6 @@ def range_from_ends(ends: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]:
     return torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
 
 
-def finite_range(value: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Minimum and maximum of the finite values, in one pass on CUDA, or ``None``.
-
-    ``aminmax`` followed by a check for non-finite values waits for the device to answer;
-    this reads the data once and never waits. A tensor without finite values gets
-    ``[0, 0]``. Runs where :func:`data_ends` does; ``None`` elsewhere.
-
-    Args:
-        value: The data.
-
-    Returns:
-        ``(lo, hi)`` as 0-dim tensors on ``value``'s device, or ``None``.
-    """
-    ends = data_ends(value)
-    if ends is None:
-        return None
-    lo, hi = range_from_ends(ends, symmetric=False)
-    return lo.reshape(()), hi.reshape(())
-
-
 def round_in_data_range(
     value: Tensor,
     ends: Tensor,
