@@ -26,18 +26,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
 
-# The module's compiled kernels, rebuilt for the interpreter and restored afterwards.
-_KERNELS = (
-    "tl",
-    "_triton",
-    "_round_kernel_jit",
-    "_param_jit",
-    "_quarter_bits_jit",
-    "_rounded_levels_jit",
-    "_ranged_kernel_jit",
-    "_segments_jit",
-    "_columns_jit",
-)
+# The module's Triton objects, rebuilt for the interpreter and restored afterwards.
+_KERNELS = ("tl", "_triton", *(name for name in vars(cuda_kernels) if name.endswith("_jit")))
 
 
 @pytest.fixture(params=["interpreter", pytest.param("cuda", marks=pytest.mark.gpu)])
