@@ -130,6 +130,7 @@ def _reference_ends(x: torch.Tensor, dim: int | None) -> torch.Tensor:
         ((48, 4100), 0),  # long segments: a program per piece of a channel
         ((48, 4100), 1),  # the last dimension: bands of rows, a column per channel
         ((70, 33), 1),
+        ((300, 600), 1),  # several bands of rows and blocks of columns
         ((4, 6, 5, 3), 1),  # short segments inside: several columns per channel
         ((2, 3, 2100), 1),
     ],

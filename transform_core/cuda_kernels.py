@@ -324,15 +324,18 @@ def _columns_range_kernel(  # type: ignore[no-untyped-def]
     rows,
     width,
     inner,
+    column_blocks,
     ROWS: tl.constexpr,
     BAND: tl.constexpr,
     COLUMNS: tl.constexpr,
 ):
     # The tensor as a (rows, width) matrix whose column c is in channel c // inner. Program
-    # (i, j) folds a band of BAND rows of its COLUMNS columns into ends.
-    cols = tl.program_id(0) * COLUMNS + tl.arange(0, COLUMNS)
+    # p folds a band of BAND rows of COLUMNS columns into ends (a one-dimensional grid:
+    # either count may pass the 65535 that a second grid dimension allows).
+    pid = tl.program_id(0)
+    cols = (pid % column_blocks) * COLUMNS + tl.arange(0, COLUMNS)
     col_ok = cols < width
-    first = tl.program_id(1) * BAND
+    first = (pid // column_blocks) * BAND
     lo = tl.full([ROWS, COLUMNS], float("inf"), tl.float32)
     hi = tl.full([ROWS, COLUMNS], float("-inf"), tl.float32)
     for i in tl.static_range(BAND // ROWS):
@@ -619,9 +622,18 @@ def data_ends(value: Tensor, channel_dim: int | None = None) -> Tensor | None:
     # Short segments (a channel dimension at or near the end): reduce down the columns of
     # the (outer, channels * inner) matrix, a band of rows per program.
     rows, width = outer, channels * inner
-    grid = (_triton.cdiv(width, _COLUMNS), _triton.cdiv(rows, _BAND))
-    _columns_jit[grid](
-        value, ends, rows, width, inner, ROWS=_ROWS, BAND=_BAND, COLUMNS=_COLUMNS, num_warps=8
+    column_blocks = _triton.cdiv(width, _COLUMNS)
+    _columns_jit[(column_blocks * _triton.cdiv(rows, _BAND),)](
+        value,
+        ends,
+        rows,
+        width,
+        inner,
+        column_blocks,
+        ROWS=_ROWS,
+        BAND=_BAND,
+        COLUMNS=_COLUMNS,
+        num_warps=8,
     )
     return ends
 
