@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -135,6 +136,63 @@ def test_gradients_pass_straight_through_the_compiled_kernels() -> None:
     assert w.grad is not None and torch.equal(w.grad, torch.full_like(w, 2.0))
 
 
+_FILLS = {
+    "normal": None,
+    "no finite value": math.nan,
+    "negative zeros": -0.0,
+    "constant": 2.5,
+    "infinities": math.inf,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fill", sorted(_FILLS))
+@pytest.mark.parametrize("maintain_zero", [True, False])
+@pytest.mark.parametrize(
+    ("output_range", "num_levels"), [(None, 256), (None, 15), ([-3.0, 3.0], 255), ([0.0, 7.0], 8)]
+)
+def test_ranges_from_the_data_take_one_compiled_pass_and_give_the_chains_bits(
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype,
+    fill: str,
+    maintain_zero: bool,
+    output_range: list[float] | None,
+    num_levels: int,
+) -> None:
+    x = _data((300_001,), dtype)
+    if _FILLS[fill] is not None:
+        x[4:] = _FILLS[fill]
+    passes: list[int] = []
+    original = cpu_kernels.finite_ends
+    monkeypatch.setattr(cpu_kernels, "finite_ends", lambda v: passes.append(1) or original(v))
+    for stochastic in (False, True):
+        rounding = tt.stochastic_rounding if stochastic else tt.deterministic_rounding
+        args = {"output_range": output_range, "num_levels": num_levels}
+        args["maintain_zero"] = maintain_zero
+        if stochastic:
+            args["generator"] = torch.Generator().manual_seed(5)
+        fast = rounding(x, **args)  # type: ignore[arg-type]
+        if stochastic:
+            args["generator"] = torch.Generator().manual_seed(5)
+        with kernels.compiled(False):
+            plain = rounding(x, **args)  # type: ignore[arg-type]
+        assert _identical(fast, plain), (stochastic, fill)
+    assert len(passes) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finite_ends_are_the_negated_minimum_and_the_maximum(dtype: np.dtype) -> None:
+    values = np.random.default_rng(0).standard_normal(1_000_003).astype(dtype)
+    values[[5, 700_000]] = [np.nan, -np.inf]
+    values[999_999] = np.inf
+    ends = cpu_kernels.finite_ends(torch.from_numpy(values))
+    finite = values[np.isfinite(values)]
+    assert ends.dtype == torch.from_numpy(values).dtype
+    assert ends.tolist() == [[-finite.min(), finite.max()]]
+    nothing = cpu_kernels.finite_ends(torch.full((300_000,), math.nan, dtype=torch.float32))
+    assert nothing.tolist() == [[-math.inf, -math.inf]]
+
+
 def test_hash_bits_are_the_kernels_bits() -> None:
     start = 2**32 - 6000  # up to the last index the kernels take
     for key in (0, 1, 2**31 + 17, 2**32 - 1):
@@ -207,8 +265,80 @@ def two_threads() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@pytest.fixture
+def small_pieces(two_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads and pieces of a few thousand elements, so that small tensors split."""
+    monkeypatch.setattr(cpu_kernels, "THREAD_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(cpu_kernels, "PIECE_ELEMENTS", 1 << 10)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [(name, (300_001,)) for name in sorted(TRANSFORMS)]
+    + [(name, (7, 30, 1001)) for name in sorted(TRANSFORMS) + sorted(CHANNEL)],
+)
+def test_pieces_on_several_threads_give_the_same_bits(
+    small_pieces: None, monkeypatch: pytest.MonkeyPatch, name: str, shape: tuple[int, ...]
+) -> None:
+    fn = {**TRANSFORMS, **CHANNEL}[name]
+    x = _data(shape, torch.float32)
+    calls: list[int] = []
+    original = cpu_kernels._parallel
+    monkeypatch.setattr(
+        cpu_kernels, "_parallel", lambda c, t: calls.append(len(c)) or original(c, t)
+    )
+    split = fn(x, torch.Generator().manual_seed(3))
+    assert max(calls) >= 8, "the work was not cut into pieces"
+    monkeypatch.setattr(cpu_kernels, "THREAD_ELEMENTS", 1 << 40)
+    whole = fn(x, torch.Generator().manual_seed(3))
+    assert _identical(split, whole)
+
+
+def test_statistics_in_pieces_on_several_threads_are_the_same(small_pieces: None) -> None:
+    values, reference = _report_data(300_001, np.dtype(np.float32))
+    split = cpu_kernels.error_sums(values, reference), cpu_kernels.distinct_finite(values, 10**6)
+    ends = cpu_kernels.finite_ends(torch.from_numpy(values))
+    cpu_kernels.THREAD_ELEMENTS = 1 << 40  # restored by the fixture's monkeypatch
+    whole = cpu_kernels.error_sums(values, reference), cpu_kernels.distinct_finite(values, 10**6)
+    for a, b in zip(split[0], whole[0], strict=True):
+        assert np.array_equal(a, b)
+    assert split[1] is not None and whole[1] is not None
+    assert np.array_equal(split[1][0], whole[1][0]) and split[1][1] == whole[1][1]
+    assert torch.equal(ends, cpu_kernels.finite_ends(torch.from_numpy(values)))
+
+
+def test_a_slow_thread_leaves_its_pieces_to_the_others(two_threads: None) -> None:
+    done: list[tuple[str, int]] = []
+
+    def piece(index: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.2)  # a worker held up, as by another thread on its core
+        done.append((threading.current_thread().name, index))
+
+    started = time.perf_counter()
+    cpu_kernels._parallel([(piece, (k,)) for k in range(40)], 2)
+    assert sorted(k for _, k in done) == list(range(40))
+    main = sum(name == threading.main_thread().name for name, _ in done)
+    assert main >= 38 and time.perf_counter() - started < 2.0
+
+
+def test_an_error_in_a_piece_is_raised_after_all_threads_stop(two_threads: None) -> None:
+    running: list[int] = []
+
+    def piece(index: int) -> None:
+        running.append(index)
+        time.sleep(0.01)
+        if index == 3:
+            raise ValueError("piece 3")
+        running.remove(index)
+
+    with pytest.raises(ValueError, match="piece 3"):
+        cpu_kernels._parallel([(piece, (k,)) for k in range(8)], 2)
+    assert running == [3]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_runs_the_kernels_on_threads_of_its_own(two_threads: None) -> None:
+def test_a_forked_child_runs_the_kernels_on_threads_of_its_own(small_pieces: None) -> None:
     x = _data((1 << 20,), torch.float32)
     want = cpu_kernels.int_quant(x, 0.0, 30.0, 127.0).numpy()  # the pool now has threads
     assert cpu_kernels._pool is not None

@@ -15,18 +15,20 @@ its cached machine code takes about a second, which a program that transforms a 
 tensors once should not wait for. Until it is ready, the tensor chains run.
 
 The dispatchers (:func:`round_levels`, :func:`int_quant`, :func:`dropout`, :func:`decay`,
-:func:`channel_range`, :func:`distinct_finite`, :func:`error_sums`) split the work over
-``torch.get_num_threads()`` threads, the calling thread included; the kernels release the
-GIL. Each loop runs over a slice from index 0: Numba checks an index it cannot prove
-non-negative for wrap-around, and such a loop does not vectorise.
+:func:`channel_range`, :func:`finite_ends`, :func:`distinct_finite`, :func:`error_sums`)
+cut the work into pieces for ``torch.get_num_threads()`` threads, the calling thread
+included, each taking the next piece as it finishes one; the kernels release the GIL. Each
+loop runs over a slice from index 0: Numba checks an index it cannot prove non-negative
+for wrap-around, and such a loop does not vectorise.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar, cast
 
 import numba
@@ -115,11 +117,13 @@ def _round_groups(
         # Loops run over slices from 0: an index Numba can prove non-negative needs no
         # wrap-around check, and only then does the loop vectorise.
         xs, outs = x[start : start + i1 - i0], out[start : start + i1 - i0]
-        first = _u32(start)
         if stochastic:
+            # A 32-bit index of its own: one derived from k would be packed from 64 bits.
+            index = _u32(start)
             for k in range(xs.size):
-                level = _stochastic_level(xs[k], lo, q, _u32(first + _u32(k)), key, one, two_24)
+                level = _stochastic_level(xs[k], lo, q, index, key, one, two_24)
                 outs[k] = _finish(level, oq, olo, ohi, top, zl, zero)
+                index = _u32(index + _u32(1))
         else:
             for k in range(xs.size):
                 level = np.rint((xs[k] - lo) / q)
@@ -138,12 +142,12 @@ def _round_rows(
     for r in range(r0, r1):
         base = r * channels
         xs, outs = x[base : base + channels], out[base : base + channels]
-        first = _u32(base)
         if stochastic:
+            index = _u32(base)
             for c in range(channels):
-                index = _u32(first + _u32(c))
                 level = _stochastic_level(xs[c], lo[c], q[c], index, key, one, two_24)
                 outs[c] = _finish(level, oq[c], olo[c], ohi[c], top, zl[c], zero)
+                index = _u32(index + _u32(1))
         else:
             for c in range(channels):
                 level = np.rint((xs[c] - lo[c]) / q[c])
@@ -164,11 +168,12 @@ def _int_quant(x: Any, out: Any, i0: int, i1: int, centre: Any, scale: Any, limi
 
 @_jit(**_COMPILED)
 def _dropout(x: Any, out: Any, i0: int, i1: int, threshold: int, key: int, zero: Any) -> None:
-    bound, first = _u32(threshold), _u32(i0)
+    bound, index = _u32(threshold), _u32(i0)
     xs, outs = x[i0:i1], out[i0:i1]
     for k in range(xs.size):
         v = xs[k]
-        outs[k] = v if _bits(_u32(first + _u32(k)), key) >= bound else zero
+        outs[k] = v if _bits(index, key) >= bound else zero
+        index = _u32(index + _u32(1))
 
 
 @_jit(**_COMPILED)
@@ -188,20 +193,65 @@ def _decay(x: Any, out: Any, i0: int, i1: int, thresholds: Any, table: Any) -> N
             outs[k] = v if v != v else table[counts[k]]
 
 
+@_jit(inline="always")
+def _finite_min_max(xs: Any, a: Any, b: Any) -> tuple[Any, Any]:
+    # (min, max) of a, b and the finite values of xs.
+    for k in range(xs.size):
+        v = xs[k]
+        finite = v - v == 0  # False for infinities and NaN
+        a = v if finite and v < a else a
+        b = v if finite and v > b else b
+    return a, b
+
+
 @_jit(**_COMPILED)
 def _range_groups(x: Any, lo: Any, hi: Any, g0: int, g1: int, inner: int) -> None:
     # Finite minimum and maximum of each group of ``inner`` elements, into its channel.
     channels = lo.size
     for g in range(g0, g1):
         c = g % channels
-        a, b = lo[c], hi[c]
-        xs = x[g * inner : (g + 1) * inner]
-        for k in range(xs.size):
-            v = xs[k]
-            finite = v - v == 0  # False for infinities and NaN
-            a = v if finite and v < a else a
-            b = v if finite and v > b else b
-        lo[c], hi[c] = a, b
+        lo[c], hi[c] = _finite_min_max(x[g * inner : (g + 1) * inner], lo[c], hi[c])
+
+
+@_jit(**_COMPILED)
+def _range_span(x: Any, lo: Any, hi: Any, slot: int, i0: int, i1: int) -> None:
+    # Finite minimum and maximum of x[i0:i1], into lo[slot] and hi[slot].
+    lo[slot], hi[slot] = _finite_min_max(x[i0:i1], lo[slot], hi[slot])
+
+
+@_jit(**_COMPILED)
+def _data_plan(
+    ends: Any, steps: Any, symmetric: bool, default_output: bool, middle: Any, consts: Any,
+    params: Any,
+) -> bool:  # fmt: skip
+    # quantise._finite_range and quantise._Plan for one range taken from the data, with
+    # their operations in the value's dtype and in their order, into round_levels' table:
+    # the input columns, and the output columns too for the default output range (the
+    # input range). False, with nothing written, where the range has zero width and an
+    # output range is given: the chain handles that. middle: the level pinned to zero in a
+    # symmetric range, -1 for none (an odd number of steps).
+    zero, one = consts[0], consts[1]
+    neg_lo, hi = ends[0], ends[1]
+    if symmetric:
+        peak = hi if hi > neg_lo else neg_lo  # torch.maximum(-min, max), zeros' signs included
+        if peak < zero:  # no finite value
+            peak = zero
+        lo, hi = -peak, peak
+    else:
+        lo = -neg_lo
+        if lo > hi:  # no finite value
+            lo, hi = zero, zero
+    width = hi - lo
+    degenerate = width <= zero
+    if degenerate and not default_output:
+        return False
+    quantum = width / steps
+    params[0, 0] = lo
+    params[1, 0] = one if degenerate else quantum
+    if default_output:
+        params[2, 0], params[3, 0], params[4, 0] = lo, quantum, hi
+        params[5, 0] = middle if symmetric and hi > zero else -one
+    return True
 
 
 @_jit(**_COMPILED)
@@ -347,21 +397,41 @@ _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 
 
-def _parallel(calls: Calls) -> None:
-    """Run ``fn(*args)`` for each call, on worker threads when there are several."""
+def _parallel(calls: Calls, threads: int) -> None:
+    """Run ``fn(*args)`` for each call on up to ``threads`` threads, the calling one included.
+
+    Each thread takes the next call that has not started, so a thread slowed down by
+    another on its core (torch's OpenMP threads spin for a while after each operation)
+    leaves more of the work to the others instead of holding up the whole.
+    """
     global _pool, _pool_pid
-    if len(calls) == 1:
-        fn, args = calls[0]
-        fn(*args)
+    threads = min(threads, len(calls))
+    if threads <= 1:
+        for fn, args in calls:
+            fn(*args)
         return
     # A forked child inherits the pool but not its threads: it needs a pool of its own.
-    if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < len(calls) - 1:
-        _pool = ThreadPoolExecutor(len(calls) - 1, thread_name_prefix="rockq-kernel")
+    if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < threads - 1:
+        _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="rockq-kernel")
         _pool_pid = os.getpid()
-    # The calling thread takes the first share itself rather than waiting idle.
-    futures = [_pool.submit(fn, *args) for fn, args in calls[1:]]
-    fn, args = calls[0]
-    fn(*args)
+    pending = iter(calls)
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                call = next(pending, None)
+            if call is None:
+                return
+            fn, args = call
+            fn(*args)
+
+    futures = [_pool.submit(work) for _ in range(threads - 1)]
+    try:
+        work()  # the calling thread works too rather than waiting idle
+    finally:
+        # Return only once no worker still uses the arrays, even after an error.
+        wait(futures)
     for future in futures:
         future.result()
 
@@ -372,9 +442,25 @@ def _spans(count: int, parts: int) -> list[tuple[int, int]]:
     return [(s, min(count, s + step)) for s in range(0, count, step)] or [(0, 0)]
 
 
+#: A thread per this many elements at most. Below that a second thread costs more than it
+#: saves: besides starting it, torch's OpenMP threads spin for milliseconds after each
+#: operation, so in a training step a thread of ours shares its core with one of them (on
+#: two cores, a 1M-element weight took 1.6 ms on two threads, 1.4 ms on one).
+THREAD_ELEMENTS = 1 << 21
+
+#: With several threads, the work is cut into pieces of at least this many elements, about
+#: four per thread, for :func:`_parallel` to hand out.
+PIECE_ELEMENTS = 1 << 17
+
+
 def _threads(numel: int) -> int:
-    # A thread per 256k elements at most: below that, starting one costs more than it saves.
-    return max(1, min(torch.get_num_threads(), numel >> 18))
+    return max(1, min(torch.get_num_threads(), numel // THREAD_ELEMENTS))
+
+
+def _pieces(numel: int, threads: int) -> int:
+    if threads == 1:
+        return 1
+    return max(threads, min(4 * threads, numel // PIECE_ELEMENTS))
 
 
 def _flat(value: Tensor) -> Any:
@@ -412,25 +498,85 @@ def round_levels(
         outer = math.prod(value.shape[:channel_dim])
         inner = math.prod(value.shape[channel_dim + 1 :])
     threads = _threads(value.numel())
+    pieces = _pieces(value.numel(), threads)
     calls: Calls
     if inner == 1 and channels > 1:
         calls = [
             (_round_rows, (x, o, r0, r1, p, top_value, consts, stochastic, key))
-            for r0, r1 in _spans(outer, threads)
+            for r0, r1 in _spans(outer, pieces)
         ]
-    elif outer * channels >= threads:
+    elif outer * channels >= pieces:
         calls = [
             (_round_groups, (x, o, g0, g1, 0, inner, inner, p, top_value, consts, stochastic, key))
-            for g0, g1 in _spans(outer * channels, threads)
+            for g0, g1 in _spans(outer * channels, pieces)
         ]
     else:
         calls = [
             (_round_groups, (x, o, 0, outer * channels, i0, i1, inner, p, top_value, consts,
                              stochastic, key))
-            for i0, i1 in _spans(inner, threads)
+            for i0, i1 in _spans(inner, pieces)
         ]  # fmt: skip
-    _parallel(calls)
+    _parallel(calls, threads)
     return out
+
+
+def finite_ends(value: Tensor) -> Tensor:
+    """``[[-min, max]]`` of the finite values of ``value``, in one pass; ``-inf`` for none.
+
+    The one-row table that :func:`transform_core.cuda_kernels.data_ends` makes on the GPU.
+
+    Args:
+        value: A contiguous float32 or float64 CPU tensor.
+    """
+    # torch's aminmax is vectorised, where a reduction that skips non-finite values would
+    # not be: it answers whenever the data has no NaN or infinity, by far the usual case.
+    lo_t, hi_t = torch.aminmax(value.detach())
+    lo_all, hi_all = lo_t.item(), hi_t.item()
+    x = _flat(value)
+    if math.isfinite(lo_all) and math.isfinite(hi_all):
+        return torch.from_numpy(np.array([[-lo_all, hi_all]], dtype=x.dtype))
+    threads = _threads(x.size)
+    spans = _spans(x.size, _pieces(x.size, threads))
+    lo = np.full(len(spans), np.inf, dtype=x.dtype)
+    hi = np.full(len(spans), -np.inf, dtype=x.dtype)
+    _parallel([(_range_span, (x, lo, hi, k, a, b)) for k, (a, b) in enumerate(spans)], threads)
+    return torch.from_numpy(np.array([[-lo.min(), hi.max()]], dtype=x.dtype))
+
+
+def data_range_table(
+    ends: Tensor,
+    *,
+    steps: int,
+    symmetric: bool,
+    output_range: tuple[float, float] | None,
+    zero_level: float | None,
+) -> Tensor | None:
+    """The ``params`` of :func:`round_levels` for an input range taken from ``ends``.
+
+    What :class:`transform_core.quantise._Plan` makes of :func:`finite_ends`' range, bit
+    for bit, without its tensor operations: ``max|x| * [-1, 1]`` when ``symmetric``, the
+    level width, and (with the input range as the output) the middle level pinned to
+    zero. ``None`` where the range has zero width and ``output_range`` is given.
+
+    Args:
+        ends: A :func:`finite_ends` table.
+        steps: Number of levels minus one.
+        symmetric: The range is ``max|x| * [-1, 1]`` (``maintain_zero``).
+        output_range: ``(lo, hi)`` of the output, or ``None`` for the input range.
+        zero_level: The level pinned to zero with a given output range, if any.
+    """
+    row = ends.numpy().reshape(-1)
+    dtype = row.dtype.type
+    params = np.empty((6, 1), dtype=row.dtype)
+    if output_range is not None:
+        out_lo, out_hi = output_range
+        pinned = -1.0 if zero_level is None else zero_level
+        params[2:, 0] = (out_lo, (out_hi - out_lo) / steps, out_hi, pinned)
+    middle = dtype(steps / 2 if steps % 2 == 0 else -1.0)
+    consts = np.array([0.0, 1.0], dtype=row.dtype)
+    if not _data_plan(row, dtype(steps), symmetric, output_range is None, middle, consts, params):
+        return None
+    return torch.from_numpy(params)
 
 
 def channel_range(value: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
@@ -449,11 +595,12 @@ def channel_range(value: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
     outer = math.prod(value.shape[:channel_dim])
     inner = math.prod(value.shape[channel_dim + 1 :])
     threads = _threads(value.numel())
+    pieces = _pieces(value.numel(), threads)
     kernel: Any
     if inner == 1:
-        kernel, spans = _range_rows, _spans(outer, threads)
+        kernel, spans = _range_rows, _spans(outer, pieces)
     else:
-        kernel, spans = _range_groups, _spans(outer * channels, threads)
+        kernel, spans = _range_groups, _spans(outer * channels, pieces)
     partial = [
         (np.full(channels, np.inf, dtype=x.dtype), np.full(channels, -np.inf, dtype=x.dtype))
         for _ in spans
@@ -463,7 +610,8 @@ def channel_range(value: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
         [
             (kernel, (x, lo, hi, a, b, *extra))
             for (lo, hi), (a, b) in zip(partial, spans, strict=True)
-        ]
+        ],
+        threads,
     )
     lo = np.minimum.reduce([p[0] for p in partial])
     hi = np.maximum.reduce([p[1] for p in partial])
@@ -477,7 +625,9 @@ def channel_range(value: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
 def _element_wise(kernel: Any, value: Tensor, *args: Any) -> Tensor:
     out = output_like(value)
     x, o = _flat(value), _flat(out)
-    _parallel([(kernel, (x, o, i0, i1, *args)) for i0, i1 in _spans(x.size, _threads(x.size))])
+    threads = _threads(x.size)
+    spans = _spans(x.size, _pieces(x.size, threads))
+    _parallel([(kernel, (x, o, i0, i1, *args)) for i0, i1 in spans], threads)
     return out
 
 
@@ -517,7 +667,8 @@ def distinct_finite(values: Any, limit: int) -> tuple[Any, int] | None:
     # A table at most half full: a probe then mostly ends at its first slot.
     size = 1 << max(4, (2 * min(limit + 1, bits.size)).bit_length())
     shift = np.uint64(64 - size.bit_length() + 1)
-    spans = _spans(bits.size, _threads(bits.size))
+    threads = _threads(bits.size)
+    spans = _spans(bits.size, threads)  # a hash set per span: one per thread
     tables = [np.full(size, np.iinfo(uint).max, dtype=uint) for _ in spans]
     results: list[tuple[int, int]] = []
 
@@ -526,7 +677,9 @@ def distinct_finite(values: Any, limit: int) -> tuple[Any, int] | None:
             _insert_distinct(bits[i0:i1], table, shift, finite_mask, negative_zero, limit)
         )
 
-    _parallel([(share, (table, i0, i1)) for table, (i0, i1) in zip(tables, spans, strict=True)])
+    _parallel(
+        [(share, (table, i0, i1)) for table, (i0, i1) in zip(tables, spans, strict=True)], threads
+    )
     if any(distinct > limit for distinct, _ in results):
         return None
     empty = np.iinfo(uint).max
@@ -551,11 +704,13 @@ def error_sums(values: Any, reference: Any) -> tuple[Any, Any, float, int]:
     top = np.empty((blocks, ERROR_LANES))
     count = np.empty((blocks, ERROR_LANES), dtype=np.int64)
     v, r = values.reshape(-1), reference.reshape(-1)
+    threads = _threads(values.size)
     _parallel(
         [
             (_error_blocks, (v, r, b0, b1, ERROR_BLOCK, err_sq, ref_sq, top, count))
-            for b0, b1 in _spans(blocks, _threads(values.size))
-        ]
+            for b0, b1 in _spans(blocks, _pieces(values.size, threads))
+        ],
+        threads,
     )
     return err_sq, ref_sq, float(top.max(initial=0.0)), int(count.sum())
 
@@ -573,6 +728,9 @@ def warm_up() -> None:
         decay(x, torch.zeros(2, dtype=dtype), torch.zeros(3, dtype=dtype))
         channel_range(x, 0)
         channel_range(x, 1)
+        ends = finite_ends(torch.tensor([math.nan, 1.0], dtype=dtype))  # the kernel's way
+        for symmetric in (False, True):
+            data_range_table(ends, steps=2, symmetric=symmetric, output_range=None, zero_level=None)
         values = x.reshape(-1).numpy()
         distinct_finite(values, 4)
         error_sums(values, values)

@@ -438,13 +438,16 @@ class _Plan:
 
 
 class _DataRangePlan:
-    """A plan whose input range is the data's own, found and used on the GPU.
+    """A plan whose input range is the data's own, found in one pass of a kernel.
 
-    The range is a table of ends on the device (:func:`cuda_kernels.data_ends`) and the
-    rounding kernel derives the rest of the plan from it, so that the transform is two
-    kernels and never waits for the device. The same plan as tensors (:class:`_Plan`) is
-    built only when something needs it: the straight-through gradient's scale, or a call
-    that the kernel does not take.
+    The range is a table of ends (``[-min, max]`` of the finite values): on the GPU
+    :func:`cuda_kernels.data_ends` writes it on the device, and the rounding kernel derives
+    the rest of the plan from it, so that the transform is two kernels and never waits for
+    the device; on the CPU the compiled kernels find it
+    (:func:`~transform_core.cpu_kernels.finite_ends`) and make the plan's table without
+    tensor operations. The same plan as tensors (:class:`_Plan`) is built only when
+    something needs it: the straight-through gradient's scale, or a call that the kernels
+    do not take.
     """
 
     def __init__(
@@ -455,8 +458,10 @@ class _DataRangePlan:
         output_range: tuple[float, float] | None,
         num_levels: int,
         maintain_zero: bool,
+        compiled: Any = None,
     ) -> None:
         self.ends = ends
+        self.compiled = compiled  # the compiled CPU kernels, where they found the ends
         self.channel_dim = channel_dim
         self.shape = shape
         self.output_range = output_range
@@ -465,7 +470,7 @@ class _DataRangePlan:
         self._tensor_plan: _Plan | None = None
 
     @classmethod
-    def on_gpu(
+    def from_data(
         cls,
         value: Tensor,
         channel_dim: int | None,
@@ -473,16 +478,26 @@ class _DataRangePlan:
         num_levels: int,
         maintain_zero: bool,
     ) -> _DataRangePlan | None:
-        """The plan for ``value`` if the GPU kernels take it, else ``None``."""
+        """The plan for ``value`` if the GPU or compiled CPU kernels take it, else ``None``.
+
+        On the CPU only a range over the whole tensor (``channel_dim`` ``None``): channel
+        ranges there take :func:`_finite_range`'s compiled pass.
+        """
         if output_range is not None:
             lo, hi = output_range
             if isinstance(lo, Tensor) or isinstance(hi, Tensor):
                 return None  # the kernel takes numbers as the output range
             output_range = (lo, hi)
         ends = cuda_kernels.data_ends(value, channel_dim)
+        compiled = None
+        if ends is None and channel_dim is None:
+            compiled = _compiled_for(value)
+            ends = None if compiled is None else compiled.finite_ends(value)
         if ends is None:
             return None
-        return cls(ends, channel_dim, value.shape, output_range, num_levels, maintain_zero)
+        return cls(
+            ends, channel_dim, value.shape, output_range, num_levels, maintain_zero, compiled
+        )
 
     @property
     def tensor_plan(self) -> _Plan:
@@ -527,6 +542,22 @@ class _DataRangePlan:
             zero = _zero_level(out_lo, out_hi, quantum, steps)
             zero_level = None if zero is None else float(zero)
             fallback_level = float(_nearest_level_to_zero(out_lo, quantum, steps))
+        compiled = self.compiled
+        if compiled is not None and compiled is _compiled_for(value):
+            table = compiled.data_range_table(
+                self.ends,
+                steps=steps,
+                symmetric=self.maintain_zero,
+                output_range=self.output_range,
+                zero_level=zero_level,
+            )
+            if table is not None:
+                # The key as _Plan.round draws it, so that both give the same numbers.
+                key = kernels.random_key(generator) if stochastic else 0
+                cpu_rounded: Tensor = compiled.round_levels(
+                    value, table, None, float(steps), stochastic, key
+                )
+                return cpu_rounded
         rounded = cuda_kernels.round_in_data_range(
             value,
             self.ends,
@@ -587,9 +618,9 @@ def _plan(
     given_in = _check_range(input_range, "input_range")
     given_out = _check_range(output_range, "output_range")
     if given_in is None:
-        on_gpu = _DataRangePlan.on_gpu(value, None, given_out, levels, maintain_zero)
-        if on_gpu is not None:
-            return on_gpu
+        from_data = _DataRangePlan.from_data(value, None, given_out, levels, maintain_zero)
+        if from_data is not None:
+            return from_data
     in_lo, in_hi = given_in if given_in is not None else _finite_range(value, maintain_zero)
     out_lo, out_hi = given_out if given_out is not None else (in_lo, in_hi)
     return _Plan(in_lo, in_hi, out_lo, out_hi, levels, given_out is None, maintain_zero)
@@ -797,9 +828,9 @@ def _channel_plan(
     levels = _check_num_levels(num_levels)
     checked = _check_range(output_range, "output_range")
     channel = dim % value.dim()
-    on_gpu = _DataRangePlan.on_gpu(value, channel, checked, levels, maintain_zero)
-    if on_gpu is not None:
-        return on_gpu
+    from_data = _DataRangePlan.from_data(value, channel, checked, levels, maintain_zero)
+    if from_data is not None:
+        return from_data
     others = tuple(d for d in range(value.dim()) if d != channel)
     in_lo, in_hi = _finite_range(value, maintain_zero, others)
     out_lo, out_hi = checked if checked is not None else (in_lo, in_hi)
