@@ -9,7 +9,7 @@ chains divide where CUDA multiplies by a reciprocal, and the kernels follow each
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -281,6 +281,56 @@ def test_stochastic_rounding_is_unbiased_and_reproducible(
     up = (draws[0][2:] > 3.5).double().mean().item()
     assert abs(up - 0.137) < 4 * math.sqrt(0.137 * 0.863 / n)
     assert set(draws[0].unique().tolist()) <= {0.0, 3.0, 4.0, 10.0}
+
+
+def test_a_value_on_a_level_stays_there(device: str) -> None:
+    levels = torch.arange(-127.0, 128.0).repeat(200).to(device)  # each on a level
+    g = torch.Generator(device=device).manual_seed(1)
+    out = quantise.stochastic_rounding(levels, [-127.0, 127.0], num_levels=255, generator=g)
+    assert torch.equal(out, levels)
+
+
+_KEY = 0x9E3779B9
+
+
+@pytest.mark.parametrize(
+    ("shape", "transform"),
+    [
+        ((300_001,), lambda x: quantise.stochastic_rounding(x, num_levels=16)),
+        ((300_001,), lambda x: quantise.stochastic_rounding(x, [-2.0, 2.0], [-1.0, 1.0], 255)),
+        ((600, 512), lambda x: quantise.stochastic_channel_rounding(x, [-1.0, 1.0], 16, dim=-1)),
+        ((5, 8, 1024), lambda x: quantise.stochastic_channel_rounding(x, [-1.0, 1.0], 16)),
+        ((64, 30, 70), lambda x: quantise.stochastic_channel_rounding(x, [-1.0, 1.0], 16)),
+    ],
+    ids=["data range", "given range", "channels last", "channel blocks", "channel per element"],
+)
+def test_stochastic_rounding_draws_the_bits_of_the_cpu_paths(
+    device: str,
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    transform: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    """With the same key, the kernels round up and down exactly where the CPU paths do."""
+    if device != "cpu":
+        pytest.skip("the CPU paths divide where CUDA multiplies by a reciprocal")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(8)) * 3
+    x.view(-1)[:4] = torch.tensor([NAN, INF, -INF, -0.0])
+    monkeypatch.setattr(cuda_kernels, "_key", lambda value, generator: torch.tensor([_KEY]))
+    monkeypatch.setattr(kernels, "random_key", lambda generator=None: _KEY)
+    launched: list[bool] = []
+    for name in ("round_in_data_range", "fused_round"):
+        original = getattr(cuda_kernels, name)
+
+        def counted(*args, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+            result = _original(*args, **kwargs)
+            launched.append(result is not None)
+            return result
+
+        monkeypatch.setattr(cuda_kernels, name, counted)
+    kernel = transform(x)
+    assert launched == [True]
+    monkeypatch.setattr(cuda_kernels, "_covered", lambda value: False)
+    assert _identical(kernel, transform(x))
 
 
 def test_stochastic_channel_rounding_keeps_each_channel_in_range(device: str) -> None:

@@ -1,8 +1,10 @@
 """Fused rounding on CUDA: one Triton kernel per call, and the data range without a host wait.
 
 :func:`fused_round` runs stochastic or deterministic rounding as one Triton kernel (when
-Triton is installed): one read, one write. Its noise comes from Philox, keyed by a seed
-drawn on the device from the caller's generator. :func:`data_ends` finds the range of the
+Triton is installed): one read, one write. Its random bits are those of the CPU paths
+(:func:`transform_core.kernels.hash_bits`, a hash of each element's position and a key),
+with the key drawn on the device from the caller's generator, and stochastic rounding
+decides up or down exactly as there. :func:`data_ends` finds the range of the
 finite values (of the whole tensor or of each channel) in one pass, and
 :func:`round_in_data_range` rounds with a plan derived from that range inside the kernel,
 so a transform whose range comes from its data is two kernels and nothing waits for the
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from transform_core.kernels import Bound, fast_paths_enabled
+from transform_core.kernels import HASH_M1, HASH_M2, Bound, fast_paths_enabled
 
 # Triton and its language module are imported on first use: importing them costs a good
 # part of a second, and CPU-only installs do not have them.
@@ -32,7 +34,9 @@ tl: Any = None
 _triton: Any = None
 _round_kernel_jit: Any = None
 _param_jit: Any = None
-_quarter_bits_jit: Any = None
+_hash_bits_jit: Any = None
+_HASH_M1: Any = None
+_HASH_M2: Any = None
 _rounded_levels_jit: Any = None
 _range_plan_jit: Any = None
 _ranged_kernel_jit: Any = None
@@ -61,24 +65,24 @@ def _param(ptr, val, chan, mask, KIND: tl.constexpr):  # type: ignore[no-untyped
     return p
 
 
-def _quarter_bits(r0, r1, r2, r3, k: tl.constexpr):  # type: ignore[no-untyped-def]
-    # Philox makes four 32-bit words per counter: quarter k of a program's block takes word k.
-    if k == 0:
-        bits = r0
-    elif k == 1:
-        bits = r1
-    elif k == 2:
-        bits = r2
-    else:
-        bits = r3
-    return bits
+def _hash_bits(offs, key):  # type: ignore[no-untyped-def]
+    # kernels.hash_bits of the elements at offs (below 2**31): a hash of position and key.
+    h = offs.to(tl.uint32) ^ key
+    h = (h ^ (h >> 16)) * _HASH_M1
+    h = (h ^ (h >> 13)) * _HASH_M2
+    return h ^ (h >> 16)
 
 
 def _rounded_levels(y, bits, top, STOCHASTIC: tl.constexpr):  # type: ignore[no-untyped-def]
-    # Level indices: floor(y + u) or round half to even, then clamp(0, top) keeping NaN.
+    # Level indices: rounded down or up at random, or half to even; then clamp(0, top)
+    # keeping NaN.
     if STOCHASTIC:
-        # 24 random bits, as torch.rand's float32: u in [0, 1 - 2**-24].
-        y = tl.floor(y + (bits >> 8).to(tl.float32) * 5.9604644775390625e-08)
+        # As kernels.stochastic_floor_: up when the top 24 random bits, an integer below
+        # 2**24, fall below fraction * 2**24. Both sides are exact in float32, so a value
+        # on a level stays there; a NaN or infinite level compares false and stays.
+        down = tl.floor(y)
+        up = (bits >> 8).to(tl.float32) < (y - down) * 16777216.0
+        y = tl.where(up, down + 1.0, down)
     else:
         # Adding and removing 2**23 leaves the integer nearest y, ties to even, for
         # |y| < 2**23; larger floats are integers already. y * 0 restores the sign of a zero
@@ -96,7 +100,7 @@ def _rounded_levels(y, bits, top, STOCHASTIC: tl.constexpr):  # type: ignore[no-
 def _round_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     out_ptr,
-    seed_ptr,
+    key_ptr,
     lo_ptr,
     lo_val,
     iq_ptr,
@@ -133,14 +137,12 @@ def _round_kernel(  # type: ignore[no-untyped-def]
     # The same steps as the plain chain, in the same order and with IEEE division, so the
     # deterministic result is bit-for-bit the chain's. Offsets are int32: the caller keeps
     # n + BLOCK below 2**31.
-    # Each program takes BLOCK elements as four quarters; one Philox call gives the four
-    # quarters' random words at once.
+    # Each program takes BLOCK elements as four quarters.
     pid = tl.program_id(0)
     lane = tl.arange(0, BLOCK // 4)
-    r0, r1, r2, r3 = lane, lane, lane, lane  # unused unless STOCHASTIC
+    key = pid  # unused unless STOCHASTIC
     if STOCHASTIC:
-        seed = tl.load(seed_ptr)
-        r0, r1, r2, r3 = tl.randint4x(seed, pid * (BLOCK // 4) + lane)
+        key = tl.load(key_ptr).to(tl.uint32)
     for k in tl.static_range(4):
         offs = pid * BLOCK + k * (BLOCK // 4) + lane
         mask = offs < n
@@ -156,7 +158,10 @@ def _round_kernel(  # type: ignore[no-untyped-def]
         else:
             iq = _param_jit(iq_ptr, iq_val, chan, mask, IQ)
             y = tl.div_rn(x - lo, iq)
-        y = _rounded_levels_jit(y, _quarter_bits_jit(r0, r1, r2, r3, k), top, STOCHASTIC)
+        bits = offs  # unused unless STOCHASTIC
+        if STOCHASTIC:
+            bits = _hash_bits_jit(offs, key)
+        y = _rounded_levels_jit(y, bits, top, STOCHASTIC)
         if DG != 3:
             # A zero-width input range with an explicit output range: finite values go to the
             # fallback level.
@@ -200,7 +205,7 @@ def _range_plan(  # type: ignore[no-untyped-def]
 def _ranged_round_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     out_ptr,
-    seed_ptr,
+    key_ptr,
     ends_ptr,
     steps,
     steps_reciprocal,
@@ -232,12 +237,13 @@ def _ranged_round_kernel(  # type: ignore[no-untyped-def]
     # dimension, a multiple of BLOCK // 4 wide: program p takes four rows of the same
     # BLOCK // 4 channels. The divisions are products with 64-bit magic numbers, exact for
     # offsets below 2**31 and far cheaper than integer division.
-    pid = tl.program_id(0)
+    # Programs run in reverse order of the data: the range kernels read it in order, so its
+    # end is what their last programs left in the L2 cache (2 % faster on an H100).
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     lane = tl.arange(0, BLOCK // 4)
-    r0, r1, r2, r3 = lane, lane, lane, lane  # unused unless STOCHASTIC
+    key = pid  # unused unless STOCHASTIC
     if STOCHASTIC:
-        seed = tl.load(seed_ptr)
-        r0, r1, r2, r3 = tl.randint4x(seed, pid * (BLOCK // 4) + lane)
+        key = tl.load(key_ptr).to(tl.uint32)
     top = steps
     if LAYOUT == 0 or LAYOUT == 3:
         # The plan once per program: one range, or the same channels in all four quarters.
@@ -277,7 +283,10 @@ def _ranged_round_kernel(  # type: ignore[no-untyped-def]
                 STEPS_RECIPROCAL,
             )
         y = tl.div_rn(x - lo, tl.where(degenerate, 1.0, quantum))
-        y = _rounded_levels_jit(y, _quarter_bits_jit(r0, r1, r2, r3, k), top, STOCHASTIC)
+        bits = offs  # unused unless STOCHASTIC
+        if STOCHASTIC:
+            bits = _hash_bits_jit(offs, key)
+        y = _rounded_levels_jit(y, bits, top, STOCHASTIC)
         if DEFAULT_OUTPUT:
             out = y * quantum + lo
             out = tl.where(y == top, hi, out)
@@ -353,7 +362,13 @@ def _columns_range_kernel(  # type: ignore[no-untyped-def]
 def _load_triton() -> bool:
     """Import Triton and build the kernels once; ``False`` if Triton is not installed."""
     global tl, _triton, _round_kernel_jit, _param_jit, _TRITON_MISSING
-    global _quarter_bits_jit, _rounded_levels_jit, _range_plan_jit, _ranged_kernel_jit
+    global \
+        _hash_bits_jit, \
+        _HASH_M1, \
+        _HASH_M2, \
+        _rounded_levels_jit, \
+        _range_plan_jit, \
+        _ranged_kernel_jit
     global _segments_jit, _columns_jit
     if _round_kernel_jit is not None:
         return True
@@ -368,7 +383,9 @@ def _load_triton() -> bool:
     tl = language
     _triton = triton
     _param_jit = triton.jit(_param)
-    _quarter_bits_jit = triton.jit(_quarter_bits)
+    # The hash's multipliers, as constants that the kernels may read.
+    _HASH_M1, _HASH_M2 = language.constexpr(HASH_M1), language.constexpr(HASH_M2)
+    _hash_bits_jit = triton.jit(_hash_bits)
     _rounded_levels_jit = triton.jit(_rounded_levels)
     _range_plan_jit = triton.jit(_range_plan)
     _ranged_kernel_jit = triton.jit(_ranged_round_kernel)
@@ -454,7 +471,7 @@ def fused_round(
         fallback: Mask (or flag) of channels whose input range has zero width.
         fallback_level: Level those channels' finite values take.
         stochastic: Stochastic instead of nearest rounding.
-        generator: Source of the seed, on ``value``'s device.
+        generator: Source of the random key, on ``value``'s device.
 
     Returns:
         The rounded tensor, or ``None``.
@@ -503,23 +520,22 @@ def _fused_round(
         # As torch computes it on the host: 1.0f / float(b), in float32.
         one = torch.ones((), dtype=torch.float32)
         args[3] = float(one / torch.tensor(float(args[3]), dtype=torch.float32))
-    seed = _seed(value, generator) if stochastic else value
+    key = _key(value, generator) if stochastic else value
     out = torch.empty_like(value)
-    return _launch_round(
-        value, out, seed, args, kinds, top, channels, inner, stochastic, reciprocal
-    )
+    return _launch_round(value, out, key, args, kinds, top, channels, inner, stochastic, reciprocal)
 
 
-def _seed(value: Tensor, generator: torch.Generator | None) -> Tensor:
-    """A Philox seed drawn on the device from the caller's generator: reproducible from it,
-    and no host round trip."""
-    return torch.empty(1, dtype=torch.int64, device=value.device).random_(generator=generator)
+def _key(value: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A 32-bit key of :func:`kernels.hash_bits <transform_core.kernels.hash_bits>`, drawn
+    on the device from the caller's generator: reproducible from it, no host round trip."""
+    key = torch.empty(1, dtype=torch.int64, device=value.device)
+    return key.random_(0, 2**32, generator=generator)
 
 
 def _launch_round(
     value: Tensor,
     out: Tensor,
-    seed: Tensor,
+    key: Tensor,
     args: list[Tensor | float],
     kinds: list[int],
     top: float,
@@ -534,7 +550,7 @@ def _launch_round(
     _round_kernel_jit[grid](
         value,
         out,
-        seed,
+        key,
         *args,
         float(top),
         n,
@@ -691,7 +707,7 @@ def round_in_data_range(
         zero_level: Level pinned to zero with a given output range, if any.
         fallback_level: Level of finite values where the input range has zero width.
         stochastic: Stochastic instead of nearest rounding.
-        generator: Source of the seed, on ``value``'s device.
+        generator: Source of the random key, on ``value``'s device.
 
     Returns:
         The rounded tensor, or ``None``.
@@ -726,12 +742,12 @@ def round_in_data_range(
     on_cuda = value.device.type == "cuda"
     # As torch on CUDA computes a division by a host scalar: times 1.0f / float(steps).
     reciprocal = float(torch.ones((), dtype=torch.float32) / steps) if on_cuda else 0.0
-    seed = _seed(value, generator) if stochastic else value
+    key = _key(value, generator) if stochastic else value
     out = torch.empty_like(value)
     _ranged_kernel_jit[(programs,)](
         value,
         out,
-        seed,
+        key,
         ends,
         float(steps),
         reciprocal,
