@@ -428,6 +428,18 @@ def test_distinct_values_are_the_sorts(dtype: np.dtype, size: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("distinct", [1023, 1024, 1025, 20_000])
+def test_more_distinct_values_than_the_first_try_holds_are_counted_again(
+    dtype: np.dtype, distinct: int
+) -> None:
+    values = np.tile(np.arange(distinct, dtype=dtype) - 500.0, 300_001 // distinct + 1)
+    found = cpu_kernels.distinct_finite(values, 1 << 16)
+    assert found is not None and found[1] == 0
+    assert np.array_equal(found[0], np.arange(distinct, dtype=dtype) - 500.0)
+    assert cpu_kernels.FIRST_DISTINCT_LIMIT == 1024  # the cases above sit around it
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_too_many_distinct_values_give_up_early(dtype: np.dtype) -> None:
     values = np.arange(300_001, dtype=dtype)
     assert cpu_kernels.distinct_finite(values, 1000) is None
