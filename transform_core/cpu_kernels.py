@@ -521,9 +521,11 @@ def round_levels(
 
 
 def finite_ends(value: Tensor) -> Tensor:
-    """``[[-min, max]]`` of the finite values of ``value``, in one pass; ``-inf`` for none.
+    """``[[-min, max]]`` of the finite values of ``value``; ``-inf`` for none.
 
     The one-row table that :func:`transform_core.cuda_kernels.data_ends` makes on the GPU.
+    One pass (torch's ``aminmax``) where every value is finite; where one is not, a
+    compiled pass that skips them follows.
 
     Args:
         value: A contiguous float32 or float64 CPU tensor.
