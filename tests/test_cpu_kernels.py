@@ -180,6 +180,20 @@ def test_ranges_from_the_data_take_one_compiled_pass_and_give_the_chains_bits(
     assert len(passes) == 2
 
 
+def test_the_gradient_of_a_range_from_the_data_is_the_chains() -> None:
+    w = _data((700, 500), torch.float32).nan_to_num(0.0, 0.0, 0.0)
+    grads = []
+    for compiled in (True, False):
+        x = w.clone().requires_grad_()
+        with kernels.compiled(compiled):
+            tt.stochastic_rounding(x, output_range=[-1.0, 1.0], num_levels=255).sum().backward()
+        assert x.grad is not None
+        grads.append(x.grad)
+    peak = w.abs().max()
+    assert torch.equal(grads[0], grads[1])
+    assert torch.allclose(grads[0], torch.full_like(w, 1.0) / peak)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_finite_ends_are_the_negated_minimum_and_the_maximum(dtype: np.dtype) -> None:
     values = np.random.default_rng(0).standard_normal(1_000_003).astype(dtype)
