@@ -517,12 +517,17 @@ def _fused_round(
         kinds.append(resolved[2])
     reciprocal = kinds[1] == _VALUE and value.device.type == "cuda"
     if reciprocal:
-        # As torch computes it on the host: 1.0f / float(b), in float32.
-        one = torch.ones((), dtype=torch.float32)
-        args[3] = float(one / torch.tensor(float(args[3]), dtype=torch.float32))
+        args[3] = _float32_reciprocal(float(args[3]))
     key = _key(value, generator) if stochastic else value
     out = torch.empty_like(value)
     return _launch_round(value, out, key, args, kinds, top, channels, inner, stochastic, reciprocal)
+
+
+def _float32_reciprocal(divisor: float) -> float:
+    """``1.0f / float(divisor)`` in float32: torch on CUDA divides by a host scalar as a
+    product with it."""
+    one = torch.ones((), dtype=torch.float32)
+    return float(one / torch.tensor(float(divisor), dtype=torch.float32))
 
 
 def _key(value: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -740,8 +745,7 @@ def round_in_data_range(
         out_quantum = (out_hi - out_lo) / steps
         zero = zero_level is not None
     on_cuda = value.device.type == "cuda"
-    # As torch on CUDA computes a division by a host scalar: times 1.0f / float(steps).
-    reciprocal = float(torch.ones((), dtype=torch.float32) / steps) if on_cuda else 0.0
+    reciprocal = _float32_reciprocal(steps) if on_cuda else 0.0
     key = _key(value, generator) if stochastic else value
     out = torch.empty_like(value)
     _ranged_kernel_jit[(programs,)](
