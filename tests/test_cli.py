@@ -970,6 +970,15 @@ def test_installed_command_end_to_end(tmp_path: Path) -> None:
     assert "CheckpointError: " in debug.stderr
 
 
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter from the repository; it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_help_does_not_import_torch() -> None:
     code = (
         "import sys\n"
@@ -981,10 +990,7 @@ def test_help_does_not_import_torch() -> None:
         "        pass\n"
         "    print('torch' in sys.modules, file=sys.stderr)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
+    result = _python(code)
     assert result.stderr.split() == ["False", "False", "False"]
     assert "Usage" in result.stdout
 
@@ -1000,3 +1006,22 @@ def test_usage_errors_of_the_console_command_are_one_line() -> None:
     assert done.stderr.splitlines() == [
         "rockq: error: Missing option '--output' / '-o'. (see 'rockq quantize --help')"
     ]
+
+
+def test_the_console_command_freezes_its_imports_and_the_in_process_app_does_not() -> None:
+    code = (
+        "import gc, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from cli.main import app, run\n"
+        "assert CliRunner().invoke(app, ['recipes']).exit_code == 0\n"
+        "print(gc.get_freeze_count(), file=sys.stderr)\n"
+        "sys.argv = ['rockq', 'recipes']\n"
+        "try:\n"
+        "    run()\n"
+        "except SystemExit as done:\n"
+        "    print(done.code, gc.get_freeze_count(), file=sys.stderr)\n"
+    )
+    result = _python(code)
+    in_process, exit_code, frozen = result.stderr.split()
+    assert in_process == "0"
+    assert exit_code == "0" and int(frozen) > 100_000  # torch's objects among them
