@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +30,7 @@ from transform_core.pipeline import (
 )
 from transform_core.recipe import Recipe, load_recipe, parse_recipe
 from transform_core.registry import derive_seed
+from transform_core.report import TensorReport
 from transform_core.safetensors_io import save_safetensors
 
 STOCHASTIC = """\
@@ -328,6 +332,63 @@ def test_burn_in_tensors_reports_and_keeps_dtypes() -> None:
     assert by_name["a.weight"].transform == "deterministic_rounding(num_levels=3)"
     assert by_name["a.bias"].max_abs_error is None and by_name["a.bias"].transform is None
     assert report.meta == {"run": 1}
+
+
+def _reported_run(tensors: dict[str, torch.Tensor], plan: Plan) -> tuple[list[Any], list[str]]:
+    seen: list[str] = []
+    report = burn_in_tensors(tensors.items(), plan, lambda n, t: None, progress=seen.append)
+    return [dataclasses.astuple(t) for t in report.tensors], seen
+
+
+def test_burn_in_tensors_reports_the_same_in_the_background_or_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    generator = torch.Generator().manual_seed(3)
+    tensors = {f"l{i}.weight": torch.randn(64, 64, generator=generator) for i in range(5)}
+    tensors["big.weight"] = torch.randn(128, 128, generator=generator)
+    tensors["l9.weight"] = torch.randn(64, 64, generator=generator)
+    plan = plan_tensors(
+        [(n, tuple(t.shape), "float32") for n, t in tensors.items()], _recipe(STOCHASTIC)
+    )
+    threads: list[str] = []
+    real_report = pipeline.tensor_report
+
+    def spy(*args: Any, **kwargs: Any) -> TensorReport:
+        threads.append(threading.current_thread().name)
+        return real_report(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "tensor_report", spy)
+    # 64x64 float32 pairs (32 KiB) go behind, the 128x128 pair (128 KiB) is reported inline.
+    monkeypatch.setattr(pipeline, "REPORT_BEHIND_BYTES", 64 << 10)
+    behind, seen = _reported_run(tensors, plan)
+    assert seen == list(tensors)
+    assert [t.startswith("rockq-report") for t in threads] == [n != "big.weight" for n in tensors]
+    monkeypatch.setattr(pipeline, "REPORT_BEHIND_BYTES", 0)
+    threads.clear()
+    inline, seen = _reported_run(tensors, plan)
+    assert not any(t.startswith("rockq-report") for t in threads)
+    assert inline == behind and seen == list(tensors)
+
+
+def test_burn_in_tensors_raises_a_background_report_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tensors = {f"l{i}.weight": torch.ones(4, 4) * i for i in range(3)}
+    plan = plan_tensors(
+        [(n, tuple(t.shape), "float32") for n, t in tensors.items()], _recipe(STOCHASTIC)
+    )
+    real_report = pipeline.tensor_report
+
+    def failing(name: str, *args: Any, **kwargs: Any) -> TensorReport:
+        if name == "l1.weight":
+            raise ValueError("l1.weight: planted")
+        return real_report(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "tensor_report", failing)
+    seen: list[str] = []
+    with pytest.raises(ValueError, match="planted"):
+        burn_in_tensors(tensors.items(), plan, lambda n, t: None, progress=seen.append)
+    assert seen == ["l0.weight"]
 
 
 def test_burn_in_tensors_waits_for_each_write_and_loads_kernels_for_big_files(

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,9 @@ __all__ = [
 Progress = Callable[[str], None]
 """Called with a tensor's name as each tensor is processed."""
 
+REPORT_BEHIND_BYTES = 64 << 20
+"""In tensor mode, a tensor whose input and output take at most this many bytes together is
+reported in a background thread while the next one is transformed."""
 _PRELOAD_ELEMENTS = 1 << 26
 """Tensor mode loads the compiled kernels at once when it has this many elements to
 transform: about a quarter of a second of work for them, several seconds without them."""
@@ -448,6 +453,9 @@ def burn_in_tensors(
 ) -> Report:
     """Transform and write tensors one at a time (tensor mode), reporting on each.
 
+    Each tensor is reported on in a second thread while the next is transformed, unless
+    its input and output together take more than :data:`REPORT_BEHIND_BYTES`.
+
     Args:
         tensors: ``(name, tensor)`` pairs, read lazily.
         plan: From :func:`plan_tensors` for the same names.
@@ -468,7 +476,17 @@ def burn_in_tensors(
         # Enough work that the compiled kernels pay: load them now, in the background
         # (unlike burn_in, which transforms each tensor once and never loads them).
         kernels.start_loading_compiled_kernels()
-    with torch.no_grad():
+
+    def collect(done: TensorReport) -> None:
+        entries.append(done)
+        if progress is not None:
+            progress(done.name)
+
+    # A tensor's report (the larger part of the work, after reading) runs in a second
+    # thread while the next tensor is read and transformed; one at a time, and only for
+    # tensors small enough that holding one more pair stays within the memory bound.
+    with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="rockq-report") as reporting:
+        behind: Future[TensorReport] | None = None
         for name, raw in tensors:
             entry = by_name[name]
             bound = plan.transform_for(entry)
@@ -479,18 +497,24 @@ def burn_in_tensors(
                 value = value.to(raw.dtype)
             # Written first: a background write overlaps the report.
             write(name, value)
-            entries.append(
-                tensor_report(
-                    name,
-                    value,
-                    family=entry.info.family,
-                    transform=repr(bound) if bound is not None else None,
-                    reference=raw if bound is not None else None,
-                )
+            report = partial(
+                tensor_report,
+                name,
+                value,
+                family=entry.info.family,
+                transform=repr(bound) if bound is not None else None,
+                reference=raw if bound is not None else None,
             )
-            del raw, value
-            if progress is not None:
-                progress(name)
+            if behind is not None:
+                collect(behind.result())
+                behind = None
+            if raw.nbytes + value.nbytes <= REPORT_BEHIND_BYTES:
+                behind = reporting.submit(report)
+            else:
+                collect(report())
+            del raw, value, report
+        if behind is not None:
+            collect(behind.result())
     return Report.build(entries, limits=plan.recipe.limits, meta=meta)
 
 
