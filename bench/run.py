@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(memory.quantize_network(args.memory_mb or (8 if quick else 1024)))
             rows.extend(
                 memory.quantize_tensors(
-                    args.tensor_file_mb or (8 if quick else 4096), repeats=1 if quick else 3
+                    args.tensor_file_mb or (8 if quick else 4096), repeats=1 if quick else 5
                 )
             )
     return {

@@ -99,8 +99,9 @@ def test_table_marks_misses() -> None:
 
 @pytest.mark.slow
 def test_memory_group_measures_peak_rss_of_the_cli() -> None:
-    peak, timing, network = [*memory.quantize_tensors(2, repeats=2), memory.quantize_network(2)]
-    _check_rows([peak, timing, network])
+    peak, timing, durable = memory.quantize_tensors(2, repeats=2)
+    network = memory.quantize_network(2)
+    _check_rows([peak, timing, durable, network])
     for row in (peak, network):
         assert row["baseline_peak_mib"] > 0 and row["impls"]["rockq"]["peak_mib"] > 0
     assert peak["limit_mib"] == pytest.approx((3 * 256 * 256 * 4 + 500e6) / 2**20)
@@ -110,3 +111,7 @@ def test_memory_group_measures_peak_rss_of_the_cli() -> None:
     assert timing["target"] == memory.TENSOR_TIME_TARGET
     pairs = timing["impls"]["rockq"]["pair_ratios"]
     assert len(pairs) == 2 and all(ratio > 0 for ratio in pairs)
+    # The same rockq runs, over the copy that also waits for the disk; no target there.
+    assert durable["impls"]["rockq"]["median_ms"] == timing["impls"]["rockq"]["median_ms"]
+    assert durable["baseline"].endswith("+ fsync (wall time)")
+    assert durable["target"] is None and durable["meets"] is None
