@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -46,16 +45,6 @@ def arch_kwargs(text: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise RockqError(f"must be a JSON object, got {type(value).__name__}", key="--arch-kwargs")
     return value
-
-
-def let_openmp_threads_sleep() -> None:
-    """Have torch's OpenMP threads sleep between operations instead of spinning.
-
-    Tensor mode's own threads (compiled kernels, writing, hashing) need the CPU that idle
-    OpenMP threads would spin on: on two cores a 1 GiB tensor file took 1 to 2 s longer.
-    A value the user set wins; it takes effect only before torch is loaded.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def load_model(

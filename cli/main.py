@@ -14,7 +14,6 @@ tensor outside its hardware limit, 130 interrupted.
 from __future__ import annotations
 
 import functools
-import gc
 import inspect
 import sys
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from cli import finetune_command, info_commands, quantise_commands
+from cli import finetune_command, info_commands, process, quantise_commands
 
 app = typer.Typer(
     name="rockq",
@@ -37,9 +36,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130
-
-_OWN_PROCESS = False
-"""Set by :func:`run`: the process is rockq's, not a caller's that runs the app in-process."""
 
 
 def _version_callback(value: bool) -> None:
@@ -82,12 +78,7 @@ def handle_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from transform_core.errors import RockqError
 
-        if _OWN_PROCESS:
-            # torch is imported now, and its objects (over 150,000) live until the process
-            # ends. Frozen, no garbage collection walks them again: neither the full ones
-            # during a long run nor the one at exit, which took 0.5 s on two cores. Not in
-            # a caller's process, where it would keep that process's garbage.
-            gc.freeze()
+        process.freeze_imports()  # torch is imported now
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -157,8 +148,7 @@ def run() -> None:
     click_error: type[Exception] = next(
         c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
     )
-    global _OWN_PROCESS
-    _OWN_PROCESS = True
+    process.claim()
     try:
         code = app(standalone_mode=False)
     except click_error as err:
@@ -173,7 +163,7 @@ def run() -> None:
         typer.echo("rockq: error: interrupted; no output was written", err=True)
         sys.exit(EXIT_INTERRUPTED)
     finally:
-        gc.freeze()  # what the command made, too: the collection at exit walks nothing
+        process.freeze_imports()  # what the command made, too: the exit walks nothing
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -15,13 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.finetune_command import checkpoint_target, run_finetune
-from cli.inputs import (
-    check_finite,
-    default_output,
-    let_openmp_threads_sleep,
-    load_model,
-    load_patched_plan,
-)
+from cli.inputs import check_finite, default_output, load_model, load_patched_plan
 from cli.options import (
     EXIT_LIMITS,
     AllowNonfinite,
@@ -40,6 +34,7 @@ from cli.options import (
     Trust,
 )
 from cli.output import console, show_report, tensor_progress
+from cli.process import let_openmp_threads_sleep, map_large_blocks
 
 
 def inspect(
@@ -271,6 +266,7 @@ def quantize(
     parsed = load_recipe(recipe)
     loaded = load_model(model, arch, arch_kwargs, trust)
     if loaded.module is None:
+        map_large_blocks()  # the peak memory of tensor mode has a bound to keep
         reader = loaded.tensors
         with tensor_progress(quiet, len(reader.infos()), "quantise") as advance:
             report = write_burned_tensors(

@@ -31,6 +31,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import transform_core
+from cli import quantise_commands
 from cli.main import app
 from transform_core.direct_file import DirectFile
 from transform_core.errors import CheckpointError, RecipeError
@@ -666,6 +667,18 @@ def test_quantize_network_and_tensor_mode(tmp_path: Path, inputs: Inputs) -> Non
     assert report["meta"]["input"] == str(inputs.sharded)
     # shard by shard: the first layer's tensors sit in the second shard
     assert [t["name"].startswith("fc.") for t in report["tensors"]] == [False] * 7 + [True] * 2
+
+
+def test_quantize_maps_large_blocks_in_tensor_mode_only(
+    tmp_path: Path, inputs: Inputs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(quantise_commands, "map_large_blocks", lambda: calls.append("mapped"))
+    ok("quantize", inputs.state_st, "qat4", "-o", tmp_path / "net.safetensors", "--arch",
+       inputs.arch, "-q")  # fmt: skip
+    assert calls == []
+    ok("quantize", inputs.state_st, "qat4", "-o", tmp_path / "flat.safetensors", "-q")
+    assert calls == ["mapped"]
 
 
 def test_quantize_tensor_mode_refuses_network_recipes(tmp_path: Path, inputs: Inputs) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -30,16 +29,3 @@ def test_check_finite_passes_finite_values_whose_sum_overflows() -> None:
 def test_check_finite_catches_infinities_that_cancel_in_a_sum() -> None:
     with pytest.raises(CheckpointError, match="2 NaN or Inf"):
         check_finite([("w", torch.tensor([math.inf, -math.inf, 1.0]))], Path("m"))
-
-
-def test_openmp_threads_are_asked_to_sleep_unless_the_user_chose(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from cli.inputs import let_openmp_threads_sleep
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    let_openmp_threads_sleep()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    let_openmp_threads_sleep()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -1,0 +1,77 @@
+"""Settings rockq makes to a process of its own."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli import process
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_openmp_threads_are_asked_to_sleep_unless_the_user_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    process.let_openmp_threads_sleep()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    process.let_openmp_threads_sleep()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_a_callers_process_is_left_as_it_is() -> None:
+    assert not process.own()  # the tests run the app in their own process
+    assert process.map_large_blocks() is False
+
+
+# Whether map_large_blocks() made its setting, and how many blocks glibc has mapped on
+# their own for an array of LARGE_BLOCK_BYTES made after one four times as large was
+# freed. By default that free raises glibc's size for mapping blocks above the first.
+_MAPPED_AFTER_A_LARGE_FREE = """
+import ctypes, sys
+import numpy as np
+from cli import process
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "own":
+    process.claim()
+print(process.map_large_blocks())
+np.ones(4 * process.LARGE_BLOCK_BYTES, np.uint8)  # freed at once
+before = libc.mallinfo2().hblks
+block = np.ones(process.LARGE_BLOCK_BYTES, np.uint8)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="glibc's allocator",
+)
+def test_large_blocks_get_their_own_mappings_in_rockqs_own_process() -> None:
+    def run(mode: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", _MAPPED_AFTER_A_LARGE_FREE, mode], capture_output=True, text=True,
+            cwd=REPO, timeout=60,
+        )  # fmt: skip
+        if "mallinfo2" in done.stderr:
+            pytest.skip("glibc before 2.33 has no mallinfo2")
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    # A caller's process: the block comes from glibc's heap, where it would stay resident
+    # once freed. rockq's own: a mapping of its own, unmapped when freed.
+    assert run("caller") == ["False", "0"]
+    assert run("own") == ["True", "1"]
