@@ -68,11 +68,11 @@ def map_large_blocks() -> bool:
     keeps freed blocks below it in its heaps, resident. Tensor mode frees such blocks
     while the compiled kernels load (temporaries of its first tensors' reports), and its
     peak memory has a bound to keep. For a 4 GiB file of 16 MiB tensors the peak went
-    from 472 to 456 MiB, and with writes held back 50 ms each (a slow disk) from
-    between 487 and 519 MiB to 467 MiB in every run; the time did not change (14.3 s and 14.4 s, means of
-    five alternating runs). Tensor mode reuses its buffers from tensor to tensor, so later
-    on nothing is mapped afresh. Not for training, which would map and fault in its large
-    temporaries afresh at every step.
+    from 472 to 456 MiB, and with writes held back 50 ms each (a slow disk) from between
+    487 and 519 MiB to 467 MiB in every run; the time did not change (14.3 s and 14.4 s,
+    means of five alternating runs). Tensor mode reuses its buffers from tensor to tensor,
+    so later on nothing is mapped afresh. Not for training, which would map and fault in
+    its large temporaries afresh at every step.
 
     Returns:
         Whether the setting was made: only in rockq's own process, with glibc.

@@ -63,9 +63,12 @@ print(libc.mallinfo2().hblks - before)
 def test_large_blocks_get_their_own_mappings_in_rockqs_own_process() -> None:
     def run(mode: str) -> list[str]:
         done = subprocess.run(
-            [sys.executable, "-c", _MAPPED_AFTER_A_LARGE_FREE, mode], capture_output=True, text=True,
-            cwd=REPO, timeout=60,
-        )  # fmt: skip
+            [sys.executable, "-c", _MAPPED_AFTER_A_LARGE_FREE, mode],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
         if "mallinfo2" in done.stderr:
             pytest.skip("glibc before 2.33 has no mallinfo2")
         assert done.returncode == 0, done.stderr
