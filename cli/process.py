@@ -32,11 +32,6 @@ def claim() -> None:
     _own = True
 
 
-def own() -> bool:
-    """Whether :func:`claim` was called: the settings below then apply."""
-    return _own
-
-
 def freeze_imports() -> None:
     """Keep the objects alive now out of every later garbage collection (``gc.freeze``).
 
