@@ -44,12 +44,18 @@ _segments_jit: Any = None
 _columns_jit: Any = None
 _TRITON_MISSING = False
 
-_GPU_BLOCK = 2048
-# Range kernels: a program reduces _CHUNK contiguous elements of one channel's segment, or
-# a band of _BAND rows of _COLUMNS columns where segments are shorter than _SEGMENT_MIN.
-_CHUNK = 4 * _GPU_BLOCK
-_SEGMENT_MIN = _GPU_BLOCK
+# Rounding kernels: a program rounds _ROUND_BLOCK elements, as four quarters, with
+# _ROUND_WARPS warps.
+_ROUND_BLOCK, _ROUND_WARPS = 2048, 8
+# Range kernels: a program reduces _CHUNK contiguous elements of one channel's segment,
+# _RANGE_BLOCK at a time, or a band of _BAND rows of _COLUMNS columns where segments are
+# shorter than _SEGMENT_MIN.
+_RANGE_BLOCK, _RANGE_WARPS = 2048, 8
+_CHUNK = 4 * _RANGE_BLOCK
+_SEGMENT_MIN = 2048
 _ROWS, _BAND, _COLUMNS = 8, 64, 256
+# Offsets are int32, and a program may reach up to 2**13 elements past the end.
+_MAX_ELEMENTS = 2**31 - 2**14
 _ABSENT, _VALUE, _SCALAR, _CHANNEL = 3, 0, 1, 2
 
 
@@ -550,7 +556,7 @@ def _launch_round(
     reciprocal: bool,
 ) -> Tensor:
     n = value.numel()
-    grid = (_triton.cdiv(n, _GPU_BLOCK),)
+    grid = (_triton.cdiv(n, _ROUND_BLOCK),)
     lo, iq, oq, olo, ohi, zl, dg, fb = kinds
     _round_kernel_jit[grid](
         value,
@@ -572,8 +578,8 @@ def _launch_round(
         IQ_RECIPROCAL=reciprocal,
         STOCHASTIC=stochastic,
         PER_CHANNEL=channels > 1,
-        BLOCK=_GPU_BLOCK,
-        num_warps=8,
+        BLOCK=_ROUND_BLOCK,
+        num_warps=_ROUND_WARPS,
         # Keep y * quantum + lo two roundings, as the chain computes it, not one fma.
         enable_fp_fusion=False,
     )
@@ -604,7 +610,7 @@ def _covered(value: Tensor) -> bool:
         value.device.type == "cuda"
         and value.dtype == torch.float32
         and value.is_contiguous()
-        and 0 < value.numel() < 2**31 - 2 * _GPU_BLOCK
+        and 0 < value.numel() < _MAX_ELEMENTS
         and fast_paths_enabled()
     )
 
@@ -637,7 +643,14 @@ def data_ends(value: Tensor, channel_dim: int | None = None) -> Tensor | None:
     if channel_dim is None or inner >= _SEGMENT_MIN:
         parts = _triton.cdiv(inner, _CHUNK)
         _segments_jit[(outer * channels * parts,)](
-            value, ends, inner, channels, parts, CHUNK=_CHUNK, BLOCK=_GPU_BLOCK, num_warps=8
+            value,
+            ends,
+            inner,
+            channels,
+            parts,
+            CHUNK=_CHUNK,
+            BLOCK=_RANGE_BLOCK,
+            num_warps=_RANGE_WARPS,
         )
         return ends
     # Short segments (a channel dimension at or near the end): reduce down the columns of
@@ -726,8 +739,8 @@ def round_in_data_range(
     channels, inner = 1, 1
     if channel_dim is not None:
         channels, inner = value.shape[channel_dim], math.prod(value.shape[channel_dim + 1 :])
-    n, quarter = value.numel(), _GPU_BLOCK // 4
-    columns, programs = 1, _triton.cdiv(n, _GPU_BLOCK)
+    n, quarter = value.numel(), _ROUND_BLOCK // 4
+    columns, programs = 1, _triton.cdiv(n, _ROUND_BLOCK)
     if channels == 1:
         layout = 0
     elif inner == 1 and channels % quarter == 0 and n + 4 * channels < 2**31:
@@ -773,8 +786,8 @@ def round_in_data_range(
         STEPS_RECIPROCAL=on_cuda,
         STOCHASTIC=stochastic,
         LAYOUT=layout,
-        BLOCK=_GPU_BLOCK,
-        num_warps=8,
+        BLOCK=_ROUND_BLOCK,
+        num_warps=_ROUND_WARPS,
         enable_fp_fusion=False,
     )
     return out
