@@ -363,3 +363,11 @@ def test_magic_divisor_divides_exactly(d: int, n: int) -> None:
     edge = (n // d) * d - 1
     if edge >= 0:
         assert (edge * m) >> s == edge // d
+
+
+@given(st.one_of(st.floats(width=32), st.floats(), st.sampled_from([0.0, -0.0, 3.5e38, -1e-46])))
+def test_float32_reciprocal_is_torchs(divisor: float) -> None:
+    # torch casts a host scalar to float32 and takes 1.0f / it, in float32.
+    want = torch.tensor(1.0) / torch.tensor(divisor, dtype=torch.float32)
+    got = torch.tensor(cuda_kernels._float32_reciprocal(divisor), dtype=torch.float32)
+    assert _identical(got, want)
