@@ -194,6 +194,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 shape=(side, side),
                 **common,
             )
+            rows += transforms.gpu_passes(size=size, device=gpu, repeats=repeats, warmup=warmup)
+            # Small tensors: the GPU idles, and each call costs what the host spends on it.
+            rows += transforms.element_wise(
+                flat, {}, group="gpu-host", shape=(4096,), **{**common, "with_reference": False}
+            )
         elif group == "memory":
             rows.append(memory.quantize_network(args.memory_mb or (8 if quick else 1024)))
             rows.extend(

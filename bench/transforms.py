@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from bench.timing import Timing, measure
-from transform_core import kernels, quantise
+from transform_core import cuda_kernels, kernels, quantise
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -232,6 +232,52 @@ def element_wise(
         rows.append(row)
         del x, cases
     return rows
+
+
+def gpu_passes(
+    *, size: int, device: torch.device, repeats: int, warmup: int
+) -> list[dict[str, Any]]:
+    """Stochastic rounding with the data's range, pass by pass, each over a device copy.
+
+    The range is one read of the tensor and the rounding a read and a write, so the two
+    passes together cannot take less than a read-only pass plus a copy. The read-only
+    pass here is ``torch.amax``; the two passes are the ones ``stochastic_rounding`` runs.
+    """
+    x = _input_for("stochastic_rounding", (size,), device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    ends = cuda_kernels.data_ends(x)
+    if ends is None:
+        return []
+
+    def rounding() -> object:
+        return cuda_kernels.round_in_data_range(
+            x,
+            ends,
+            channel_dim=None,
+            steps=255,
+            symmetric=True,
+            output_range=None,
+            zero_level=None,
+            fallback_level=0.0,
+            stochastic=True,
+            generator=generator,
+        )
+
+    cases: dict[str, Callable[[], object]] = {
+        "copy": x.clone,
+        "read-only pass (torch.amax)": lambda: torch.amax(x),
+        "range pass (data_ends)": lambda: cuda_kernels.data_ends(x),
+        "rounding pass, range given as a table": rounding,
+        "stochastic_rounding (both passes)": lambda: quantise.stochastic_rounding(
+            x, num_levels=256, generator=generator
+        ),
+    }
+    timings = measure(cases, repeats=repeats, warmup=warmup, device=device, inner=None)
+    base = timings.pop("copy")
+    return [
+        _row("gpu-passes", case, [size], device, "device copy (clone())", base, {"rockq": t}, None)
+        for case, t in timings.items()
+    ]
 
 
 def channel(

@@ -76,6 +76,29 @@ def test_gpu_group_is_skipped_without_cuda() -> None:
     assert doc["rows"] == [] and "gpu" in doc["skipped"]
 
 
+def test_gpu_passes_need_the_gpu_kernels() -> None:
+    import torch
+
+    from bench import transforms
+
+    # On the CPU the range kernel does not run, so there are no passes to time.
+    assert transforms.gpu_passes(size=4096, device=torch.device("cpu"), repeats=1, warmup=0) == []
+
+
+@pytest.mark.gpu
+def test_gpu_passes_time_each_pass_over_a_copy() -> None:
+    import torch
+
+    from bench import transforms
+    from transform_core import cuda_kernels
+
+    if not torch.cuda.is_available() or not cuda_kernels._load_triton():
+        pytest.skip("needs a CUDA device and Triton")
+    rows = transforms.gpu_passes(size=2**16, device=torch.device("cuda"), repeats=2, warmup=1)
+    assert [row["group"] for row in rows] == ["gpu-passes"] * 4
+    assert all(row["baseline_ms"] > 0 and row["impls"]["rockq"]["ratio"] > 0 for row in rows)
+
+
 def test_unknown_group_is_refused() -> None:
     with pytest.raises(SystemExit, match="unknown group"):
         run.main(["--groups", "speed"])
