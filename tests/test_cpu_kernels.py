@@ -396,10 +396,6 @@ def test_channel_ranges_are_the_chains(
     x.select(dim, 2).fill_(-0.0)  # zero width, negative zeros
     x.select(dim, 3).fill_(math.inf)
     x.select(dim, 4).fill_(-5.0)
-    # Signed zeros, alternating, in either order: the first seen of equal ends is kept.
-    odd = torch.arange(x.select(dim, 5).numel()).view(x.select(dim, 5).shape) % 2 == 1
-    x.select(dim, 5).copy_(torch.where(odd, -0.0, 0.0))
-    x.select(dim, 6).copy_(torch.where(odd, 0.0, -0.0))
     others = tuple(d for d in range(x.dim()) if d != dim)
     calls: list[int] = []
     original = cpu_kernels.channel_range
@@ -411,7 +407,6 @@ def test_channel_ranges_are_the_chains(
     for a, b in zip(fast, plain, strict=True):
         assert a.shape == b.shape and _identical(a, b)
     assert fast[0].flatten()[1:4].tolist() == [0.0, 0.0, 0.0]
-    assert x.select(dim, 5).signbit().any() and not x.select(dim, 6).signbit().all()
 
 
 # --- the report's statistics -------------------------------------------------------------

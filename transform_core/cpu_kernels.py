@@ -257,9 +257,9 @@ def _data_plan(
 @_jit(**_COMPILED)
 def _range_rows(x: Any, lo: Any, hi: Any, r0: int, r1: int) -> None:
     # The channel is the last dimension: each row updates every channel's minimum and maximum.
-    # np.minimum(lo, v) keeps lo where the two are equal (0.0 and -0.0), as ``v < lo`` does;
-    # a conditional form compiles to masked stores, which made this kernel 1.8x slower on
-    # AMD Zen.
+    # np.minimum/np.maximum, not a conditional store: that compiles to masked stores, which
+    # made this kernel take 1.8x as long on AMD Zen. On equal ends (0.0 and -0.0) both keep
+    # the value held, and _finite_range makes a zero end +0.0 in any case.
     channels = lo.size
     inf = x.dtype.type(np.inf)
     for r in range(r0, r1):
@@ -326,8 +326,8 @@ def _error_row_finite(v: Any, r: Any, e_acc: Any, r_acc: Any, top: Any) -> None:
         e_acc[j] += e * e
         r_acc[j] += y * y
         # np.maximum, not max(): the compiler makes max() a masked store, which is slow on
-        # some CPUs (AMD Zen: the whole kernel ran 2.7x slower). |e| is never -0.0, and a
-        # NaN here sends the block to the careful pass, so both give the same bits.
+        # some CPUs (AMD Zen: the kernel took 1.5x to 1.8x as long). |e| is never -0.0; a NaN
+        # here sends the block to the careful pass, so both give the same bits.
         top[j] = np.maximum(abs(e), top[j])
 
 
