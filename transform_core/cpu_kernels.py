@@ -210,9 +210,9 @@ _MIN_MAX_LANES = 16
 @_jit(inline="always")
 def _finite_min_max_lanes(xs: Any, a: Any, b: Any, lo_lanes: Any, hi_lanes: Any) -> tuple[Any, Any]:
     # _finite_min_max over _MIN_MAX_LANES running minima and maxima (scratch arrays of that
-    # size), which vectorises where one running pair cannot: 2.5x to 3x faster for groups
-    # of 81 to 4096 values. Between 0.0 and -0.0 it may keep either: channel_range's
-    # caller makes a zero end +0.0.
+    # size), which vectorises where one running pair cannot: for groups of 81 to 4096
+    # values 2.5x to 3x faster in float32, 1.7x to 1.9x in float64. Between 0.0 and -0.0 it
+    # may keep either: channel_range's caller makes a zero end +0.0.
     inf = xs.dtype.type(np.inf)
     whole = xs.size - xs.size % _MIN_MAX_LANES
     if whole:
@@ -288,7 +288,7 @@ def _data_plan(
 def _range_rows(x: Any, lo: Any, hi: Any, r0: int, r1: int) -> None:
     # The channel is the last dimension: each row updates every channel's minimum and maximum.
     # np.minimum/np.maximum, not a conditional store: that compiles to masked stores, which
-    # made this kernel take 1.8x as long on AMD Zen. On equal ends (0.0 and -0.0) both keep
+    # made this kernel take 1.8x as long on AMD Zen (float32; float64 1.1x). On equal ends (0.0 and -0.0) both keep
     # the value held, and _finite_range makes a zero end +0.0 in any case.
     channels = lo.size
     inf = x.dtype.type(np.inf)
