@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -883,6 +884,28 @@ def test_an_error_while_writing_behind_comes_back_to_the_caller() -> None:
     with pytest.raises(ValueError, match="already written"), WriteBehind(writer) as behind:
         behind.write("a", big)
     writer.close()
+
+
+def test_nothing_queued_behind_a_failed_write_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = {f"w{i}": (torch.float32, [4]) for i in range(5)}
+    writer = SafetensorsWriter(io.BytesIO(), specs)
+    queued = threading.Event()
+    written: list[str] = []
+    real_write = SafetensorsWriter.write
+
+    def write(self: SafetensorsWriter, name: str, tensor: torch.Tensor) -> None:
+        written.append(name)
+        if name == "w1":
+            queued.wait(10)  # fail only once every tensor is queued behind this one
+            raise OSError(28, "No space left on device")
+        real_write(self, name, tensor)
+
+    monkeypatch.setattr(SafetensorsWriter, "write", write)
+    with pytest.raises(OSError, match="No space left"), WriteBehind(writer) as behind:
+        for name in specs:
+            behind.write(name, torch.ones(4))
+        queued.set()
+    assert written == ["w0", "w1"]
 
 
 def test_metadata_can_be_replaced_by_metadata_of_the_same_length() -> None:

@@ -239,7 +239,7 @@ class WriteBehind:
     file durable finds little left to do. A file written past the page cache
     (:class:`~transform_core.direct_file.DirectFile`) needs none: its data is on the
     device already, and a flush between its writes stalls them. An error in the writing
-    thread is raised by a later call.
+    thread is raised by a later call, and nothing queued after it is written.
 
     Use it as a context manager: leaving the block waits for every write.
 
@@ -273,6 +273,7 @@ class WriteBehind:
         self._queued: deque[tuple[Future[None], int]] = deque()
         self._syncing: Future[None] | None = None
         self._unsynced = 0
+        self._failed = False  # set by the writing thread once a write has failed
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Queue one tensor for :meth:`SafetensorsWriter.write`; the caller must not change it
@@ -293,7 +294,15 @@ class WriteBehind:
             self._queued.popleft()[0].result()
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
-        self._writer.write(name, tensor)
+        # After a failed write (a full disk, an interrupt) the file is abandoned: the tensors
+        # queued behind it are not written. The failure reaches the caller from its own future.
+        if self._failed:
+            return
+        try:
+            self._writer.write(name, tensor)
+        except BaseException:
+            self._failed = True
+            raise
         self._unsynced += tensor.numel() * tensor.element_size()
         if not self._sync:
             return
