@@ -106,7 +106,9 @@ def test_compiled_kernels_give_the_chains_bits(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", sorted(CHANNEL))
-@pytest.mark.parametrize("shape", [(700, 500), (3, 500, 70), (64, 32, 5, 5)])
+@pytest.mark.parametrize(
+    "shape", [(700, 500), (3, 500, 70), (64, 32, 5, 5), (128, 32, 3, 3), (2, 2000, 3, 3)]
+)
 def test_compiled_channel_rounding_gives_the_chains_bits(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, name: str, shape: tuple[int, ...]
 ) -> None:
@@ -289,7 +291,8 @@ def small_pieces(two_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("name", "shape"),
     [(name, (300_001,)) for name in sorted(TRANSFORMS)]
-    + [(name, (7, 30, 1001)) for name in sorted(TRANSFORMS) + sorted(CHANNEL)],
+    + [(name, (7, 30, 1001)) for name in sorted(TRANSFORMS) + sorted(CHANNEL)]
+    + [(name, (128, 32, 3, 3)) for name in sorted(CHANNEL)],
 )
 def test_pieces_on_several_threads_give_the_same_bits(
     small_pieces: None, monkeypatch: pytest.MonkeyPatch, name: str, shape: tuple[int, ...]
@@ -387,7 +390,16 @@ def test_loading_starts_only_after_enough_work_in_the_chains() -> None:
 
 
 @pytest.mark.parametrize("maintain_zero", [True, False])
-@pytest.mark.parametrize(("shape", "dim"), [((600, 300), 1), ((300, 600), 0), ((40, 30, 9, 9), 1)])
+@pytest.mark.parametrize(
+    ("shape", "dim"),
+    [
+        ((600, 300), 1),
+        ((300, 600), 0),
+        ((40, 30, 9, 9), 1),
+        ((128, 30, 3, 3), 1),
+        ((2, 2000, 3, 3), 1),
+    ],
+)
 def test_channel_ranges_are_the_chains(
     monkeypatch: pytest.MonkeyPatch, maintain_zero: bool, shape: tuple[int, ...], dim: int
 ) -> None:
@@ -407,6 +419,16 @@ def test_channel_ranges_are_the_chains(
     for a, b in zip(fast, plain, strict=True):
         assert a.shape == b.shape and _identical(a, b)
     assert fast[0].flatten()[1:4].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_the_shapes_above_cover_both_layouts_of_short_runs() -> None:
+    # (outer, channels, inner) of the shapes above along dim 1: 3 x 3 and 5 x 5 runs go a
+    # row at a time; too few rows, or runs too long, go a run at a time.
+    assert cpu_kernels._by_rows(128, 32, 9) and cpu_kernels._by_rows(64, 32, 25)
+    assert cpu_kernels._by_rows(700, 500, 1)
+    assert not cpu_kernels._by_rows(2, 2000, 9)
+    assert not cpu_kernels._by_rows(3, 500, 70)
+    assert not cpu_kernels._by_rows(1, 300, 600)
 
 
 # --- the report's statistics -------------------------------------------------------------
