@@ -8,16 +8,17 @@ Usage, from the repository root::
     python -m bench --groups memory      # peak memory of `rockq quantize` (1 GiB, 4 GiB files)
 
 Every figure is a ratio measured side by side in the same run: a transform's time over a
-copy of the same tensor, channel rounding over stochastic rounding of the same matrix, a
-patched training step over the unpatched one, ``rockq quantize``'s peak memory over a
-plain safetensors read and write. Timings are medians of the counted rounds, after
-warm-up rounds. Columns are implementations: ``rockq`` (as shipped, with the compiled CPU
-kernels loaded before timing starts; a repeated call reuses the storage of its previous
-result once that is unused, see ``kernels.output_like``), ``fresh`` (the same with every
-result in newly allocated memory, as ``clone()`` gets), ``blocks`` (without the compiled
-kernels: the tensor chains cut into blocks, as before they load or without Numba),
-``chain`` (fast paths off), ``before`` (``--before REV``: quantise.py at a git revision)
-and ``rockpool`` (the reference, when installed).
+copy of the same tensor, channel rounding over stochastic rounding of the same matrix
+(and of a convolution weight), a patched training step over the unpatched one, ``rockq
+quantize``'s peak memory over a plain safetensors read and write. Timings are medians of
+the counted rounds, after warm-up rounds. Columns are implementations: ``rockq`` (as
+shipped, with the compiled CPU kernels loaded before timing starts; a repeated call
+reuses the storage of its previous result once that is unused, see
+``kernels.output_like``), ``fresh`` (the same with every result in newly allocated
+memory, as ``clone()`` gets), ``blocks`` (without the compiled kernels: the tensor
+chains cut into blocks, as before they load or without Numba), ``chain`` (fast paths
+off), ``before`` (``--before REV``: quantise.py at a git revision) and ``rockpool`` (the
+reference, when installed).
 """
 
 from __future__ import annotations
@@ -143,8 +144,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         elif group == "channel":
             side = args.matrix or (256 if quick else 4096)
+            conv = (16, 8, 3, 3) if quick else transforms.CONV_WEIGHT
             rows += transforms.channel(
-                side=side, device=cpu, repeats=repeats, warmup=warmup, with_reference=ref
+                side=side,
+                device=cpu,
+                repeats=repeats,
+                warmup=warmup,
+                with_reference=ref,
+                conv=conv,
             )
         elif group == "training":
             t_repeats = args.repeats or (2 if quick else 10)

@@ -39,6 +39,7 @@ def test_quick_run_prints_a_table_and_writes_json(
     for name in run_targets():
         assert ("transforms", name) in cases
     assert ("channel", "stochastic_channel_rounding") in cases
+    assert ("channel", "conv_weight_channel_rounding") in cases
     assert ("training", "mlp") in cases
     _check_rows(doc["rows"])
     for row in doc["rows"]:
