@@ -94,6 +94,19 @@ def check_finite(named: Iterable[tuple[str, Any]], path: Path) -> None:
             )
 
 
+def read_files(*given: Path | str | None) -> list[Path]:
+    """The files among a command's arguments, which its outputs must never overwrite.
+
+    A recipe argument may be a built-in name rather than a file; it counts only when a
+    file of that name exists.
+
+    Example:
+        >>> read_files(Path("missing.pt"), "xylo", None)
+        []
+    """
+    return [Path(p) for p in given if p is not None and Path(p).exists()]
+
+
 def default_output(source: Path, suffix: str) -> Path:
     """The output beside ``source``: its name without a known ending, plus ``suffix``.
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.finetune_command import checkpoint_target, run_finetune
-from cli.inputs import check_finite, default_output, load_model, load_patched_plan
+from cli.inputs import check_finite, default_output, load_model, load_patched_plan, read_files
 from cli.options import (
     EXIT_LIMITS,
     AllowNonfinite,
@@ -187,7 +187,7 @@ def patch(
         seed=plan.seed,
         network_bytes=loaded.network_bytes,
         force=force,
-        inputs=[model],
+        inputs=read_files(model, recipe),
     )
     if not quiet:
         typer.echo(f"wrote {target}: {_transformed(plan)} of {len(plan.tensors)} tensors patched")
@@ -276,7 +276,7 @@ def quantize(
                 source=lambda: loaded.source,  # its digest comes from the bytes read
                 seed=seed,
                 force=force,
-                inputs=[model],
+                inputs=read_files(model, recipe),
                 check=None if allow_nonfinite else lambda name, t: check_finite([(name, t)], model),
                 progress=advance,
             )
@@ -289,7 +289,13 @@ def quantize(
         check_finite(net.state_dict().items(), model)
     with tensor_progress(quiet, _transformed(plan), "burn-in") as advance:
         report = write_burned(
-            net, plan, output, source=loaded.source, force=force, inputs=[model], progress=advance
+            net,
+            plan,
+            output,
+            source=loaded.source,
+            force=force,
+            inputs=read_files(model, recipe),
+            progress=advance,
         )
     show_report(report, quiet, output)
 
@@ -330,13 +336,15 @@ def report(
     """
     from transform_core.pipeline import checkpoint_report
     from transform_core.recipe import load_recipe
+    from transform_core.safetensors_io import atomic_output, check_output_path
 
+    read = read_files(checkpoint, reference, limits)
+    if markdown is not None:
+        check_output_path(markdown, force=force, inputs=read)  # before the work
     chosen = load_recipe(limits).limits if limits is not None else None
     built = checkpoint_report(checkpoint, reference=reference, limits=chosen, trust=trust or ())
     if markdown is not None:
-        from transform_core.safetensors_io import atomic_output
-
-        with atomic_output(markdown, force=force, inputs=[checkpoint]) as tmp:
+        with atomic_output(markdown, force=force, inputs=read) as tmp:
             tmp.write_text(built.to_markdown())
     if json_output:
         typer.echo(built.to_json())

@@ -896,6 +896,27 @@ def test_inputs_are_never_overwritten(tmp_path: Path, inputs: Inputs) -> None:
     assert patched.read_bytes() == before
 
 
+def test_recipes_and_report_inputs_are_never_overwritten(tmp_path: Path, inputs: Inputs) -> None:
+    recipe = tmp_path / "q.report.md"  # under the name of a report, too
+    shutil.copy(REPO / "recipes" / "int8.yaml", recipe)
+    text = recipe.read_text()
+    for command in ("quantize", "patch"):
+        line = user_error(command, inputs.mlp, recipe, "-o", recipe, "--force")
+        assert line.startswith(f"rockq: error: {recipe}: is also an input")
+    line = user_error("quantize", inputs.mlp, recipe, "-o", tmp_path / "q.safetensors", "--force")
+    assert line.startswith(f"rockq: error: {recipe}: is also an input")
+    assert recipe.read_text() == text
+    out = tmp_path / "out.safetensors"
+    ok("quantize", inputs.mlp, recipe, "-o", out, "-q")
+    reference = tmp_path / "mlp.pt"
+    shutil.copy(inputs.mlp, reference)
+    before = reference.read_bytes()
+    for args in (["--reference", reference], ["--limits", recipe]):
+        line = user_error("report", out, *args, "--markdown", args[1], "--force")
+        assert line.startswith(f"rockq: error: {args[1]}: is also an input")
+    assert reference.read_bytes() == before and recipe.read_text() == text
+
+
 @pytest.mark.parametrize(
     "command",
     [
