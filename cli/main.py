@@ -8,7 +8,8 @@ the commands, so ``rockq --help`` stays fast.
 
 Exit codes: 0 success, 1 internal error, 2 bad input (one line on stderr, naming the file,
 key or tensor and the fix; ``--debug`` shows the traceback), 3 ``report --check`` found a
-tensor outside its hardware limit, 130 interrupted.
+tensor outside its hardware limit, 130 interrupted (Ctrl-C), 143 and 129 stopped by SIGTERM
+and SIGHUP. An interrupted command leaves no file half-written.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _interrupted(err: KeyboardInterrupt) -> typer.Exit:
+    """Ctrl-C exits 130; a stop signal 128 plus its number, as the shell reports it."""
+    if isinstance(err, process.Terminated):
+        return _fail(f"stopped by {err}; no file was left half-written", 128 + err.signum)
+    return _fail("interrupted; no file was left half-written", EXIT_INTERRUPTED)
+
+
 def handle_errors(command: F) -> F:
     """Turn user errors into one line and exit 2, other errors into exit 1.
 
@@ -83,8 +91,8 @@ def handle_errors(command: F) -> F:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except KeyboardInterrupt:
-            raise _fail("interrupted; no output was written", EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as err:
+            raise _interrupted(err) from None
         except RockqError as err:
             if kwargs.get("debug"):
                 raise
@@ -160,7 +168,7 @@ def run() -> None:
             typer.echo(f"rockq: error: {message} (see '{command}--help')", err=True)
         sys.exit(getattr(err, "exit_code", 2))
     except typer.Abort:
-        typer.echo("rockq: error: interrupted; no output was written", err=True)
+        typer.echo("rockq: error: interrupted; no file was left half-written", err=True)
         sys.exit(EXIT_INTERRUPTED)
     finally:
         process.freeze_imports()  # what the command made, too: the exit walks nothing

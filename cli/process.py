@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import signal
 import sys
+from types import FrameType
 
 _own = False
 
@@ -26,10 +28,32 @@ smaller ones, such as the 1 MiB arrays of the reports' NumPy error sums, are reu
 heap."""
 
 
+class Terminated(KeyboardInterrupt):
+    """A request to stop (SIGTERM, SIGHUP), raised where the program is, as Ctrl-C is.
+
+    So a ``kill`` or a closed terminal cleans up as Ctrl-C does: the temporary files of
+    outputs are deleted on the way out, where the default action would end the process
+    at once and leave them.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def claim() -> None:
-    """Mark this process as rockq's own (the console command)."""
+    """Mark this process as rockq's own (the console command), and have SIGTERM and
+    SIGHUP raise :class:`Terminated`."""
     global _own
     _own = True
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        # A signal its parent had ignored (nohup's SIGHUP) stays ignored.
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _raise_terminated)
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signum)
 
 
 def freeze_imports() -> None:

@@ -942,7 +942,7 @@ def test_interrupted_write_leaves_nothing(
     monkeypatch.setattr(SafetensorsWriter, "write", interrupted)
     result = runner().invoke(app, [str(tmp_path / c) if "." in c else c for c in command])
     assert result.exit_code == 130
-    assert result.stderr == "rockq: error: interrupted; no output was written\n"
+    assert result.stderr == "rockq: error: interrupted; no file was left half-written\n"
     assert len(calls) == 2
     assert _files(tmp_path) == ["mlp.pt", "state.safetensors"]
 

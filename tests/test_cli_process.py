@@ -78,3 +78,47 @@ def test_large_blocks_get_their_own_mappings_in_rockqs_own_process() -> None:
     # once freed. rockq's own: a mapping of its own, unmapped when freed.
     assert run("caller") == ["False", "0"]
     assert run("own") == ["True", "1"]
+
+
+# Runs rockq as its console command, sending this process a signal as the second tensor is
+# written: as if `kill` had come in the middle of the run.
+_SIGNALLED_WHILE_WRITING = """
+import os, signal, sys
+from transform_core.safetensors_writer import SafetensorsWriter
+from cli.main import run
+
+signum = getattr(signal, sys.argv[1])
+real_write = SafetensorsWriter.write
+calls = []
+
+def write(self, name, tensor):
+    calls.append(name)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signum)
+    real_write(self, name, tensor)
+
+SafetensorsWriter.write = write
+sys.argv = ["rockq", *sys.argv[2:]]
+run()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize(("signame", "code"), [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_stop_signal_leaves_no_partial_output(tmp_path: Path, signame: str, code: int) -> None:
+    import torch
+    from torch import nn
+
+    torch.save(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), tmp_path / "mlp.pt")
+    out = tmp_path / "q.safetensors"
+    command = ["quantize", str(tmp_path / "mlp.pt"), "int8", "-o", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_WHILE_WRITING, signame, *command],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == code, done.stderr
+    assert done.stderr == f"rockq: error: stopped by {signame}; no file was left half-written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
