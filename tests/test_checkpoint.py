@@ -713,6 +713,55 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
 
 
+def test_files_that_belong_together_are_replaced_all_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transform_core.files import atomic_outputs
+
+    targets = [tmp_path / name for name in ("t.safetensors", "t.report.json", "t.report.md")]
+    for target in targets:
+        target.write_text("old " + target.name)
+    real_replace = os.replace
+
+    def refused_for_the_last(src: Any, dst: Any) -> None:
+        if Path(dst) == targets[-1] and ".tmp-" in Path(src).name:
+            raise PermissionError(13, "Permission denied", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused_for_the_last)
+    with pytest.raises(CheckpointError) as err, atomic_outputs(targets, force=True) as temps:
+        for temp in temps:
+            temp.write_text("new")
+    assert _one_line(err).startswith(f"{targets[-1]}: cannot be written (Permission denied); ")
+    assert [t.read_text() for t in targets] == ["old " + t.name for t in targets]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(t.name for t in targets)
+    monkeypatch.setattr(os, "replace", real_replace)
+    with atomic_outputs(targets, force=True) as temps:
+        for temp in temps:
+            temp.write_text("new")
+    assert [t.read_text() for t in targets] == ["new"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(t.name for t in targets)
+
+
+def test_an_output_the_system_refuses_is_named_with_the_fix(tmp_path: Path) -> None:
+    from transform_core.files import atomic_output
+
+    long_name = tmp_path / ("n" * 250)  # the temporary file's name is longer still
+    with pytest.raises(CheckpointError) as err, atomic_output(long_name):
+        pass
+    assert _one_line(err) == (
+        f"{long_name}: cannot be written (File name too long); choose a shorter output name"
+    )
+    target = tmp_path / "out.bin"
+    no_space = r"out.bin: cannot be written \(No space left"
+    with pytest.raises(CheckpointError, match=no_space), atomic_output(target):
+        raise OSError(28, "No space left on device")
+    # other errors of the block are the caller's, and pass unchanged
+    with pytest.raises(FileNotFoundError), atomic_output(target):
+        raise FileNotFoundError(2, "No such file or directory", "input.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_never_overwrites_an_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "model.safetensors"
     save_file({"w": torch.ones(2)}, str(source))

@@ -878,6 +878,18 @@ def test_existing_outputs_need_force(tmp_path: Path, inputs: Inputs) -> None:
     assert patched.read_bytes() == b"keep me"
 
 
+@pytest.mark.parametrize("command", ["quantize", "patch"])
+def test_outputs_that_cannot_be_written(tmp_path: Path, inputs: Inputs, command: str) -> None:
+    long_name = tmp_path / ("n" * 240 + ".safetensors")  # its temporary file's is too long
+    line = user_error(command, inputs.mlp, "int8", "-o", long_name)
+    assert line == f"rockq: error: {long_name}: cannot be written (File name too long); " + (
+        "choose a shorter output name"
+    )
+    line = user_error(command, inputs.mlp, "int8", "-o", "")
+    assert line == "rockq: error: .: is a folder; expected an output file path"
+    assert _files(tmp_path) == []
+
+
 def test_inputs_are_never_overwritten(tmp_path: Path, inputs: Inputs) -> None:
     for source in ("mlp.pt", "state.safetensors"):
         model = tmp_path / source

@@ -22,10 +22,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from transform_core.errors import CheckpointError
@@ -34,6 +35,7 @@ __all__ = [
     "KNOWN_FORMATS",
     "PathLike",
     "atomic_output",
+    "atomic_outputs",
     "check_output_path",
     "require_file",
     "sha256_file",
@@ -97,7 +99,12 @@ def check_output_path(
             or its folder does not exist.
     """
     target = Path(path)
-    label = str(path)
+    with _writing(target):  # a name too long to look up, say
+        _check_output_path(target, str(path), force, inputs)
+    return target
+
+
+def _check_output_path(target: Path, label: str, force: bool, inputs: Iterable[PathLike]) -> None:
     for source in inputs:
         if _same_file(target, Path(source)):
             raise CheckpointError(
@@ -105,7 +112,7 @@ def check_output_path(
                 "overwrites an input)",
                 path=label,
             )
-    if target.is_dir():
+    if not target.name or target.is_dir():
         raise CheckpointError("is a folder; expected an output file path", path=label)
     parent = target.parent
     if not parent.is_dir():
@@ -114,7 +121,6 @@ def check_output_path(
         )
     if target.exists() and not force:
         raise CheckpointError("already exists; pass --force to overwrite it", path=label)
-    return target
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -144,8 +150,9 @@ def atomic_output(
             over an existing file in an input folder, is refused even with ``force``.
 
     Raises:
-        CheckpointError: The target is an input, exists without ``force``, is a folder, or
-            its folder does not exist.
+        CheckpointError: The target is an input, exists without ``force``, is a folder,
+            its folder does not exist, or the file cannot be written there (no
+            permission, no space left).
 
     Example:
         >>> import tempfile
@@ -155,32 +162,121 @@ def atomic_output(
         >>> Path(out).read_bytes()
         b'done'
     """
-    target = check_output_path(path, force=force, inputs=inputs)
-    temp = _create_temp(target)
-    try:
+    with atomic_outputs([path], force=force, inputs=inputs) as (temp,):
         yield temp
-        _fsync(temp)
-        if not force and target.exists():
-            # Another process created the target while we were writing.
-            raise CheckpointError("already exists; pass --force to overwrite it", path=str(path))
-        os.replace(temp, target)
-        _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_outputs(
+    paths: Sequence[PathLike], *, force: bool = False, inputs: Iterable[PathLike] = ()
+) -> Iterator[list[Path]]:
+    """:func:`atomic_output` for files that belong together: all of them or none.
+
+    Yields a temporary path for each of ``paths``. The files they replace are set aside
+    until every new one is in place, and put back if one cannot be, so a failure never
+    leaves new files beside old ones.
+
+    Raises:
+        CheckpointError: As :func:`atomic_output`, for any of ``paths``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with atomic_outputs([folder / "a", folder / "b"]) as (a, b):
+        ...     _ = a.write_text("1"), b.write_text("2")
+        >>> sorted(p.name for p in folder.iterdir())
+        ['a', 'b']
+    """
+    inputs = list(inputs)
+    targets = [check_output_path(path, force=force, inputs=inputs) for path in paths]
+    temps: list[Path] = []
+    try:
+        for target in targets:
+            with _writing(target):
+                temps.append(_create_temp(target))
+        # Only a full disk is surely about the output; other errors of the block are the
+        # caller's (an input that cannot be read).
+        with _writing(targets[0], only=_NO_SPACE):
+            yield temps
+        for temp, target in zip(temps, targets, strict=True):
+            with _writing(target):
+                _fsync(temp)
+            if not force and target.exists():
+                # Another process created the target while we were writing.
+                raise CheckpointError(
+                    "already exists; pass --force to overwrite it", path=str(target)
+                )
+        _replace_all(temps, targets)
+    finally:
+        for temp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+
+
+def _replace_all(temps: list[Path], targets: list[Path]) -> None:
+    """Rename each temporary file onto its target; on a failure, undo the ones done."""
+    placed: list[Path] = []
+    set_aside: list[tuple[Path, Path]] = []  # a target's old file, and where it went
+    try:
+        for temp, target in zip(temps, targets, strict=True):
+            with _writing(target):
+                if len(targets) > 1 and target.exists():
+                    old = _free_name(target, "old")
+                    os.replace(target, old)
+                    set_aside.append((target, old))
+                os.replace(temp, target)
+                placed.append(target)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+        for target in placed:
+            target.unlink()
+        for target, old in set_aside:
+            os.replace(old, target)
         raise
+    for _, old in set_aside:
+        old.unlink()
+    for folder in {target.parent for target in targets}:
+        _fsync_dir(folder)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def _writing(target: Path, *, only: tuple[int, ...] | None = None) -> Iterator[None]:
+    """Turn the system's refusal to write ``target`` (of the kinds ``only``, if given)
+    into an error that names it and the fix."""
+    try:
+        yield
+    except OSError as err:
+        if only is not None and err.errno not in only:
+            raise
+        reason = err.strerror or str(err)
+        if err.errno in _NO_SPACE:
+            fix = "free some space or write the output elsewhere"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"write it to a folder you may write to, or change the permissions of '{target.parent}'"
+        elif err.errno == errno.ENAMETOOLONG:
+            fix = "choose a shorter output name"
+        else:
+            fix = "check the output path and the disk"
+        raise CheckpointError(f"cannot be written ({reason}); {fix}", path=str(target)) from err
 
 
 def _create_temp(target: Path) -> Path:
     # os.open with O_EXCL (rather than mkstemp) so the final file gets the usual
     # umask-based permissions instead of mkstemp's 0600.
     while True:
-        temp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+        temp = _free_name(target, "tmp")
         try:
             os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
         return temp
+
+
+def _free_name(target: Path, kind: str) -> Path:
+    """A hidden name beside ``target`` that is, most likely, not taken."""
+    return target.with_name(f".{target.name}.{kind}-{secrets.token_hex(4)}")
 
 
 def _fsync(file: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -186,16 +186,13 @@ def _report_outputs(
 ) -> Iterator[tuple[Path, Callable[[Report], None]]]:
     """A temporary file for the tensors and a writer of the two reports beside them.
 
-    Nothing is moved into place until all three are written, the tensors last, so an
-    interrupted run leaves no tensors without their report (and usually nothing at all).
+    Nothing is moved into place until all three are written, and then all three or none:
+    a failure never leaves new reports beside old tensors.
     """
-    from transform_core.safetensors_io import atomic_output
+    from transform_core.files import atomic_outputs
 
-    with ExitStack() as stack:
-        tmp, tmp_json, tmp_md = (
-            stack.enter_context(atomic_output(path, force=force, inputs=inputs))
-            for path in report_files(output)
-        )
+    with atomic_outputs(report_files(output), force=force, inputs=inputs) as temps:
+        tmp, tmp_json, tmp_md = temps
 
         def write_reports(report: Report) -> None:
             tmp_json.write_text(report.to_json() + "\n")
@@ -208,7 +205,8 @@ def _check_outputs_free(output: Path, force: bool, inputs: Sequence[Path]) -> No
     """Refuse before any work if the tensors or either report cannot be written."""
     from transform_core.safetensors_io import check_output_path
 
-    for path in report_files(output):
+    check_output_path(output, force=force, inputs=inputs)  # first: it may have no name
+    for path in report_files(output)[1:]:
         check_output_path(path, force=force, inputs=inputs)
 
 
