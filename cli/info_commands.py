@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -69,22 +70,55 @@ def demo(
     import torch
 
     from cli.example import build_example
-    from cli.quantise_commands import burn_in_command, inspect, patch
     from transform_core.errors import CheckpointError
+    from transform_core.files import atomic_output
+    from transform_core.outputs import report_files
+    from transform_core.recipe import load_recipe
 
+    load_recipe(recipe)  # a recipe that does not load stops the demo before any write
     folder = Path(tempfile.mkdtemp(prefix="rockq-demo-")) if out_dir is None else out_dir
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(
             "exists and is not a folder; pick another --out-dir", path=str(folder)
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    new_folder = out_dir is None or not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot be created ({err.strerror}); pick another --out-dir", path=str(folder)
+        ) from err
     model = folder / "example.pt"
     patched = folder / "example.patched.safetensors"
     quantised = folder / "example.quantised.safetensors"
-    for existing in (model, patched, quantised):
+    files = [model, patched, *report_files(quantised)]
+    for existing in files:
         if existing.exists():
             raise CheckpointError("already exists; pick an empty --out-dir", path=str(existing))
-    torch.save(build_example(), model)
+    try:
+        with atomic_output(model) as tmp:
+            torch.save(build_example(), tmp)
+        _demo_steps(model, recipe, patched, quantised, quiet, debug)
+    except BaseException:
+        # The files are the demo's own: a failed demo takes them away, so that it can
+        # run again in the same folder.
+        for file in files:
+            file.unlink(missing_ok=True)
+        if new_folder:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    console(quiet).print(
+        f"\nNext: rockq report {quantised} --reference {model}   (files are in {folder})"
+    )
+
+
+def _demo_steps(
+    model: Path, recipe: str, patched: Path, quantised: Path, quiet: bool, debug: bool
+) -> None:
+    """The demo's commands on the example network saved at ``model``."""
+    from cli.quantise_commands import burn_in_command, inspect, patch
+
     out = console(quiet)
     out.print(f"[bold]1. example network[/] saved to {model}")
     if not quiet:
@@ -95,4 +129,3 @@ def demo(
     patch(model, recipe, output=patched, quiet=quiet, debug=debug)
     out.print("[bold]4. burn-in and report[/]")
     burn_in_command(patched, output=quantised, quiet=quiet, debug=debug)
-    out.print(f"\nNext: rockq report {quantised} --reference {model}   (files are in {folder})")

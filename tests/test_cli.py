@@ -990,6 +990,25 @@ def test_demo_refuses_a_file_as_folder_and_old_files(tmp_path: Path) -> None:
     assert (tmp_path / "example.pt").read_text() == "mine"
 
 
+def test_a_failed_demo_leaves_nothing_and_can_run_again(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    line = user_error("demo", "--out-dir", folder, "--recipe", "int9", "-q")
+    assert line.startswith("rockq: error: 'int9' is not a recipe file")
+    recipe = tmp_path / "r.yaml"  # loads, but has nothing for this network
+    recipe.write_text("version: 1\nparams:\n  - match: 'nothing.*'\n    transform: dropout\n")
+    line = user_error("demo", "--out-dir", folder, "--recipe", recipe, "-q")
+    assert "matches no tensor" in line
+    assert _files(tmp_path) == ["r.yaml"]
+    ok("demo", "--out-dir", folder, "-q")
+    assert _files(folder) == [
+        "example.patched.safetensors",
+        "example.pt",
+        "example.quantised.report.json",
+        "example.quantised.report.md",
+        "example.quantised.safetensors",
+    ]
+
+
 def _rockq(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).parent / "rockq"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
