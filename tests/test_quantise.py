@@ -257,6 +257,19 @@ def test_malformed_range_raises(bad: Any) -> None:
         deterministic_rounding(torch.ones(3), input_range=bad)
 
 
+@pytest.mark.parametrize("which", ["input_range", "output_range"])
+def test_a_range_beyond_the_dtype_raises(which: str) -> None:
+    half = torch.ones(3, dtype=torch.float16)
+    with pytest.raises(ValueError, match=rf"^{which} \[-100000.0, 100000.0\] is beyond float16"):
+        deterministic_rounding(half, **{which: [-1e5, 1e5]})
+    assert deterministic_rounding(half.float(), **{which: [-1e5, 1e5]}).dtype == torch.float32
+    # each end fits, but not the width between them
+    with pytest.raises(ValueError, match="convert the tensor to float64"):
+        stochastic_rounding(torch.ones(3), **{which: [-3e38, 3e38]})
+    with pytest.raises(ValueError, match=r"^output_range \[-40000.0, 40000.0\] is beyond f"):
+        stochastic_channel_rounding(half.reshape(3, 1), output_range=[-4e4, 4e4])
+
+
 def test_reversed_tensor_range_raises() -> None:
     with pytest.raises(ValueError, match="min <= max"):
         stochastic_rounding(torch.ones(3), output_range=torch.tensor([1.0, 0.0]))
@@ -754,6 +767,18 @@ def test_int_quant_integer_range(n_bits: int) -> None:
     largest = 2 ** (n_bits - 1) - 1
     assert out.abs().max().item() == largest
     assert torch.equal(out, out.round())
+
+
+@pytest.mark.parametrize(("dtype", "most"), [(torch.float16, 16), (torch.float32, 128)])
+def test_int_quant_bits_are_bounded_by_the_dtype(dtype: torch.dtype, most: int) -> None:
+    x = torch.tensor([-1.0, 0.5, 1.0], dtype=dtype)
+    largest = torch.tensor(2 ** (most - 1) - 1, dtype=dtype)  # as near as the dtype comes
+    assert torch.equal(int_quant(x, n_bits=most).max(), largest)
+    for bits in ({"n_bits": most + 1}, {"map_to_max": True, "max_n_bits": most + 1}):
+        with pytest.raises(ValueError, match=f"must be at most {most} for "):
+            int_quant(x, **bits)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be at most"):
+        int_quant(x, n_bits=10**20)  # refused at once, never computed
 
 
 def test_int_quant_map_to_max() -> None:

@@ -162,8 +162,41 @@ def _check_num_levels(num_levels: Any, name: str = "num_levels") -> int:
     return num_levels
 
 
-def _check_range(bounds: Range | None, name: str) -> tuple[Bound, Bound] | None:
-    """Validate a ``[min, max]`` pair; tensors are checked only when that needs no device sync."""
+def _check_bits(n_bits: Any, name: str, dtype: torch.dtype) -> int:
+    """A bit depth whose largest integer, ``2**(n_bits-1) - 1``, ``dtype`` can hold.
+
+    Checked before that power is computed: for an absurd depth it would never finish.
+
+    Example:
+        >>> _check_bits(17, "n_bits", torch.float16)
+        Traceback (most recent call last):
+        ...
+        ValueError: n_bits must be at most 16 for float16 values (the largest integer of 17 bits is beyond its range), got 17
+    """
+    bits = _check_num_levels(n_bits, name)
+    most = math.frexp(torch.finfo(dtype).max)[1]  # 2**(most - 1) <= its largest value
+    if bits > most:
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"{name} must be at most {most} for {dtype_name} values (the largest integer "
+            f"of {bits} bits is beyond its range), got {bits}"
+        )
+    return bits
+
+
+def _check_range(
+    bounds: Range | None, name: str, dtype: torch.dtype | None = None
+) -> tuple[Bound, Bound] | None:
+    """Validate a ``[min, max]`` pair; tensors are checked only when that needs no device sync.
+
+    With ``dtype``, number bounds and the width between them must be values of it.
+
+    Example:
+        >>> _check_range([-1e5, 1e5], "input_range", torch.float16)
+        Traceback (most recent call last):
+        ...
+        ValueError: input_range [-100000.0, 100000.0] is beyond float16 values (largest 65504); narrow it, or convert the tensor to float32
+    """
     if bounds is None:
         return None
     if isinstance(bounds, Tensor):
@@ -188,9 +221,20 @@ def _check_range(bounds: Range | None, name: str) -> tuple[Bound, Bound] | None:
         if not math.isfinite(bound):
             raise ValueError(f"{name} must be finite, got {bounds!r}")
         pair.append(float(bound))
-    if not any(isinstance(b, Tensor) for b in pair) and pair[0] > pair[1]:
+    if any(isinstance(b, Tensor) for b in pair):
+        return pair[0], pair[1]
+    low, high = float(pair[0]), float(pair[1])
+    if low > high:
         raise ValueError(
             f"{name} is reversed: got [{lo}, {hi}]; give it as [min, max], e.g. [{hi}, {lo}]"
+        )
+    # The levels and the step between them are values of the tensor's dtype.
+    if dtype is not None and max(-low, high, high - low) > torch.finfo(dtype).max:
+        largest = torch.finfo(dtype).max
+        wider = "float32" if torch.finfo(dtype).bits < 32 else "float64"
+        raise ValueError(
+            f"{name} [{low}, {high}] is beyond {str(dtype).removeprefix('torch.')} values "
+            f"(largest {largest:g}); narrow it, or convert the tensor to {wider}"
         )
     return pair[0], pair[1]
 
@@ -615,8 +659,8 @@ def _plan(
     maintain_zero: bool,
 ) -> _Plan | _DataRangePlan:
     levels = _check_num_levels(num_levels)
-    given_in = _check_range(input_range, "input_range")
-    given_out = _check_range(output_range, "output_range")
+    given_in = _check_range(input_range, "input_range", value.dtype)
+    given_out = _check_range(output_range, "output_range", value.dtype)
     if given_in is None:
         from_data = _DataRangePlan.from_data(value, None, given_out, levels, maintain_zero)
         if from_data is not None:
@@ -826,7 +870,7 @@ def _channel_plan(
             f"dim must be an integer in [{-value.dim()}, {value.dim() - 1}], got {dim!r}"
         )
     levels = _check_num_levels(num_levels)
-    checked = _check_range(output_range, "output_range")
+    checked = _check_range(output_range, "output_range", value.dtype)
     channel = dim % value.dim()
     from_data = _DataRangePlan.from_data(value, channel, checked, levels, maintain_zero)
     if from_data is not None:
@@ -864,7 +908,8 @@ def int_quant(
         A new floating-point tensor of integer values.
 
     Raises:
-        ValueError: If ``n_bits`` or ``max_n_bits`` is not an integer >= 2.
+        ValueError: If ``n_bits`` or ``max_n_bits`` is not an integer >= 2, or is more
+            bits than ``value``'s dtype can hold the largest integer of (16 for float16).
 
     Example:
         >>> x = torch.tensor([-1., -0.5, -0.25, 0., 0.25, 0.5, 1.])
@@ -873,10 +918,11 @@ def int_quant(
         >>> int_quant(x, n_bits=3, map_to_max=True)
         tensor([-127.,  -64.,  -32.,    0.,   32.,   64.,  127.])
     """
-    bits = _check_num_levels(n_bits, "n_bits")
-    max_bits = _check_num_levels(max_n_bits, "max_n_bits")
     value = _as_float(value)
-    largest = 2 ** (bits - 1) - 1
+    bits = _check_bits(n_bits, "n_bits", value.dtype)
+    max_bits = _check_bits(max_n_bits, "max_n_bits", value.dtype)
+    # A float: torch would take a Python int as int64, too narrow beyond 63 bits.
+    largest = float(2 ** (bits - 1) - 1)
     if value.numel() == 0:
         return value.clone()
     centre: Bound = 0.0
