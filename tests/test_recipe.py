@@ -651,6 +651,14 @@ def test_missing_file_versus_unknown_builtin(tmp_path: Path) -> None:
     assert str(info.value).startswith(f"'{tmp_path}' is a directory, not a recipe file")
 
 
+def test_exponents_without_a_dot_or_sign_are_numbers() -> None:
+    text = "version: 1\nparams:\n  - family: weights\n    transform: deterministic_rounding\n"
+    recipe = parse_recipe(text + "    args: {output_range: [-1e3, 2.5E+3], num_levels: 4}\n")
+    assert recipe.params[0].args["output_range"] == [-1000.0, 2500.0]
+    with pytest.raises(RecipeError, match=r"output_range: must be a range"):
+        parse_recipe(text + "    args: {output_range: ['-1e3', 1e3]}\n")  # quoted: a string
+
+
 def test_inline_yaml_is_never_parsed() -> None:
     with pytest.raises(RecipeError, match="is not a recipe file and not a built-in recipe"):
         load_recipe("version: 1\nparams: [{family: weights, transform: identity}]")

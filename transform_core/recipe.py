@@ -273,6 +273,23 @@ class Recipe:
         return BoundTransform(rule.transform, dict(rule.args), seed=derived)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, which also reads an exponent without a dot or a sign as a
+    float, as YAML 1.2 does: ``1e-3`` and ``1.0e30`` are numbers, not strings.
+
+    Example:
+        >>> yaml.load("[1e-3, 1.0e30, 2, 1e3x]", Loader=_RecipeLoader)
+        [0.001, 1e+30, 2, '1e3x']
+    """
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _kind(node: Node) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
@@ -400,7 +417,7 @@ class _Parser:
 
     def parse(self) -> Recipe:
         try:
-            root = yaml.compose(self.text, Loader=yaml.SafeLoader)
+            root = yaml.compose(self.text, Loader=_RecipeLoader)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             detail = "; ".join(p for p in (exc.context, exc.problem) if p)
