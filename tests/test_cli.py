@@ -481,6 +481,50 @@ def test_recipe_folder_and_bad_content(tmp_path: Path, inputs: Inputs) -> None:
     assert _files(tmp_path) == ["bad.yaml"]
 
 
+@pytest.mark.parametrize("kind", ["network", "tensors"])
+def test_a_transform_that_refuses_a_tensor_is_named_before_any_write(
+    tmp_path: Path, kind: str
+) -> None:
+    model = tmp_path / ("half.pt" if kind == "network" else "half.safetensors")
+    if kind == "network":
+        torch.save(_mlp().half(), model)
+    else:
+        save_file({k: v.half() for k, v in _mlp().state_dict().items()}, str(model))
+    recipe = tmp_path / "r.yaml"
+    rule = "version: 1\nparams:\n  - family: weights\n    transform: int_quant\n"
+    recipe.write_text(rule + "    args: {n_bits: 17}\n")
+    out = tmp_path / "q.safetensors"
+    line = user_error("quantize", model, recipe, "-o", out)
+    assert line == (
+        f"rockq: error: {recipe}:3: params[0]: int_quant cannot transform tensor '0.weight': "
+        "n_bits must be at most 16 for float16 values (the largest integer of 17 bits is "
+        "beyond its range), got 17; change the rule's args, or leave this tensor out of it"
+    )
+    recipe.write_text(
+        rule.replace("int_quant", "deterministic_channel_rounding").replace(
+            "family: weights", "match: '*'"
+        )
+        + "    args: {output_range: [-1, 1]}\n"
+    )
+    line = user_error("quantize", model, recipe, "-o", out)
+    assert "tensor '0.bias': needs a tensor of 2 or more dimensions, got shape (6,)" in line
+    if kind == "network":
+        assert "'0.bias'" in user_error("patch", model, recipe, "-o", out)
+    assert _files(tmp_path) == [model.name, "r.yaml"]
+
+
+def test_a_recipe_with_an_absurd_bit_depth_is_refused_at_once(
+    tmp_path: Path, inputs: Inputs
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\nparams:\n  - family: weights\n    transform: int_quant\n"
+        "    args: {n_bits: 99999999999999999999}\n"
+    )
+    line = user_error("quantize", inputs.mlp, recipe, "-o", tmp_path / "q.safetensors")
+    assert line.startswith(f"rockq: error: {recipe}:5: params[0].args.n_bits: must be at most 128")
+
+
 def test_debug_raises_instead_of_one_line(inputs: Inputs, tmp_path: Path) -> None:
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(BAD_ARGS)

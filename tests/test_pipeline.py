@@ -16,7 +16,7 @@ from torch import nn
 import transform_core as tt
 from transform_core import kernels, pipeline
 from transform_core.checkpoint import SourceInfo, save_patched
-from transform_core.errors import CheckpointError, RecipeError
+from transform_core.errors import CheckpointError, ConfigError, RecipeError
 from transform_core.patching import ActWrapper, TWrapper
 from transform_core.pipeline import (
     Plan,
@@ -173,6 +173,47 @@ def test_check_accepts_optional_rules_that_match_nothing(seeded_mlp: nn.Module) 
     plan.check()
     with pytest.raises(RecipeError, match=r"^r\.yaml:3: params\[0\]: matches no tensor"):
         plan_network(seeded_mlp, _recipe(text)).check()
+
+
+def test_check_tries_each_transform_on_the_tensors_dtype_and_shape(seeded_mlp: nn.Module) -> None:
+    channel = "version: 1\nparams:\n  - match: '*'\n    transform: stochastic_channel_rounding\n"
+    plan = plan_network(seeded_mlp, _recipe(channel + "    args: {output_range: [-1, 1]}\n"))
+    with pytest.raises(ConfigError) as err:
+        plan.check()
+    assert str(err.value).startswith(
+        "r.yaml:3: params[0]: stochastic_channel_rounding cannot transform tensor '0.bias': "
+        "needs a tensor of 2 or more dimensions, got shape (8,); "
+    )
+    int17 = "version: 1\nparams:\n  - family: weights\n    transform: int_quant\n"
+    int17 += "    args: {n_bits: 17}\n"
+    plan_network(seeded_mlp, _recipe(int17)).check()
+    with pytest.raises(ConfigError, match=r"'0\.weight': n_bits must be at most 16 for float16"):
+        plan_network(seeded_mlp.half(), _recipe(int17)).check()
+
+
+def test_check_tries_a_users_transform_only_at_full_shape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "rows_of_four.py").write_text(
+        "def clip(x, limit: float = 1.0):\n"
+        "    if x.shape[-1] % 4:\n"
+        "        raise ValueError('needs rows of four')\n"
+        "    return x.clamp(-limit, limit)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rule = "version: 1\nparams:\n  - family: weights\n    transform: rows_of_four:clip\n"
+    big = nn.Linear(400, 200)  # 80,000 values: a shrunken probe would have rows of two
+    plan_network(big, _recipe(rule)).check()
+    with pytest.raises(ConfigError, match="'weight': needs rows of four"):
+        plan_network(nn.Linear(6, 3), _recipe(rule)).check()
+
+
+def test_check_leaves_the_random_streams_unused(seeded_mlp: nn.Module) -> None:
+    plan = plan_network(seeded_mlp, _recipe(STOCHASTIC))
+    unchecked = [burn_in(patch_network(seeded_mlp, plan), plan)[0].state_dict()]
+    plan.check()
+    checked = burn_in(patch_network(seeded_mlp, plan), plan)[0].state_dict()
+    assert all(torch.equal(checked[k], unchecked[0][k]) for k in checked)
 
 
 def test_unmatched_activation_rule_names_a_module(seeded_mlp: nn.Module) -> None:

@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transform_core import quantise, registry
-from transform_core.errors import RecipeError
+from transform_core.errors import ConfigError, RecipeError
 from transform_core.registry import (
     ArgSpec,
+    Binding,
     BoundTransform,
     available_transforms,
     derive_seed,
@@ -513,6 +514,59 @@ def test_values_too_large_for_the_arithmetic_are_reported() -> None:
     error = check_error("stochastic_rounding", {"num_levels": 10**30})
     assert error.key == "num_levels"
     assert error.message.startswith("is too large for stochastic_rounding (")
+    # a bit depth is checked against the dtype before its power of two is computed
     error = check_error("int_quant", {"map_to_max": True, "max_n_bits": 3000})
-    assert error.key is None
-    assert error.message.startswith("the arguments are too large for int_quant (")
+    assert (error.key, error.message) == (
+        "max_n_bits",
+        "must be at most 128 for float32 values (the largest integer of 3000 bits is beyond "
+        "its range), got 3000",
+    )
+    error = check_error("int_quant", {"n_bits": 10**20})  # would never finish
+    assert error.key == "n_bits" and error.message.startswith("must be at most 128")
+
+
+# --- errors that name the tensor ---------------------------------------------------------
+
+
+def _bound_for(name: str, args: dict[str, object], tensor: str = "fc.weight") -> BoundTransform:
+    binding = Binding(tensor, "params[1]", "r.yaml", 7)
+    return BoundTransform(get_transform(name), args, binding=binding)
+
+
+def test_a_refused_tensor_is_named_with_its_rule() -> None:
+    T = _bound_for("int_quant", {"n_bits": 17})
+    assert T(torch.ones(3)).tolist() == [65535.0] * 3  # float32 holds 17 bits
+    with pytest.raises(ConfigError) as info:
+        T(torch.ones(3, dtype=torch.float16))
+    assert str(info.value) == (
+        "r.yaml:7: params[1]: int_quant cannot transform tensor 'fc.weight': n_bits must be "
+        "at most 16 for float16 values (the largest integer of 17 bits is beyond its range), "
+        "got 17; change the rule's args, or leave this tensor out of it"
+    )
+    with pytest.raises(ConfigError, match=r"'fc\.weight': needs a tensor of 2 or more dim"):
+        _bound_for("stochastic_channel_rounding", {"output_range": [-1, 1]})(torch.ones(3))
+    # unbound, the function's own error passes unchanged
+    with pytest.raises(ValueError, match=r"^n_bits must be at most 16"):
+        BoundTransform(get_transform("int_quant"), {"n_bits": 17})(torch.ones(3).half())
+
+
+def test_a_user_function_must_return_a_tensor_of_the_same_shape(
+    user_module: str, tmp_path: Path
+) -> None:
+    (tmp_path / f"{user_module}.py").write_text(
+        "def nothing(x):\n    return None\n\ndef flat(x):\n    return x.flatten()\n"
+    )
+    with pytest.raises(ConfigError, match=r"'fc\.weight': it returned NoneType, not a tensor; "):
+        _bound_for(f"{user_module}:nothing", {})(torch.ones(2, 2))
+    with pytest.raises(ConfigError, match=r"it returned shape \(4,\) for shape \(2, 2\)"):
+        _bound_for(f"{user_module}:flat", {})(torch.ones(2, 2))
+    # an activation's transform may change its shape
+    activation = BoundTransform(
+        get_transform(f"{user_module}:flat"), {}, binding=Binding("fc", "activations[0]")
+    )
+    assert activation(torch.ones(2, 2)).shape == (4,)
+
+
+def test_a_copy_keeps_its_binding() -> None:
+    T = _bound_for("deterministic_rounding", {"num_levels": 3})
+    assert pickle.loads(pickle.dumps(T)).binding == T.binding

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -152,10 +153,18 @@ class Plan:
         return [r for r in (*self.recipe.params, *self.recipe.activations) if id(r) not in used]
 
     def check(self) -> None:
-        """Raise for a rule that matches nothing, unless it says ``optional: true``.
+        """Raise for a rule that matches nothing, unless it says ``optional: true``, and
+        for a transform that refuses a tensor of its dtype and number of dimensions.
+
+        Each transform is tried on a tensor of the same dtype and shape (or, for one of
+        more than 65,536 values, at most two values along each dimension; a user's own
+        transform is tried only at full shape), so that a recipe that cannot transform a
+        tensor (a per-channel rounding of a bias, a range beyond float16) fails before any
+        work.
 
         Raises:
             RecipeError: Naming the rule, its line and its selector.
+            ConfigError: Naming the rule, the tensor and what the transform refused.
         """
         for rule in self.unmatched_rules():
             if not rule.optional:
@@ -167,6 +176,20 @@ class Plan:
                     line=rule.line,
                     key=rule.label,
                 )
+        for entry in self.tensors:
+            bound = self.transform_for(entry)  # a new one: the plan's streams stay unused
+            dtype = getattr(torch, entry.info.dtype, None)
+            if bound is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                continue
+            shape = entry.info.shape
+            if entry.info.numel > _PROBE_ELEMENTS:
+                if ":" in bound.spec.name:
+                    continue  # a user's function may need the tensor's true sizes
+                shape = tuple(min(size, 2) for size in shape)
+            low, high = bound.spec.probe_range
+            probe = torch.linspace(low, high, math.prod(shape), dtype=dtype).reshape(shape)
+            with torch.no_grad():
+                bound(probe)
 
     def size_bits(self) -> tuple[int, int]:
         """Total size in bits before and after, at each tensor's dtype or recipe bit width."""
@@ -229,6 +252,10 @@ class Plan:
 
 def _describe(rule: Rule) -> str:
     return _transform_text(rule.transform.name, rule.args)
+
+
+_PROBE_ELEMENTS = 1 << 16
+"""The largest tensor :meth:`Plan.check` tries a transform on at full shape."""
 
 
 def _recipe_path(recipe: Recipe) -> str | None:

@@ -68,6 +68,7 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 from transform_core.errors import RecipeError, did_you_mean
 from transform_core.families import name_matches
 from transform_core.registry import (
+    Binding,
     BoundTransform,
     TransformSpec,
     derive_seed,
@@ -270,7 +271,9 @@ class Recipe:
         """
         base = seed if seed is not None else (self.seed if self.seed is not None else 0)
         derived = derive_seed(base, tensor_name) if rule.transform.uses_generator else None
-        return BoundTransform(rule.transform, dict(rule.args), seed=derived)
+        recipe = None if self.source.startswith("<") else self.source  # not a string given
+        binding = Binding(tensor_name, rule.label, recipe, rule.line)
+        return BoundTransform(rule.transform, dict(rule.args), seed=derived, binding=binding)
 
 
 class _RecipeLoader(yaml.SafeLoader):

@@ -39,11 +39,12 @@ from typing import Any
 import torch
 
 from transform_core import quantise
-from transform_core.errors import RecipeError, did_you_mean
+from transform_core.errors import ConfigError, RecipeError, RockqError, did_you_mean
 from transform_core.imports import import_reference
 
 __all__ = [
     "ArgSpec",
+    "Binding",
     "BoundTransform",
     "TransformSpec",
     "available_transforms",
@@ -582,6 +583,48 @@ def derive_seed(seed: int, tensor_name: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+@dataclass(frozen=True)
+class Binding:
+    """What a bound transform is for: a tensor (or module) and the recipe rule that chose it.
+
+    Errors of the transform name both.
+
+    Attributes:
+        name: The qualified name of the tensor, or of the module for an activation.
+        rule: The rule's key path, such as ``params[0]``.
+        recipe: Where the recipe came from (a file path, ``builtin:NAME``).
+        line: The rule's line in the recipe.
+    """
+
+    name: str
+    rule: str
+    recipe: str | None = None
+    line: int | None = None
+
+    @property
+    def is_param(self) -> bool:
+        return self.rule.startswith("params")
+
+    def error(self, transform: str, problem: str) -> ConfigError:
+        """An error of ``transform`` on this tensor, keyed on the rule.
+
+        Example:
+            >>> str(Binding("fc.weight", "params[0]", "r.yaml", 4).error("int_quant", "oops"))
+            "r.yaml:4: params[0]: int_quant cannot transform tensor 'fc.weight': oops; change \
+the rule's args, or leave this tensor out of it"
+        """
+        problem = problem.removeprefix(f"{transform} ")  # said once is enough
+        what = f"tensor '{self.name}'" if self.is_param else f"the output of '{self.name}'"
+        left_out = "tensor" if self.is_param else "module"
+        return ConfigError(
+            f"{transform} cannot transform {what}: {problem}; change the rule's args, or "
+            f"leave this {left_out} out of it",
+            path=self.recipe,
+            line=self.line,
+            key=self.rule,
+        )
+
+
 @dataclass(eq=False)
 class BoundTransform:
     """A transform bound to its arguments: a picklable callable ``T(x) -> x``.
@@ -598,6 +641,9 @@ class BoundTransform:
         spec: The transform.
         args: Its recipe arguments.
         seed: The seed of this tensor's random stream (see :func:`derive_seed`).
+        binding: The tensor and rule it is for; then a value the transform refuses (its
+            ``ValueError``), or a result that is not a tensor of the input's shape, is a
+            :class:`~transform_core.errors.ConfigError` that names them.
 
     Example:
         >>> T = BoundTransform(get_transform("stochastic_rounding"), {"num_levels": 3}, seed=7)
@@ -609,10 +655,28 @@ class BoundTransform:
     spec: TransformSpec
     args: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
+    binding: Binding | None = None
     _generators: dict[str, torch.Generator] = field(default_factory=dict, init=False, repr=False)
     _pending: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        if self.binding is None:
+            return self._apply(value)
+        try:
+            result = self._apply(value)
+        except (ValueError, OverflowError) as err:
+            if isinstance(err, RockqError):
+                raise
+            raise self.binding.error(self.spec.name, str(err)) from err
+        if not isinstance(result, torch.Tensor):
+            problem = f"it returned {type(result).__name__}, not a tensor"
+            raise self.binding.error(self.spec.name, problem)
+        if self.binding.is_param and result.shape != value.shape:
+            problem = f"it returned shape {tuple(result.shape)} for shape {tuple(value.shape)}"
+            raise self.binding.error(self.spec.name, problem)
+        return result
+
+    def _apply(self, value: torch.Tensor) -> torch.Tensor:
         if self.spec.uses_generator and self.seed is not None:
             generator = self._generator(value.device, self.seed)
             return self.spec.function(value, **self.args, generator=generator)
@@ -698,6 +762,7 @@ class BoundTransform:
             "spec": self.spec,
             "args": self.args,
             "seed": self.seed,
+            "binding": self.binding,
             "states": self.generator_states(),
         }
 
@@ -705,5 +770,6 @@ class BoundTransform:
         self.spec = state["spec"]
         self.args = state["args"]
         self.seed = state["seed"]
+        self.binding = state.get("binding")
         self._generators = {}
         self._pending = dict(state["states"])
