@@ -91,6 +91,22 @@ def test_batch_order_depends_on_seed_and_epoch_only(tmp_path: Path) -> None:
             "val_targets: has sample shape () and dtype float32 but 'targets' has () and int64",
         ),
         ({"inputs": torch.zeros(0, 2), "targets": torch.zeros(0)}, "inputs: has shape (0, 2)"),
+        (
+            {
+                "inputs": torch.tensor([[0.0, 1.0], [0.0, float("nan")], [float("inf"), 0.0]]),
+                "targets": torch.zeros(3),
+            },
+            "inputs: holds NaN or Inf values in 2 sample(s), first at index 1; remove or fix",
+        ),
+        (
+            {
+                "inputs": torch.zeros(3, 2),
+                "targets": torch.zeros(3),
+                "val_inputs": torch.zeros(2, 2),
+                "val_targets": torch.tensor([0.0, float("-inf")]),
+            },
+            "val_targets: holds NaN or Inf values in 1 sample(s), first at index 1",
+        ),
     ],
 )
 def test_bad_files_name_the_tensor(

@@ -5,8 +5,8 @@ Two kinds of data source, picked by :func:`load_data`:
 * **A ``.safetensors`` file** holding ``inputs`` and ``targets`` (the first dimension counts
   samples), and optionally ``val_inputs`` and ``val_targets`` for evaluation. Inputs are
   floating point; targets are integer class indices (for ``cross_entropy``) or floating point
-  (for ``mse``, or class probabilities). Fine-tuning batches it itself, in an order drawn from
-  the run's seed, so runs repeat and resume exactly.
+  (for ``mse``, or class probabilities), all finite. Fine-tuning batches it itself, in an
+  order drawn from the run's seed, so runs repeat and resume exactly.
 * **``"package.module:function"``**: a function, called with no arguments, that returns
   ``(train_loader, val_loader)`` (``val_loader`` may be ``None``) or just a training
   loader. A loader is any re-iterable of ``(inputs, targets)`` batches, such as a
@@ -170,6 +170,23 @@ def _check_pair(inputs: Tensor, targets: Tensor, names: tuple[str, str], path: s
         )
 
 
+def _check_finite(tensor: Tensor, name: str, path: str) -> None:
+    """Refuse NaN or Inf values: one such sample turns the loss, then every weight, into NaN."""
+    if not tensor.is_floating_point():
+        return
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    bad = (~finite).reshape(tensor.shape[0], -1).any(dim=1) if tensor.dim() else ~finite
+    samples = bad.nonzero().flatten().tolist() if tensor.dim() else []
+    where = f" in {len(samples)} sample(s), first at index {samples[0]}" if samples else ""
+    raise ConfigError(
+        f"holds NaN or Inf values{where}; remove or fix those samples and save the file again",
+        path=path,
+        key=name,
+    )
+
+
 def _load_tensor_file(path: Path) -> TensorData:
     from transform_core.safetensors_io import is_safetensors, open_tensors
 
@@ -205,6 +222,8 @@ def _load_tensor_file(path: Path) -> TensorData:
             key=lack,
         )
     tensors = {name: source.get(name) for name in names}
+    for name in sorted(tensors):
+        _check_finite(tensors[name], name, label)
     inputs, targets = tensors["inputs"], tensors["targets"]
     _check_pair(inputs, targets, ("inputs", "targets"), label)
     val_inputs, val_targets = tensors.get("val_inputs"), tensors.get("val_targets")
@@ -272,8 +291,8 @@ def load_data(ref: str | Path) -> TensorData | LoaderData:
 
     Raises:
         ConfigError: A missing file, an unknown, missing or malformed tensor (naming it,
-            with its shape or dtype), a function that cannot be imported or returns
-            something that is not a loader.
+            with its shape or dtype), a tensor holding NaN or Inf, a function that cannot be
+            imported or returns something that is not a loader.
     """
     path = Path(ref)
     if path.is_file():
