@@ -7,12 +7,13 @@ checkpoint as training goes, so that ``--resume`` can pick up an interrupted run
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from cli.inputs import default_output, load_patched_plan
+from cli.inputs import default_output, load_patched_plan, read_files
 from cli.options import Data, Debug, Device, Force, PatchedCheckpoint, Quiet, Resume, Trust
 from cli.output import training_progress
 
@@ -44,8 +45,9 @@ def finetune_command(
         data=data,
         device=device,
         resume=resume,
+        # The recipe comes from inside the checkpoint; finetune_patched adds the data file.
         target=checkpoint_target(
-            target, ckpt.source, ckpt.recipe, ckpt.network_bytes, checkpoint, force
+            target, ckpt.source, ckpt.recipe, ckpt.network_bytes, read_files(checkpoint), force
         ),
         trust=trust,
         quiet=quiet,
@@ -53,12 +55,21 @@ def finetune_command(
 
 
 def checkpoint_target(
-    path: Path, source: Any, recipe: str, network_bytes: bytes | None, input_: Path, force: bool
+    path: Path,
+    source: Any,
+    recipe: str,
+    network_bytes: bytes | None,
+    inputs: Iterable[Path],
+    force: bool,
 ) -> Any:
-    """Where fine-tuning writes its patched checkpoints, and what they record."""
+    """Where fine-tuning writes its patched checkpoints, and what they record.
+
+    ``inputs`` are the files the command read (network, recipe); the checkpoint and its log
+    never overwrite them, nor the ``--data`` file, which the run adds itself.
+    """
     from transform_core.finetune import CheckpointTarget
 
-    return CheckpointTarget(path, source, recipe, network_bytes, (input_,), force)
+    return CheckpointTarget(path, source, recipe, network_bytes, tuple(inputs), force)
 
 
 def run_finetune(

@@ -170,7 +170,12 @@ def patch(
             device=device,
             resume=resume,
             target=checkpoint_target(
-                target, loaded.source, parsed.text, loaded.network_bytes, model, force
+                target,
+                loaded.source,
+                parsed.text,
+                loaded.network_bytes,
+                read_files(model, recipe),
+                force,
             ),
             trust=trust,
             quiet=quiet,

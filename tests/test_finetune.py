@@ -137,8 +137,33 @@ def test_section_parses_into_a_config() -> None:
         ("{epochs: 2, steps: 5}", "finetune.steps: give 'epochs' or 'steps', not both"),
         ("{epoch: 2}", "finetune.epoch: unknown key 'epoch' (did you mean 'epochs'?)"),
         ("{optimizer: adma}", "finetune.optimizer: must be one of adam, adamw, sgd, got 'adma'"),
-        ("{optimizer: {name: sgd, lr: -1}}", "finetune.optimizer: sgd: Invalid learning rate"),
+        ("{optimizer: {name: sgd, lr: -1}}", "finetune.optimizer.lr: sgd: Invalid learning rate"),
         ("{optimizer: {name: sgd, betas: [0.9, 0.9]}}", "'sgd' has no argument 'betas'"),
+        (
+            "{optimizer: {name: adam, betas: [0.9, 0.9, 0.9]}}",
+            "finetune.optimizer.betas: must be a list of 2 finite numbers, got [0.9, 0.9, 0.9]",
+        ),
+        (
+            "{optimizer: {name: adam, fused: true, foreach: true}}",
+            "finetune.optimizer: adam: `fused` and `foreach` cannot be `True` together",
+        ),
+        ("{optimizer: {name: sgd, nesterov: true}}", "optimizer.nesterov: sgd: Nesterov momentum"),
+        ("{optimizer: {name: adam, capturable: true}}", "optimizer.capturable: is not supported"),
+        ("{optimizer: {name: adam, fused: 1}}", "fused: must be true, false or null, got 1"),
+        ("{optimizer: {name: sgd, lr: .inf}}", "optimizer.lr: must be a finite number, got inf"),
+        ("{optimizer: {name: sgd, momentum: .nan}}", "optimizer.momentum: must be a finite"),
+        ("{optimizer: {name: adam, betas: [.nan, 0.9]}}", "betas: must be a list of 2 finite"),
+        ("{grad_clip: .nan}", "finetune.grad_clip: must be a finite number > 0 or null, got nan"),
+        ("{schedule: {name: cosine, min_lr: .inf}}", "schedule.min_lr: must be a finite number"),
+        ("{schedule: {name: step, gamma: .nan}}", "schedule.gamma: must be a finite number >= 0"),
+        # A number given as a string is refused, as in transform args, with how to write it.
+        (
+            "{grad_clip: '1e30'}",
+            "grad_clip: must be a finite number > 0 or null, got '1e30' (a string; write the "
+            "number as 1.0e+30, without quotes)",
+        ),
+        ("{optimizer: {name: sgd, lr: '1e-3'}}", "lr: must be a finite number, got '1e-3' (a"),
+        ("{steps: '1e4'}", "steps: must be a whole number >= 1, got '1e4' (a string; write the"),
         ("{schedule: {name: step, step_size: 0}}", "finetune.schedule.step_size: must be a whole"),
         ("{loss: crossentropy}", "(did you mean 'cross_entropy'?)"),
         ("{reduce_time: max}", "finetune.reduce_time: must be one of sum, mean, last"),
@@ -152,6 +177,25 @@ def test_section_errors_name_line_and_key(section: str, expected: str) -> None:
         parse_recipe(text, source="r.yaml")
     assert str(info.value).startswith("r.yaml:10: finetune")
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "args"),
+    [
+        # Torch takes a fused optimiser on the CPU too; it refuses fused only with foreach.
+        ("{name: adam, fused: true}", {"fused": True}),
+        ("{name: sgd, nesterov: true, momentum: 0.9}", {"nesterov": True, "momentum": 0.9}),
+        (
+            "{name: adamw, betas: [0.8, 0.99], foreach: null}",
+            {"betas": (0.8, 0.99), "foreach": None},
+        ),
+        ("{name: sgd, lr: 1.0e-3}", {}),
+    ],
+)
+def test_optimizer_arguments_torch_accepts(optimizer: str, args: dict[str, Any]) -> None:
+    text = RECIPE.split("finetune:")[0] + f"finetune: {{optimizer: {optimizer}}}\n"
+    config = parse_recipe(text).finetune
+    assert config is not None and config.optimizer_args == args
 
 
 def test_schedules() -> None:
@@ -384,6 +428,172 @@ def test_cli_recipe_without_section(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 2 and "has no 'finetune:' section" in result.output
+
+
+@pytest.fixture
+def cli_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder with net.pt, r.yaml and data.safetensors, made the working folder."""
+    _cli_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _invoke(*args: str) -> Any:
+    return CliRunner().invoke(app, [*args, "--device", "cpu", "-q"])
+
+
+_PATCH = ("patch", "net.pt", "r.yaml", "--finetune")
+_FINETUNE = ("finetune", "good.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("command", "data", "output", "read"),
+    [
+        (_PATCH, "data.safetensors", "data.safetensors", "data.safetensors"),
+        (_PATCH, "out.finetune.jsonl", "out.safetensors", "out.finetune.jsonl"),
+        (_PATCH, "data.safetensors", "r.yaml", "r.yaml"),
+        (_FINETUNE, "data.safetensors", "data.safetensors", "data.safetensors"),
+        (_FINETUNE, "data.safetensors", "good.safetensors", "good.safetensors"),
+        (_FINETUNE, "x.finetune.jsonl", "x.safetensors", "x.finetune.jsonl"),
+    ],
+)
+def test_cli_never_overwrites_a_file_it_reads(
+    cli_dir: Path, command: tuple[str, ...], data: str, output: str, read: str
+) -> None:
+    good = _invoke(*_PATCH, "--data", "data.safetensors", "-o", "good.safetensors")
+    assert good.exit_code == 0, good.output
+    if data != "data.safetensors":
+        # A data file named like the run's log (a safetensors file is read by its content).
+        (cli_dir / data).write_bytes((cli_dir / "data.safetensors").read_bytes())
+    before = {p.name: p.read_bytes() for p in cli_dir.iterdir() if p.is_file()}
+    result = _invoke(*command, "--data", data, "-o", output, "--force")
+    assert result.exit_code == 2, result.output
+    assert f"rockq: error: {read}: is also an input" in result.output
+    after = {p.name: p.read_bytes() for p in cli_dir.iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_cli_resume_never_overwrites_the_data(cli_dir: Path) -> None:
+    first = _invoke(*_PATCH, "--data", "data.safetensors", "-o", "out.safetensors")
+    assert first.exit_code == 0, first.output
+    # The data, saved under the name of the log that --resume trims and rewrites.
+    (cli_dir / "out.finetune.jsonl").write_bytes((cli_dir / "data.safetensors").read_bytes())
+    before = {p.name: p.read_bytes() for p in cli_dir.iterdir()}
+    result = _invoke(*_PATCH, "--data", "out.finetune.jsonl", "-o", "out.safetensors", "--resume")
+    assert result.exit_code == 2, result.output
+    assert "rockq: error: out.finetune.jsonl: is also an input" in result.output
+    assert {p.name: p.read_bytes() for p in cli_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            "optimizer: {name: adam, betas: [0.9, 0.9, 0.9]}",
+            "finetune.optimizer.betas: must be a list of 2 finite numbers",
+        ),
+        ("optimizer: {name: adam, lr: '1e-3'}", "write the number as 1.0e-3, without quotes"),
+        ("grad_clip: .nan", "finetune.grad_clip: must be a finite number > 0 or null, got nan"),
+        ("schedule: {name: cosine, min_lr: .inf}", "finetune.schedule.min_lr: must be a finite"),
+    ],
+)
+def test_cli_bad_finetune_settings_exit_2(cli_dir: Path, section: str, expected: str) -> None:
+    (cli_dir / "r.yaml").write_text(RECIPE.split("finetune:")[0] + f"finetune:\n  {section}\n")
+    result = _invoke(*_PATCH, "--data", "data.safetensors", "-o", "out.safetensors")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("rockq: error: r.yaml:") and expected in result.output
+    assert not (cli_dir / "out.safetensors").exists()
+
+
+def test_cli_refuses_nonfinite_data(cli_dir: Path) -> None:
+    data = _data()
+    data.inputs[7, 2] = float("nan")
+    save_file({"inputs": data.inputs, "targets": data.targets}, str(cli_dir / "nan.safetensors"))
+    result = _invoke(*_PATCH, "--data", "nan.safetensors", "-o", "out.safetensors")
+    assert result.exit_code == 2, result.output
+    assert (
+        "rockq: error: nan.safetensors: inputs: holds NaN or Inf values in 1 sample(s), first at "
+        "index 7" in result.output
+    )
+    assert sorted(p.name for p in cli_dir.iterdir()) == [
+        "data.safetensors",
+        "nan.safetensors",
+        "net.pt",
+        "r.yaml",
+    ]
+
+
+def _diverging_recipe(folder: Path, checkpoint_every: str) -> None:
+    # Step 1 (half the rate, in warm-up) throws the weights to about 1e29; step 2's loss is NaN.
+    text = RECIPE.replace("{name: adamw, lr: 0.01, weight_decay: 0.01}", "{name: sgd, lr: 1.0e+30}")
+    (folder / "r.yaml").write_text(
+        text.replace("checkpoint_every: 2", f"checkpoint_every: {checkpoint_every}")
+    )
+
+
+def test_cli_diverging_run_stops_and_keeps_its_last_checkpoint(cli_dir: Path) -> None:
+    _diverging_recipe(cli_dir, "1")
+    result = _invoke(*_PATCH, "--data", "data.safetensors", "-o", "out.safetensors")
+    assert result.exit_code == 2, result.output
+    assert (
+        "rockq: error: finetune: the training loss became nan at step 2 of 12 (epoch 1, learning "
+        "rate 1e+30); lower 'finetune.optimizer.lr'" in result.output
+    )
+    assert "the checkpoint of step 1 is kept" in result.output
+    kept = load_patched(cli_dir / "out.safetensors")
+    assert kept.state["finetune"]["step"] == 1
+    assert all(bool(t.isfinite().all()) for t in kept.state_dict.values())
+    log = [json.loads(line) for line in (cli_dir / "out.finetune.jsonl").read_text().splitlines()]
+    assert [(line["kind"], line["step"]) for line in log] == [("train", 1), ("checkpoint", 1)]
+
+
+def test_cli_run_that_fails_before_its_first_checkpoint_leaves_files_as_they_were(
+    cli_dir: Path,
+) -> None:
+    args = (*_PATCH, "--data", "data.safetensors", "-o", "out.safetensors")
+    # Nothing there before: nothing there after.
+    _diverging_recipe(cli_dir, "epoch")
+    result = _invoke(*args)
+    assert result.exit_code == 2 and "nothing was written" in result.output
+    assert not (cli_dir / "out.safetensors").exists()
+    assert not (cli_dir / "out.finetune.jsonl").exists()
+    # A good run's checkpoint and log, replaced with --force: both kept as they were.
+    (cli_dir / "r.yaml").write_text(RECIPE)
+    assert _invoke(*args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in cli_dir.iterdir()}
+    _diverging_recipe(cli_dir, "epoch")
+    before["r.yaml"] = (cli_dir / "r.yaml").read_bytes()
+    result = _invoke(*args, "--force")
+    assert result.exit_code == 2 and "nothing was written" in result.output
+    assert {p.name: p.read_bytes() for p in cli_dir.iterdir()} == before
+
+
+def huge_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A finite loss whose gradient throws the weights past float32's range in one step."""
+    return out.sum() * 1e30
+
+
+def test_weights_that_become_infinite_are_never_checkpointed(tmp_path: Path) -> None:
+    recipe, loaded = _setup(tmp_path)
+    out = tmp_path / "a.safetensors"
+    _run(recipe, loaded, out, _data())
+    good = out.read_bytes(), log_path_for(out).read_bytes()
+    config = FinetuneConfig(
+        steps=3,
+        optimizer="sgd",
+        lr=1e10,
+        loss="tests.test_finetune:huge_loss",
+        metric="loss",
+        checkpoint_every=1,
+    )
+    net = load_network(tmp_path / "net.pt")
+    plan = plan_network(net.module, recipe)
+    target = CheckpointTarget(out, net.source, recipe.text, net.network_bytes, force=True)
+    with pytest.raises(
+        ConfigError, match=r"weights became NaN or Inf at step 1 of 3 .*nothing was written"
+    ):
+        finetune(patch_network(net.module, plan), plan, config, _data(), target=target)
+    assert (out.read_bytes(), log_path_for(out).read_bytes()) == good
 
 
 # --- more than one process ---------------------------------------------------------------------

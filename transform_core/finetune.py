@@ -27,6 +27,10 @@ batch, step), the random transforms' generator states and torch's global random 
 stopped and resumed from its last checkpoint therefore ends with the same bits as one that
 was never stopped.
 
+A loss that becomes NaN or Inf stops the run with an error naming the step, and the weights
+are checked before each checkpoint, so a run that diverges never writes NaN weights over its
+last good checkpoint. Neither the checkpoint nor its log may overwrite a file the run reads.
+
 Under ``torchrun`` (``WORLD_SIZE > 1``) training uses ``DistributedDataParallel``: each
 process takes every ``WORLD_SIZE``-th sample of each global batch and the loss is weighted so
 that the gradient equals the single-process one; only rank 0 writes files.
@@ -53,7 +57,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +71,7 @@ from transform_core.finetune_checkpoints import (
     CheckpointTarget,
     Position,
     RunLog,
+    check_target,
     log_path_for,
     restore_training_state,
     save_training_state,
@@ -240,8 +245,11 @@ def finetune(
         The metrics and counts of the run.
 
     Raises:
-        ConfigError: Data the network or loss cannot use, or a ``resume`` checkpoint
-            without training state.
+        ConfigError: Data the network or loss cannot use, a ``resume`` checkpoint without
+            training state, or a loss or weights that become NaN or Inf (the last checkpoint
+            written is kept).
+        CheckpointError: The checkpoint or its log may not be written (see
+            :func:`~transform_core.finetune_checkpoints.check_target`).
     """
     device = torch.device(device)
     world = _world_from_env()
@@ -284,7 +292,7 @@ def finetune_patched(
         plan: From :func:`~transform_core.pipeline.plan_network`.
         data: A ``.safetensors`` file or ``"package.module:function"`` (see
             :func:`~transform_core.data.load_data`).
-        target: Where to write checkpoints and the log.
+        target: Where to write checkpoints and the log; a data file joins its inputs.
         device: ``auto``, ``cpu`` or ``cuda``.
         resume: Continue from the checkpoint at ``target.path``.
         trust: Packages a checkpoint's network may use, for ``resume``.
@@ -295,7 +303,10 @@ def finetune_patched(
 
     Raises:
         RecipeError: The recipe has no ``finetune:`` section.
-        ConfigError: No data; ``resume`` without a checkpoint of the same recipe.
+        ConfigError: No data; ``resume`` without a checkpoint of the same recipe; a loss
+            that becomes NaN or Inf.
+        CheckpointError: The checkpoint or its log would overwrite an input (the data file
+            included) or, on a fresh run without ``force``, an existing file.
     """
     from transform_core.checkpoint import is_patched, load_patched
     from transform_core.data import load_data
@@ -312,6 +323,9 @@ def finetune_patched(
         )
     if data is None:
         raise ConfigError("is required to fine-tune; pass the training data", key="--data")
+    if Path(data).is_file():
+        # Neither the checkpoint nor its log may overwrite the data they are trained on.
+        target = replace(target, inputs=(*target.inputs, Path(data)))
     dataset = load_data(data)
     torch_device = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     float_net: nn.Module | None = net
@@ -367,11 +381,8 @@ def _run(
             "holds no fine-tuning state to resume from; drop --resume to start a new run",
             path=resume.path,
         )
-    if target is not None and resume is None and world.rank == 0:
-        from transform_core.files import check_output_path
-
-        for path in (target.path, log_path_for(target.path)):
-            check_output_path(path, force=target.force, inputs=target.inputs)
+    if target is not None and world.rank == 0:
+        check_target(target, fresh=resume is None)
     seed = config.seed if config.seed is not None else plan.seed
     T_net.to(device)
     loss_fn = loss_function(config.loss)
@@ -432,10 +443,19 @@ def _run(
         if on_event is not None:
             on_event(event)
 
+    # The step of the checkpoint on disk, for the error that stops a diverging run.
+    saved = pos.step if resume is not None and target is not None else None
+
     def checkpoint() -> None:
+        nonlocal saved
+        # Every rank checks (the weights agree across ranks), so none waits at the barrier.
+        _check_weights(T_net, pos, total, saved)
         if writing and target is not None:
             save_training_state(target, T_net, plan, optimizer, pos, info, epoch_rng, device)
+            log.commit()
             emit({"kind": "checkpoint", "path": str(target.path)})
+        if target is not None:
+            saved = pos.step
         if world.size > 1:
             import torch.distributed as dist
 
@@ -455,7 +475,10 @@ def _run(
             loss = _train_step(model, T_net, optimizer, x, y, scale, lr, config, loss_fn, device)
             pos.step += 1
             pos.batch += 1
-            emit({"kind": "train", "loss": _global_mean(loss, world), "lr": lr})
+            mean = _global_mean(loss, world)
+            if not math.isfinite(mean):
+                raise _diverged(f"the training loss became {mean}", pos, total, saved, lr)
+            emit({"kind": "train", "loss": mean, "lr": lr})
             if config.eval_every is not None and pos.step % config.eval_every == 0:
                 run_eval()
             if config.checkpoint_every is not None and pos.step % config.checkpoint_every == 0:
@@ -547,6 +570,29 @@ def _train_step(
         group["lr"] = lr
     optimizer.step()
     return (loss.detach() * scale).float()
+
+
+def _diverged(
+    what: str, pos: Position, total: int, saved: int | None, lr: float | None = None
+) -> ConfigError:
+    """The error that stops a run whose loss or weights are no longer finite."""
+    # After an epoch's last step the position has already moved on to the next epoch.
+    epoch = pos.epoch if pos.batch == 0 else pos.epoch + 1
+    at_lr = "" if lr is None else f", learning rate {lr:g}"
+    kept = "nothing was written" if saved is None else f"the checkpoint of step {saved} is kept"
+    return ConfigError(
+        f"{what} at step {pos.step} of {total} (epoch {epoch}{at_lr}); lower "
+        "'finetune.optimizer.lr' or set 'finetune.grad_clip', and check the data for extreme "
+        f"values; {kept}",
+        key="finetune",
+    )
+
+
+def _check_weights(T_net: nn.Module, pos: Position, total: int, saved: int | None) -> None:
+    """Refuse to checkpoint NaN or Inf weights (a finite loss can still step them there)."""
+    flags = [torch.isfinite(p).all() for p in T_net.parameters()]
+    if flags and not bool(torch.stack(flags).all()):
+        raise _diverged("the weights became NaN or Inf", pos, total, saved)
 
 
 def _global_mean(loss: Tensor, world: _World) -> float:

@@ -5,7 +5,8 @@ whose extra state holds everything needed to continue bit for bit: the optimiser
 (tensors as ``__rockq__/optim/INDEX/NAME``, the rest as JSON), the position (step, epoch,
 batch), the random transforms' generator states (``__rockq__/gen/WHERE/DEVICE``) and
 torch's global random states (``__rockq__/rng/...``). The JSON-lines log beside it is
-trimmed back to the checkpoint's step when a run resumes.
+trimmed back to the checkpoint's step when a run resumes. A fresh run writes its log only
+once its first checkpoint is on disk, so a run that fails before that leaves nothing behind.
 
 Example:
     >>> from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "CheckpointTarget",
     "Position",
     "RunLog",
+    "check_target",
     "log_path_for",
     "restore_training_state",
     "save_training_state",
@@ -54,7 +56,8 @@ class CheckpointTarget:
         source: Where the network came from.
         recipe: The recipe text.
         network_bytes: The whole-module pickle, for pickle sources.
-        inputs: Files that must never be overwritten.
+        inputs: Files the run reads (network, recipe, data), which neither the checkpoint
+            nor its log may overwrite.
         force: Replace an existing file at the start of a fresh run.
     """
 
@@ -74,6 +77,22 @@ def log_path_for(path: Path) -> Path:
         'net.patched.finetune.jsonl'
     """
     return path.with_name(path.name.removesuffix(".safetensors") + ".finetune.jsonl")
+
+
+def check_target(target: CheckpointTarget, *, fresh: bool) -> None:
+    """Refuse, before training, a checkpoint or log path that may not be written.
+
+    Neither file may be one of ``target.inputs``, even with ``force``. A fresh run also needs
+    both to be new, or ``force``; a resumed run rewrites its own files.
+
+    Raises:
+        CheckpointError: A path is an input, a folder, in a missing folder, or exists on a
+            fresh run without ``force``.
+    """
+    from transform_core.files import check_output_path
+
+    for path in (target.path, log_path_for(target.path)):
+        check_output_path(path, force=target.force or not fresh, inputs=target.inputs)
 
 
 def _raw_state_dict(T_net: nn.Module) -> dict[str, Tensor]:
@@ -203,6 +222,10 @@ def restore_training_state(
 class RunLog:
     """The JSON-lines log of a run (written by rank 0 only).
 
+    A fresh run holds its lines back until :meth:`commit`, called once its first checkpoint
+    is written: a run that fails before then leaves no log, and an older log (replaced with
+    ``force``) stays beside the older checkpoint it describes.
+
     Args:
         path: The log file (see :func:`log_path_for`), or ``None`` to write nothing.
         resume_step: On resume, the checkpoint's step: later lines, written after that
@@ -211,18 +234,43 @@ class RunLog:
 
     def __init__(self, path: Path | None, resume_step: int | None) -> None:
         self.path = path
+        self._held: list[str] | None = None
         if path is None:
             return
+        if resume_step is None:
+            self._held = []
+            return
         kept: list[str] = []
-        if resume_step is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                with contextlib.suppress(ValueError):
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                # A line cut short or edited by hand is dropped, not an error.
+                with contextlib.suppress(ValueError, TypeError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                        kept.append(line + "\n")
+        _replace_lines(path, kept)
 
     def write(self, event: dict[str, Any]) -> None:
         """Append one progress record as a line of JSON."""
-        if self.path is not None:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(event) + "\n")
+        if self.path is None:
+            return
+        line = json.dumps(event) + "\n"
+        if self._held is not None:
+            self._held.append(line)
+            return
+        with self.path.open("a") as handle:
+            handle.write(line)
+
+    def commit(self) -> None:
+        """Write the held-back lines; call once the run's checkpoint is on disk."""
+        if self.path is not None and self._held is not None:
+            _replace_lines(self.path, self._held)
+            self._held = None
+
+
+def _replace_lines(path: Path, lines: list[str]) -> None:
+    from transform_core.files import atomic_output
+
+    # Atomic, so that a run stopped while writing keeps the old log whole.
+    with atomic_output(path, force=True) as temp:
+        temp.write_text("".join(lines))

@@ -2,9 +2,11 @@
 
 :func:`parse_finetune_section` checks every key of the section (each key is shown in
 :mod:`transform_core.finetune`) and builds a :class:`FinetuneConfig`; unknown keys, wrong
-types and out-of-range values are refused with the line and key path. Optimiser arguments
-are checked against the torch optimiser's own signature and ranges. :func:`lr_factor` turns
-the schedule into the learning rate of each step.
+types and out-of-range values are refused with the line and key path. Every number must be
+finite; a number given as a string (``'1e-3'``) is refused, as transform arguments are, with
+the spelling to write. Optimiser arguments are checked against the torch optimiser's own
+signature, then by building it on a dummy parameter and taking one step.
+:func:`lr_factor` turns the schedule into the learning rate of each step.
 
 Example:
     >>> from transform_core.recipe import parse_recipe
@@ -72,6 +74,13 @@ _KEYS = (
 )
 _SCHEDULE_KEYS = ("name", "warmup_steps", "min_lr", "step_size", "gamma")
 _FUNCTION_REF = "'package.module:function'"
+# Arguments of torch's optimisers that do not fit fine-tuning's plain, eager steps.
+_REFUSED_ARGS = {
+    "capturable": "it is for steps captured in a CUDA graph, which fine-tuning does not use, "
+    "and it fails on the CPU",
+    "differentiable": "it is for differentiating through the optimiser step, which cannot "
+    "update the network's parameters in place",
+}
 
 
 @dataclass(frozen=True)
@@ -157,9 +166,75 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _yaml_number(text: str, *, whole: bool = False) -> str | None:
+    """How to write a number given as a string, or ``None`` if ``text`` is no finite number.
+
+    The spelling has a ``.`` and a signed exponent, which every YAML reader takes as a float
+    (plain PyYAML reads ``1e30`` and ``1.0e30`` as strings).
+
+    Example:
+        >>> _yaml_number("1e30"), _yaml_number("1E-5"), _yaml_number("1e4", whole=True)
+        ('1.0e+30', '1.0e-5', '10000')
+        >>> _yaml_number("fast"), _yaml_number("nan")
+        (None, None)
+    """
+    import yaml
+
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(number) or (whole and not number.is_integer()):
+        return None
+    if whole:
+        spelling = str(int(number))
+    else:
+        mantissa, _, exponent = text.strip().lower().partition("e")
+        if "." not in mantissa:
+            mantissa += ".0"
+        if exponent and exponent[0] not in "+-":
+            exponent = "+" + exponent
+        spelling = mantissa + ("e" + exponent if exponent else "")
+    parsed = yaml.safe_load(spelling)
+    return spelling if isinstance(parsed, int if whole else float) else None
+
+
+def _got(value: Any, *, whole: bool = False) -> str:
+    """``value`` in YAML's spelling, with how to write a number given as a string.
+
+    Example:
+        >>> _got(None), _got(["1e-3", 0.9])
+        ('null', "['1e-3', 0.9] (a string; write the number as 1.0e-3, without quotes)")
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    for item in value if isinstance(value, list) else [value]:
+        spelling = _yaml_number(item, whole=whole) if isinstance(item, str) else None
+        if spelling is not None:
+            return f"{value!r} (a string; write the number as {spelling}, without quotes)"
+    return repr(value)
+
+
+def _float_problem(value: Any, minimum: float, *, inclusive: bool, nullable: bool = False) -> str:
+    """The complaint about a float setting, or ``''`` when ``value`` is fine."""
+    if (value is None and nullable) or (
+        _is_finite(value) and (value >= minimum if inclusive else value > minimum)
+    ):
+        return ""
+    bound = ">=" if inclusive else ">"
+    or_null = " or null" if nullable else ""
+    return f"must be a finite number {bound} {minimum:g}{or_null}, got {_got(value)}"
+
+
 def _optimizer_arg_names(name: str) -> dict[str, Any]:
     params = inspect.signature(OPTIMIZERS[name]).parameters
-    return {k: p.default for k, p in params.items() if k != "params"}
+    return {k: p.default for k, p in params.items() if k != "params" and k not in _REFUSED_ARGS}
 
 
 def parse_finetune_section(parser: Any, node: Node) -> FinetuneConfig:
@@ -170,11 +245,11 @@ def parse_finetune_section(parser: Any, node: Node) -> FinetuneConfig:
         node: The section's YAML node.
 
     Raises:
-        RecipeError: An unknown key, a wrong type or value, naming the line and key path.
+        RecipeError: An unknown key, a wrong type or value (a non-finite number included),
+            naming the line and key path.
     """
     entries = parser.items(node, "finetune", "'finetune'")
     parser.check_keys(entries, _KEYS, "finetune")
-    values: dict[str, Any] = {}
 
     def fail(message: str, name: str, at: Node | None = None) -> Exception:
         where = at if at is not None else entries[name][1]
@@ -185,11 +260,24 @@ def parse_finetune_section(parser: Any, node: Node) -> FinetuneConfig:
 
     if "epochs" in entries and "steps" in entries:
         raise fail("give 'epochs' or 'steps', not both", "steps", entries["steps"][0])
+    values = _parse_plain_keys(entries, get, fail)
+    if "optimizer" in entries:
+        values.update(_parse_optimizer(parser, entries["optimizer"][1], fail))
+    if "schedule" in entries:
+        values.update(_parse_schedule(parser, entries["schedule"][1], fail))
+    return FinetuneConfig(**values)
+
+
+def _parse_plain_keys(
+    entries: dict[str, Any], get: Callable[[str], Any], fail: Callable[..., Exception]
+) -> dict[str, Any]:
+    """The section's keys other than ``optimizer`` and ``schedule``."""
+    values: dict[str, Any] = {}
     for name in ("epochs", "steps", "batch_size"):
         if name in entries:
             value = get(name)
             if not _is_int(value) or value < 1:
-                raise fail(f"must be a whole number >= 1, got {value!r}", name)
+                raise fail(f"must be a whole number >= 1, got {_got(value, whole=True)}", name)
             values[name] = value
     if "steps" in values:
         values["epochs"] = None
@@ -201,22 +289,35 @@ def parse_finetune_section(parser: Any, node: Node) -> FinetuneConfig:
             elif _is_int(value) and value >= 1:
                 values[name] = value
             else:
-                raise fail(f"must be 'epoch' or a number of steps >= 1, got {value!r}", name)
+                raise fail(
+                    f"must be 'epoch' or a number of steps >= 1, got {_got(value, whole=True)}",
+                    name,
+                )
     if "seed" in entries:
         value = get("seed")
         if not _is_int(value):
-            raise fail(f"must be an integer, got {value!r}", "seed")
+            raise fail(f"must be an integer, got {_got(value, whole=True)}", "seed")
         values["seed"] = value
     if "shuffle" in entries:
         value = get("shuffle")
         if not isinstance(value, bool):
-            raise fail(f"must be true or false, got {value!r}", "shuffle")
+            raise fail(f"must be true or false, got {_got(value)}", "shuffle")
         values["shuffle"] = value
     if "grad_clip" in entries:
         value = get("grad_clip")
-        if value is not None and (not _is_number(value) or value <= 0):
-            raise fail(f"must be a number > 0 or null, got {value!r}", "grad_clip")
+        problem = _float_problem(value, 0, inclusive=False, nullable=True)
+        if problem:
+            raise fail(problem, "grad_clip")
         values["grad_clip"] = None if value is None else float(value)
+    values.update(_parse_choices(entries, get, fail))
+    return values
+
+
+def _parse_choices(
+    entries: dict[str, Any], get: Callable[[str], Any], fail: Callable[..., Exception]
+) -> dict[str, Any]:
+    """``reduce_time``, ``metric`` and ``loss``: one of a few names."""
+    values: dict[str, Any] = {}
     for name, allowed in (("reduce_time", REDUCTIONS), ("metric", METRICS)):
         if name in entries:
             value = get(name)
@@ -239,11 +340,7 @@ def parse_finetune_section(parser: Any, node: Node) -> FinetuneConfig:
                 "loss",
             )
         values["loss"] = value
-    if "optimizer" in entries:
-        values.update(_parse_optimizer(parser, entries["optimizer"][1], fail))
-    if "schedule" in entries:
-        values.update(_parse_schedule(parser, entries["schedule"][1], fail))
-    return FinetuneConfig(**values)
+    return values
 
 
 def _named_section(
@@ -276,6 +373,8 @@ def _parse_optimizer(parser: Any, node: Node, fail: Callable[..., Exception]) ->
     args: dict[str, Any] = {}
     for arg, (key_node, value_node) in entries.items():
         key = f"optimizer.{arg}"
+        if arg in _REFUSED_ARGS:
+            raise fail(f"is not supported: {_REFUSED_ARGS[arg]}; remove it", key, key_node)
         if arg not in allowed:
             raise fail(
                 f"'{name}' has no argument '{arg}'{did_you_mean(arg, allowed)}; expected "
@@ -284,23 +383,52 @@ def _parse_optimizer(parser: Any, node: Node, fail: Callable[..., Exception]) ->
                 key_node,
             )
         value = parser.value(value_node, f"finetune.{key}")
-        default = allowed[arg]
-        if isinstance(default, bool):
-            ok = isinstance(value, bool) or (default is False and value is None)
-        elif isinstance(default, tuple):
-            ok = isinstance(value, list) and all(_is_number(v) for v in value)
-        else:
-            ok = _is_number(value)
-        if not ok:
-            raise fail(f"has a value of the wrong type: {value!r}", key, value_node)
+        problem = _optimizer_arg_problem(value, allowed[arg])
+        if problem:
+            raise fail(problem, key, value_node)
         args[arg] = tuple(value) if isinstance(value, list) else value
+    problem = _probe_optimizer(name, args)
+    if problem:
+        # Blame the one key that fails on its own (a range torch refuses); arguments that
+        # only clash together (fused with foreach) are blamed on the whole optimizer.
+        for arg, value in args.items():
+            alone = _probe_optimizer(name, {arg: value})
+            if alone:
+                raise fail(alone, f"optimizer.{arg}", entries[arg][1])
+        raise fail(problem, "optimizer", node)
     lr = float(args.pop("lr", 1e-3))
-    try:
-        # The optimiser checks its own ranges (lr >= 0, betas in [0, 1), ...).
-        OPTIMIZERS[name]([nn.Parameter(torch.zeros(1))], lr=lr, **args)
-    except (ValueError, TypeError, RuntimeError) as err:
-        raise fail(f"{name}: {err}", "optimizer", node) from None
     return {"optimizer": name, "optimizer_args": args, "lr": lr}
+
+
+def _optimizer_arg_problem(value: Any, default: Any) -> str:
+    """The complaint about an optimiser argument's type (judged by its default), or ``''``."""
+    if isinstance(default, bool):
+        return "" if isinstance(value, bool) else f"must be true or false, got {_got(value)}"
+    if default is None:
+        # foreach and fused: null lets torch pick.
+        ok = value is None or isinstance(value, bool)
+        return "" if ok else f"must be true, false or null, got {_got(value)}"
+    if isinstance(default, tuple):
+        if isinstance(value, list) and len(value) == len(default) and all(map(_is_finite, value)):
+            return ""
+        return f"must be a list of {len(default)} finite numbers, got {_got(value)}"
+    return "" if _is_finite(value) else f"must be a finite number, got {_got(value)}"
+
+
+def _probe_optimizer(name: str, args: dict[str, Any]) -> str:
+    """Build the optimiser on a dummy parameter and step it once; torch's complaint or ``''``.
+
+    Building checks ranges (``lr >= 0``, ``betas`` in ``[0, 1)``, ``fused`` with
+    ``foreach``); the step catches what only fails there.
+    """
+    param = nn.Parameter(torch.zeros(1))
+    try:
+        optimizer = OPTIMIZERS[name]([param], **args)
+        param.grad = torch.ones(1)
+        optimizer.step()
+    except (ValueError, TypeError, RuntimeError, IndexError) as err:
+        return f"{name}: {err}"
+    return ""
 
 
 def _parse_schedule(parser: Any, node: Node, fail: Callable[..., Exception]) -> dict[str, Any]:
@@ -316,12 +444,17 @@ def _parse_schedule(parser: Any, node: Node, fail: Callable[..., Exception]) -> 
                 key_node,
             )
         value = parser.value(value_node, f"finetune.{key}")
-        whole = arg in ("warmup_steps", "step_size")
-        low = 1 if arg == "step_size" else 0
-        if (whole and (not _is_int(value) or value < low)) or (
-            not whole and (not _is_number(value) or value < 0)
-        ):
-            kind = f"a whole number >= {low}" if whole else "a number >= 0"
-            raise fail(f"must be {kind}, got {value!r}", key, value_node)
+        if arg in ("warmup_steps", "step_size"):
+            low = 1 if arg == "step_size" else 0
+            if not _is_int(value) or value < low:
+                raise fail(
+                    f"must be a whole number >= {low}, got {_got(value, whole=True)}",
+                    key,
+                    value_node,
+                )
+        else:
+            problem = _float_problem(value, 0, inclusive=True)
+            if problem:
+                raise fail(problem, key, value_node)
         values[arg] = value
     return values
