@@ -208,6 +208,7 @@ def burn_in_command(
     ] = None,
     trust: Trust = None,
     seed: Seed = None,
+    allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -221,6 +222,8 @@ def burn_in_command(
         "at once",
         no_network="to rebuild; quantise its source with 'rockq quantize'",
     )
+    if not allow_nonfinite:
+        check_finite(ckpt.network.state_dict().items(), checkpoint)
     from transform_core.outputs import write_burned
 
     target = output or default_output(checkpoint, ".quantised.safetensors")

@@ -577,6 +577,18 @@ def test_nonfinite_parameters_need_a_flag(tmp_path: Path) -> None:
     ok("quantize", tensors, "int8", "-o", tmp_path / "t.safetensors", "--allow-nonfinite", "-q")
 
 
+def test_burn_in_of_nonfinite_parameters_needs_the_flag(tmp_path: Path) -> None:
+    whole, _ = _nan_net(tmp_path)
+    patched = tmp_path / "nan.patched.safetensors"
+    ok("patch", whole, "int8", "-o", patched, "--allow-nonfinite", "-q")
+    out = tmp_path / "nan.quantised.safetensors"
+    line = user_error("burn-in", patched)
+    assert line.startswith(f"rockq: error: {patched}: 0.weight: holds 1 NaN or Inf value(s)")
+    assert "--allow-nonfinite" in line and not out.exists()
+    ok("burn-in", patched, "--allow-nonfinite", "-q")
+    assert bool(load_file(str(out))["0.weight"][0, 0].isnan())
+
+
 # --- patch, dry run, burn-in ---------------------------------------------------------------
 
 
