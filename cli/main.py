@@ -85,9 +85,11 @@ def handle_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from transform_core.errors import RockqError
+        from transform_core.kernels import check_environment
 
         process.freeze_imports()  # torch is imported now
         try:
+            check_environment()
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise

@@ -525,6 +525,22 @@ def test_a_recipe_with_an_absurd_bit_depth_is_refused_at_once(
     assert line.startswith(f"rockq: error: {recipe}:5: params[0].args.n_bits: must be at most 128")
 
 
+@pytest.mark.parametrize("variable", ["ROCKQ_COMPILED_KERNELS", "ROCKQ_DIRECT_IO"])
+def test_a_switch_in_the_environment_that_is_not_understood_stops_any_command(
+    tmp_path: Path, inputs: Inputs, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "maybe")
+    out = tmp_path / "q.safetensors"
+    line = user_error("quantize", inputs.mlp, "int8", "-o", out)  # too small to read it
+    assert line == (
+        f"rockq: error: environment variable {variable}='maybe' is not understood; set it to "
+        "0 (or false, no, off) to turn the feature off, or unset it"
+    )
+    assert _files(tmp_path) == []
+    monkeypatch.setenv(variable, "Off")
+    ok("quantize", inputs.mlp, "int8", "-o", out, "-q")
+
+
 def test_debug_raises_instead_of_one_line(inputs: Inputs, tmp_path: Path) -> None:
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(BAD_ARGS)

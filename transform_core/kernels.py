@@ -71,12 +71,14 @@ from transform_core.errors import ConfigError
 
 __all__ = [
     "BLOCK",
+    "ENVIRONMENT_SWITCHES",
     "LOAD_AFTER_SECONDS",
     "OUTPUT_CACHE_BYTES",
     "SMALL",
     "LevelMap",
     "abs_max",
     "chain_timer",
+    "check_environment",
     "compiled",
     "compiled_enabled",
     "compiled_kernels",
@@ -207,6 +209,23 @@ def switched_off_by_environment(variable: str) -> bool:
             "set it to 0 (or false, no, off) to turn the feature off, or unset it"
         )
     return setting in _OFF
+
+
+ENVIRONMENT_SWITCHES = ("ROCKQ_COMPILED_KERNELS", "ROCKQ_DIRECT_IO")
+"""The environment variables that turn a fast path off (see :func:`switched_off_by_environment`)."""
+
+
+def check_environment() -> None:
+    """Refuse a value of an :data:`ENVIRONMENT_SWITCHES` variable that is not understood.
+
+    They are read only when their fast path is first due, perhaps never on a small input:
+    a command checks them first, so that a typing slip is reported every time.
+
+    Raises:
+        ConfigError: Naming the variable and its value.
+    """
+    for variable in ENVIRONMENT_SWITCHES:
+        switched_off_by_environment(variable)
 
 
 def _start_loading() -> None:
