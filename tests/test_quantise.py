@@ -975,9 +975,9 @@ def test_class_calc_q_decay_is_callable() -> None:
     assert torch.equal(quantiser(x), quantiser.calc_q_decay(x))
 
 
-@pytest.mark.parametrize("dt", [0, -1e-3, NAN, "1e-3", True])
+@pytest.mark.parametrize("dt", [0, -1e-3, NAN, float("inf"), "1e-3", True])
 def test_class_calc_q_decay_rejects_bad_dt(dt: Any) -> None:
-    with pytest.raises(ValueError, match="dt must be a positive number"):
+    with pytest.raises(ValueError, match="dt must be a positive, finite number"):
         class_calc_q_decay(dt)
 
 

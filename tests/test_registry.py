@@ -335,7 +335,13 @@ def test_type_errors(name: str, args: dict[str, object], key: str, message: str)
         ),
         ("int_quant", {"n_bits": 1}, "n_bits", "must be an integer >= 2, got 1"),
         ("dropout", {"dropout_prob": 1.5}, "dropout_prob", "must be a number in [0, 1], got 1.5"),
-        ("t_decay", {"dt": 0}, "dt", "must be a positive number of seconds, got 0.0"),
+        ("t_decay", {"dt": 0}, "dt", "must be a positive, finite number of seconds, got 0.0"),
+        (
+            "t_decay",
+            {"dt": float("inf")},
+            "dt",
+            "must be a positive, finite number of seconds, got inf",
+        ),
     ],
 )
 def test_range_errors_come_from_the_function(

@@ -1062,8 +1062,12 @@ class class_calc_q_decay:  # the reference API's name, kept
     """
 
     def __init__(self, dt: float) -> None:
-        if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0:
-            raise ValueError(f"dt must be a positive number of seconds, got {dt!r}")
+        if (
+            isinstance(dt, bool)
+            or not isinstance(dt, (int, float))
+            or not 0 < dt < math.inf  # an infinite step would turn every decay into 0
+        ):
+            raise ValueError(f"dt must be a positive, finite number of seconds, got {dt!r}")
         self.dt = float(dt)
 
     def calc_q_decay(self, decay: Tensor) -> Tensor:
