@@ -659,6 +659,24 @@ def test_exponents_without_a_dot_or_sign_are_numbers() -> None:
         parse_recipe(text + "    args: {output_range: ['-1e3', 1e3]}\n")  # quoted: a string
 
 
+def test_a_character_yaml_forbids_is_one_line_naming_its_line() -> None:
+    text = "version: 1\nparams:\n  - family: weights\x00\n    transform: identity\n"
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, source="r.yaml")
+    assert str(info.value) == (
+        "r.yaml:3: holds the character #x0000, which YAML does not allow (special characters "
+        "are not allowed); remove it, or check that this is a text file"
+    )
+
+
+@pytest.mark.parametrize("nest", [("[", "]"), ("{a: ", "}")])
+def test_a_recipe_nested_too_deeply_is_refused(nest: tuple[str, str]) -> None:
+    deep = nest[0] * 5000 + nest[1] * 5000
+    text = f"version: 1\nparams:\n  - family: weights\n    transform: identity\n    args: {deep}\n"
+    with pytest.raises(RecipeError, match=r"^r\.yaml: is nested too deeply to read"):
+        parse_recipe(text, source="r.yaml")
+
+
 def test_inline_yaml_is_never_parsed() -> None:
     with pytest.raises(RecipeError, match="is not a recipe file and not a built-in recipe"):
         load_recipe("version: 1\nparams: [{family: weights, transform: identity}]")

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.reader import ReaderError
 
 from transform_core.errors import RecipeError, did_you_mean
 from transform_core.families import name_matches
@@ -420,7 +421,26 @@ class _Parser:
 
     def parse(self) -> Recipe:
         try:
+            return self._parse()
+        except RecursionError:
+            # PyYAML composes, and the checks walk, nested lists and mappings recursively.
+            raise RecipeError(
+                "is nested too deeply to read (lists or mappings inside one another hundreds "
+                "of levels deep); a recipe needs a few levels: check the brackets",
+                path=self.source,
+            ) from None
+
+    def _parse(self) -> Recipe:
+        try:
             root = yaml.compose(self.text, Loader=_RecipeLoader)
+        except ReaderError as exc:
+            line = self.text[: exc.position].count("\n") + 1
+            raise RecipeError(
+                f"holds the character #x{exc.character:04x}, which YAML does not allow "
+                f"({exc.reason}); remove it, or check that this is a text file",
+                path=self.source,
+                line=line,
+            ) from exc
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             detail = "; ".join(p for p in (exc.context, exc.problem) if p)
