@@ -56,15 +56,26 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signum)
 
 
+# Extension modules built with nanobind, which at exit prints every object of theirs that
+# is still alive as a leak, a screenful on stderr. torch's optimisers load Triton's.
+_LEAK_REPORTING_MODULES = ("triton._C.libtriton",)
+
+
 def freeze_imports() -> None:
     """Keep the objects alive now out of every later garbage collection (``gc.freeze``).
 
     torch leaves over 150,000 objects that live until the process ends. Frozen, no
     collection walks them again: neither the full ones during a long run nor the one at
     exit, which took 0.5 s on two cores. Not in a caller's process, where it would keep
-    that process's garbage.
+    that process's garbage. Once a module that reports leaks at exit is loaded (Triton's,
+    by a training step), nothing is frozen, and what was is thawed: the collection at exit
+    then frees its objects rather than leave them to be reported.
     """
-    if _own:
+    if not _own:
+        return
+    if any(name in sys.modules for name in _LEAK_REPORTING_MODULES):
+        gc.unfreeze()
+    else:
         gc.freeze()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import subprocess
@@ -122,3 +123,33 @@ def test_a_stop_signal_leaves_no_partial_output(tmp_path: Path, signame: str, co
     assert done.returncode == code, done.stderr
     assert done.stderr == f"rockq: error: stopped by {signame}; no file was left half-written\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="needs Triton, which torch's optimisers load"
+)
+def test_a_training_run_ends_without_leak_reports_on_stderr(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    torch.save(nn.Sequential(nn.Linear(4, 3)), tmp_path / "m.pt")
+    save_file(
+        {"inputs": torch.randn(16, 4), "targets": torch.randint(0, 3, (16,))},
+        str(tmp_path / "d.safetensors"),
+    )
+    (tmp_path / "r.yaml").write_text(
+        "version: 1\nparams:\n  - family: weights\n    transform: stochastic_rounding\n"
+        "finetune: {steps: 2, batch_size: 8}\n"
+    )
+    command = ["patch", "m.pt", "r.yaml", "--finetune", "--data", "d.safetensors", "-q"]
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", *command, "-o", "out.safetensors"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # Triton's nanobind module lists frozen objects as leaks
