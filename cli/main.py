@@ -95,6 +95,18 @@ def handle_errors(command: F) -> F:
             raise
         except KeyboardInterrupt as err:
             raise _interrupted(err) from None
+        except SystemExit as err:
+            # rockq itself never calls sys.exit inside a command: this came from the user's
+            # code it imported, and would otherwise end the command with that code, silently.
+            if kwargs.get("debug"):
+                raise
+            call = "sys.exit()" if err.code is None else f"sys.exit({err.code!r})"
+            raise _fail(
+                f"code it imported called {call} (a custom transform, loss, data function or "
+                "network class); nothing was written: make that code raise an exception or "
+                "return instead",
+                EXIT_USER_ERROR,
+            ) from None
         except RockqError as err:
             if kwargs.get("debug"):
                 raise

@@ -541,6 +541,24 @@ def test_a_switch_in_the_environment_that_is_not_understood_stops_any_command(
     ok("quantize", inputs.mlp, "int8", "-o", out, "-q")
 
 
+@pytest.mark.parametrize("where", ["import", "call"])
+def test_imported_code_that_calls_sys_exit_is_a_one_line_error(
+    tmp_path: Path, inputs: Inputs, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    module = f"exits_on_{where}"
+    body = "def clip(x):\n    raise SystemExit(3)\n"
+    if where == "import":
+        body = "import sys\nsys.exit()\n"
+    (tmp_path / f"{module}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\nparams:\n  - family: weights\n    transform: {module}:clip\n")
+    line = user_error("quantize", inputs.mlp, recipe, "-o", tmp_path / "q.safetensors")
+    call = "sys.exit()" if where == "import" else "sys.exit(3)"
+    assert line.startswith(f"rockq: error: code it imported called {call} (a custom transform")
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == [f"{module}.py", "r.yaml"]
+
+
 def test_debug_raises_instead_of_one_line(inputs: Inputs, tmp_path: Path) -> None:
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(BAD_ARGS)
