@@ -159,6 +159,46 @@ def test_loader_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         load_data("nosuchpackage.mod:fn")
 
 
+def test_loader_function_that_exits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "exiting.py").write_text(
+        "import sys\n"
+        "def quits():\n"
+        "    sys.exit()\n"
+        "def fails():\n"
+        "    sys.exit(3)\n"
+        "def interrupted():\n"
+        "    raise KeyboardInterrupt\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "exiting", raising=False)
+    for name, call in [("quits", "sys.exit()"), ("fails", "sys.exit(3)")]:
+        with pytest.raises(ConfigError) as info:
+            load_data(f"exiting:{name}")
+        assert str(info.value) == (
+            f"--data: 'exiting:{name}' called {call}; a --data function must return "
+            "(train_loader, val_loader) instead of exiting"
+        )
+    # Ctrl-C is the user's, not the function's: it goes through untouched.
+    with pytest.raises(KeyboardInterrupt):
+        load_data("exiting:interrupted")
+
+
+def test_batch_order_takes_any_integer_seed() -> None:
+    data = TensorData(torch.zeros(10, 2), torch.zeros(10))
+    # Seeds torch took before keep their order.
+    for seed in (0, 3, -3, -(2**40)):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + 1)
+        order = torch.cat(data.batch_indices(4, epoch=1, seed=seed))
+        assert torch.equal(order, torch.randperm(10, generator=generator))
+    for seed in (2**64 - 1, -(2**63), 10**30, -(10**30)):
+        order = torch.cat(data.batch_indices(4, epoch=1, seed=seed))
+        assert sorted(order.tolist()) == list(range(10))
+    # Seeds that agree modulo 2**64 agree, as they do in torch.
+    a = data.batch_indices(4, epoch=2, seed=-1)
+    b = data.batch_indices(4, epoch=2, seed=2**64 - 1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_split_batch() -> None:
     x, y = split_batch({"inputs": torch.zeros(2, 1), "targets": torch.ones(2)}, "<l>")
     assert x.shape == (2, 1) and y.tolist() == [1.0, 1.0]

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,34 @@ def test_section_parses_into_a_config() -> None:
         ("{reduce_time: max}", "finetune.reduce_time: must be one of sum, mean, last"),
         ("{eval_every: weekly}", "finetune.eval_every: must be 'epoch' or a number of steps"),
         ("[1, 2]", "finetune: 'finetune' must be a mapping"),
+        # Counts beyond 64 bits, and seeds beyond torch.manual_seed, are refused by the parser.
+        (
+            "{batch_size: 99999999999999999999999}",
+            "finetune.batch_size: must be a whole number <= 9223372036854775807 (2**63 - 1), "
+            "got 99999999999999999999999",
+        ),
+        ("{epochs: 9223372036854775808}", "finetune.epochs: must be a whole number <= 92233"),
+        ("{steps: 99999999999999999999999}", "finetune.steps: must be a whole number <= 92233"),
+        ("{eval_every: 99999999999999999999999}", "eval_every: must be 'epoch' or a number of"),
+        ("{checkpoint_every: 99999999999999999999999}", "checkpoint_every: must be 'epoch' or a"),
+        (
+            "{seed: 18446744073709551616}",
+            "finetune.seed: must be an integer from -9223372036854775808 to "
+            "18446744073709551615 (what torch.manual_seed takes), got 18446744073709551616",
+        ),
+        ("{seed: -9223372036854775809}", "finetune.seed: must be an integer from -922337203685"),
+        (
+            "{schedule: {name: cosine, warmup_steps: 99999999999999999999999}}",
+            "finetune.schedule.warmup_steps: must be a whole number <= 9223372036854775807",
+        ),
+        (
+            "{schedule: {name: step, step_size: 99999999999999999999999}}",
+            "finetune.schedule.step_size: must be a whole number <= 9223372036854775807",
+        ),
+        # Whole numbers past float's range are no finite numbers.
+        (f"{{grad_clip: {10**400}}}", "finetune.grad_clip: must be a finite number > 0 or null"),
+        (f"{{optimizer: {{name: sgd, lr: {10**400}}}}}", "optimizer.lr: must be a finite number"),
+        (f"{{schedule: {{name: step, gamma: {10**400}}}}}", "schedule.gamma: must be a finite"),
     ],
 )
 def test_section_errors_name_line_and_key(section: str, expected: str) -> None:
@@ -190,12 +220,28 @@ def test_section_errors_name_line_and_key(section: str, expected: str) -> None:
             {"betas": (0.8, 0.99), "foreach": None},
         ),
         ("{name: sgd, lr: 1.0e-3}", {}),
+        # Whole numbers become floats (torch overflows on a huge int).
+        ("{name: adam, eps: 99999999999999999999999}", {"eps": 1e23}),
+        ("{name: sgd, momentum: 1, weight_decay: 0}", {"momentum": 1.0, "weight_decay": 0.0}),
     ],
 )
 def test_optimizer_arguments_torch_accepts(optimizer: str, args: dict[str, Any]) -> None:
     text = RECIPE.split("finetune:")[0] + f"finetune: {{optimizer: {optimizer}}}\n"
     config = parse_recipe(text).finetune
     assert config is not None and config.optimizer_args == args
+    assert all(type(v) is type(args[k]) for k, v in config.optimizer_args.items())
+
+
+def test_seed_range_is_what_torch_takes() -> None:
+    for seed, beyond in [(2**64 - 1, 2**64), (-(2**63), -(2**63) - 1)]:
+        torch.Generator().manual_seed(seed)
+        with pytest.raises(ValueError, match="Overflow"):
+            torch.Generator().manual_seed(beyond)
+        text = RECIPE.split("finetune:")[0] + f"finetune: {{seed: {seed}}}\n"
+        config = parse_recipe(text).finetune
+        assert config is not None and config.seed == seed
+        with pytest.raises(RecipeError, match=f"finetune.seed: .*got {beyond}$"):
+            parse_recipe(text.replace(str(seed), str(beyond)))
 
 
 def test_schedules() -> None:
@@ -313,6 +359,134 @@ def test_time_series_output_needs_reduce_time(tmp_path: Path) -> None:
     bare = FinetuneConfig(epochs=1)
     with pytest.raises(ConfigError, match="reduce_time"):
         finetune(patch_network(net, plan), plan, bare, _data())
+
+
+def test_huge_seed_and_batch_size_train() -> None:
+    # The recipe's seed may be any integer; torch's generators take 64 bits of it.
+    net = _net()
+    plan = plan_network(net, parse_recipe(RECIPE.replace("seed: 3", f"seed: {10**30}")))
+    config = FinetuneConfig(steps=2, batch_size=2**63 - 1, seed=None)
+    result = finetune(patch_network(net, plan), plan, config, _data())
+    assert result.steps == 2 and result.epochs == 2
+
+
+def test_mse_with_class_targets_fails_alone_without_torchs_warning() -> None:
+    net = _net()
+    plan = plan_network(net, parse_recipe(RECIPE))
+    data = replace(_data(), source="d.safetensors")
+    config = FinetuneConfig(epochs=1, batch_size=16, loss="mse", metric="loss")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError) as info:
+            finetune(patch_network(net, plan), plan, config, data)
+    assert [str(w.message) for w in caught] == []
+    assert str(info.value) == (
+        "d.safetensors: targets: loss 'mse' cannot compare outputs (16, 3) with targets (16,) "
+        "(int64): mse needs targets shaped like the outputs (class indices need 'loss: "
+        "cross_entropy'); check the data's targets, 'loss' and 'reduce_time'"
+    )
+
+
+class _Fails(nn.Module):
+    """A network whose forward pass fails on its own, whatever the data."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.error = error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise self.error
+
+
+def test_a_fault_inside_the_network_keeps_its_message() -> None:
+    recipe = parse_recipe(RECIPE)
+    net = _Fails(RuntimeError("boom in layer 7"))
+    plan = plan_network(net, recipe)
+    with pytest.raises(ConfigError) as info:
+        finetune(patch_network(net, plan), plan, FinetuneConfig(), _data())
+    message = str(info.value)
+    assert "RuntimeError: boom in layer 7" in message
+    assert message.endswith("(if it does, the fault is in the network)")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    # Not a shape or value error of torch's: left as it is, an internal error.
+    net = _Fails(AttributeError("no attribute 'weight'"))
+    plan = plan_network(net, recipe)
+    with pytest.raises(AttributeError):
+        finetune(patch_network(net, plan), plan, FinetuneConfig(), _data())
+
+
+def loss_one_argument(out: torch.Tensor) -> torch.Tensor:
+    return out.sum()
+
+
+def loss_with_keyword(out: torch.Tensor, y: torch.Tensor, *, weight: float) -> torch.Tensor:
+    return out.sum() * weight
+
+
+def loss_per_sample(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def loss_float(out: torch.Tensor, y: torch.Tensor) -> float:
+    return float(nn.functional.cross_entropy(out, y).detach())
+
+
+def loss_errors_count(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out.argmax(dim=1) != y).sum()
+
+
+def loss_detached(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y).detach()
+
+
+def loss_with_a_bug(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return out.sum() + "1"  # type: ignore[operator, no-any-return]
+
+
+def loss_that_exits(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    sys.exit()
+
+
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [
+        (
+            "loss_one_argument",
+            "'tests.test_finetune:loss_one_argument' cannot be called as f(outputs, targets) "
+            "(too many positional arguments); a loss must be a function f(outputs, targets) -> "
+            "scalar tensor",
+        ),
+        ("loss_with_keyword", "(missing a required argument: 'weight'); a loss must be"),
+        (
+            "loss_per_sample",
+            "returned a tensor of shape (16,); it must return a scalar tensor (reduce it, for "
+            "example with .mean())",
+        ),
+        ("loss_float", "returned a float; it must return a scalar tensor"),
+        ("loss_errors_count", "returned a int64 tensor; it must return a floating-point scalar"),
+        ("loss_detached", "returned a tensor that autograd cannot differentiate (no grad_fn)"),
+        (
+            "loss_with_a_bug",
+            "raised TypeError: unsupported operand type(s) for +: 'Tensor' and 'str'; fix the "
+            "function (a loss must be",
+        ),
+        ("loss_that_exits", "called sys.exit(); it must return a scalar tensor instead of"),
+    ],
+)
+def test_custom_losses_that_do_not_fit_fail_before_writing(
+    tmp_path: Path, function: str, expected: str
+) -> None:
+    recipe, loaded = _setup(tmp_path)
+    plan = plan_network(loaded.module, recipe)
+    out = tmp_path / "a.safetensors"
+    target = CheckpointTarget(out, loaded.source, recipe.text, loaded.network_bytes)
+    config = FinetuneConfig(batch_size=16, loss=f"tests.test_finetune:{function}", metric="loss")
+    with pytest.raises(ConfigError) as info:
+        finetune(patch_network(loaded.module, plan), plan, config, _data(), target=target)
+    assert str(info.value).startswith("finetune.loss: ")
+    assert expected in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt"]
 
 
 def test_targets_the_loss_cannot_use_fail_before_writing(tmp_path: Path) -> None:
@@ -503,6 +677,54 @@ def test_cli_bad_finetune_settings_exit_2(cli_dir: Path, section: str, expected:
     assert result.exit_code == 2, result.output
     assert result.output.startswith("rockq: error: r.yaml:") and expected in result.output
     assert not (cli_dir / "out.safetensors").exists()
+
+
+def test_cli_huge_batch_size_exits_2(cli_dir: Path) -> None:
+    (cli_dir / "r.yaml").write_text(RECIPE.replace("batch_size: 16", f"batch_size: {10**23}"))
+    result = _invoke(*_PATCH, "--data", "data.safetensors", "-o", "out.safetensors")
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        "rockq: error: r.yaml:12: finetune.batch_size: must be a whole number <= "
+        f"9223372036854775807 (2**63 - 1), got {10**23}\n"
+    )
+    assert not (cli_dir / "out.safetensors").exists()
+
+
+def test_cli_data_the_network_cannot_take_exits_2(cli_dir: Path) -> None:
+    data = _data()
+    wide = {"inputs": torch.cat([data.inputs, data.inputs[:, :1]], dim=1), "targets": data.targets}
+    save_file(wide, str(cli_dir / "d5.safetensors"))
+    expected = (
+        "rockq: error: d5.safetensors: inputs: the network cannot take samples of shape (5,) "
+        "(float32): RuntimeError: mat1 and mat2 shapes cannot be multiplied (16x5 and 4x16); "
+        "check --data matches the network's input (if it does, the fault is in the network)\n"
+    )
+    result = _invoke(*_PATCH, "--data", "d5.safetensors", "-o", "out.safetensors")
+    assert result.exit_code == 2 and result.output == expected
+    assert not (cli_dir / "out.safetensors").exists()
+    # A resumed run measures nothing before it trains: it is refused as well, files kept.
+    good = _invoke(*_PATCH, "--data", "data.safetensors", "-o", "out.safetensors")
+    assert good.exit_code == 0, good.output
+    before = {p.name: p.read_bytes() for p in cli_dir.iterdir()}
+    result = _invoke(*_PATCH, "--data", "d5.safetensors", "-o", "out.safetensors", "--resume")
+    assert result.exit_code == 2 and result.output == expected
+    assert {p.name: p.read_bytes() for p in cli_dir.iterdir()} == before
+
+
+def data_that_exits() -> Any:
+    sys.exit()
+
+
+def test_cli_data_function_that_exits_exits_2(cli_dir: Path) -> None:
+    result = _invoke(
+        *_PATCH, "--data", "tests.test_finetune:data_that_exits", "-o", "o.safetensors"
+    )
+    assert result.exit_code == 2
+    assert result.output == (
+        "rockq: error: --data: 'tests.test_finetune:data_that_exits' called sys.exit(); a --data "
+        "function must return (train_loader, val_loader) instead of exiting\n"
+    )
+    assert not (cli_dir / "o.safetensors").exists()
 
 
 def test_cli_refuses_nonfinite_data(cli_dir: Path) -> None:

@@ -80,7 +80,9 @@ class TensorData:
         so a resumed run sees the batches an uninterrupted run would.
         """
         if shuffle:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            # Torch takes 64-bit seeds; wrapping keeps any integer seed (a negative one
+            # wraps as torch wraps it).
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
             order = torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.arange(self.num_samples)
@@ -257,6 +259,13 @@ def _load_function(reference: str) -> LoaderData:
     except Exception as err:  # the user's function can raise anything
         raise ConfigError(
             f"'{reference}' raised {type(err).__name__}: {err}", key="--data"
+        ) from None
+    except SystemExit as err:  # which would end rockq with the function's exit code
+        call = "sys.exit()" if err.code is None else f"sys.exit({err.code!r})"
+        raise ConfigError(
+            f"'{reference}' called {call}; a --data function must return "
+            "(train_loader, val_loader) instead of exiting",
+            key="--data",
         ) from None
     train, val = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
     for name, loader in (("training", train), ("validation", val)):

@@ -88,6 +88,7 @@ from transform_core.finetune_config import (
 )
 from transform_core.finetune_eval import (
     burned_copy,
+    check_data_fits,
     compute_loss,
     evaluate,
     loss_function,
@@ -386,6 +387,9 @@ def _run(
     seed = config.seed if config.seed is not None else plan.seed
     T_net.to(device)
     loss_fn = loss_function(config.loss)
+    # One batch through the network and the loss first, before torch's global generator is
+    # seeded or restored: data the network cannot take is refused naming the data.
+    check_data_fits(T_net, data, config, loss_fn, device)
     val = validation_batches(data, config.batch_size)
     evaluated_on = "validation" if val is not None else "training"
 
@@ -394,7 +398,7 @@ def _run(
         return batches if batches is not None else train_eval_batches(data, config.batch_size)
 
     def measure(net: nn.Module) -> dict[str, float | None]:
-        figures = evaluate(net, eval_batches(), config, device)
+        figures = evaluate(net, eval_batches(), config, device, data.source)
         if config.metric == "accuracy" and figures["accuracy"] is None:
             raise ConfigError(
                 "metric 'accuracy' needs (batch, classes) outputs and class-index or one-hot "
@@ -426,7 +430,8 @@ def _run(
     if resume is None:
         # Dropout and unseeded transforms draw from torch's global generator: seed it, so
         # that two runs with the same seed agree bit for bit.
-        torch.manual_seed(seed)
+        # Any integer is a recipe seed; torch takes 64 bits (a negative seed wraps alike).
+        torch.manual_seed(seed % 2**64)
     epoch_rng = torch.get_rng_state()
     if resume is not None:
         pos, epoch_rng = restore_training_state(resume, T_net, optimizer, device)
@@ -472,7 +477,9 @@ def _run(
         ended = True
         for x, y, scale in batches:
             lr = config.lr * lr_factor(config, pos.step, total)
-            loss = _train_step(model, T_net, optimizer, x, y, scale, lr, config, loss_fn, device)
+            loss = _train_step(
+                model, T_net, optimizer, x, y, scale, lr, config, loss_fn, device, data.source
+            )
             pos.step += 1
             pos.batch += 1
             mean = _global_mean(loss, world)
@@ -553,6 +560,7 @@ def _train_step(
     config: FinetuneConfig,
     loss_fn: Callable[..., Tensor],
     device: torch.device,
+    source: str,
 ) -> Tensor:
     model.train()
     x, y = x.to(device), y.to(device)
@@ -561,7 +569,7 @@ def _train_step(
         # it joins the gradient average, with a zero loss.
         loss = prepare_output(model(x), y, config.reduce_time).sum() * 0.0
     else:
-        loss, _ = compute_loss(model, x, y, config, loss_fn)
+        loss, _ = compute_loss(model, x, y, config, loss_fn, source)
     optimizer.zero_grad(set_to_none=True)
     torch.autograd.backward(loss * scale)
     if config.grad_clip is not None:

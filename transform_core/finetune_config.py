@@ -3,9 +3,11 @@
 :func:`parse_finetune_section` checks every key of the section (each key is shown in
 :mod:`transform_core.finetune`) and builds a :class:`FinetuneConfig`; unknown keys, wrong
 types and out-of-range values are refused with the line and key path. Every number must be
-finite; a number given as a string (``'1e-3'``) is refused, as transform arguments are, with
-the spelling to write. Optimiser arguments are checked against the torch optimiser's own
-signature, then by building it on a dummy parameter and taking one step.
+finite, every count at most ``2**63 - 1`` and ``seed`` what ``torch.manual_seed`` takes
+(``-2**63`` to ``2**64 - 1``); a number given as a string (``'1e-3'``) is refused, as
+transform arguments are, with the spelling to write. Optimiser arguments are checked
+against the torch optimiser's own signature, then by building it on a dummy parameter and
+taking one step.
 :func:`lr_factor` turns the schedule into the learning rate of each step.
 
 Example:
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -74,6 +77,9 @@ _KEYS = (
 )
 _SCHEDULE_KEYS = ("name", "warmup_steps", "min_lr", "step_size", "gamma")
 _FUNCTION_REF = "'package.module:function'"
+# Counts and sizes are 64-bit inside torch; seeds are what torch.manual_seed takes.
+_MAX_WHOLE = 2**63 - 1
+_SEED_RANGE = (-(2**63), 2**64 - 1)
 # Arguments of torch's optimisers that do not fit fine-tuning's plain, eager steps.
 _REFUSED_ARGS = {
     "capturable": "it is for steps captured in a CUDA graph, which fine-tuning does not use, "
@@ -167,7 +173,31 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_finite(value: Any) -> bool:
+    """Whether ``value`` is a number that a float holds finitely.
+
+    Example:
+        >>> _is_finite(1e-3), _is_finite(10**400), _is_finite(float("nan"))
+        (True, False, False)
+    """
+    if _is_int(value):
+        return bool(abs(value) <= sys.float_info.max)
     return _is_number(value) and math.isfinite(value)
+
+
+def _whole_problem(value: Any, low: int, what: str = "a whole number") -> str:
+    """The complaint about a count, or ``''`` when ``value`` is fine.
+
+    Example:
+        >>> _whole_problem(0, 1), _whole_problem(3, 1)
+        ('must be a whole number >= 1, got 0', '')
+        >>> _whole_problem(2**63, 1)
+        'must be a whole number <= 9223372036854775807 (2**63 - 1), got 9223372036854775808'
+    """
+    if not _is_int(value) or value < low:
+        return f"must be {what} >= {low}, got {_got(value, whole=True)}"
+    if value > _MAX_WHOLE:
+        return f"must be {what} <= {_MAX_WHOLE} (2**63 - 1), got {value}"
+    return ""
 
 
 def _yaml_number(text: str, *, whole: bool = False) -> str | None:
@@ -276,8 +306,9 @@ def _parse_plain_keys(
     for name in ("epochs", "steps", "batch_size"):
         if name in entries:
             value = get(name)
-            if not _is_int(value) or value < 1:
-                raise fail(f"must be a whole number >= 1, got {_got(value, whole=True)}", name)
+            problem = _whole_problem(value, 1)
+            if problem:
+                raise fail(problem, name)
             values[name] = value
     if "steps" in values:
         values["epochs"] = None
@@ -286,17 +317,22 @@ def _parse_plain_keys(
             value = get(name)
             if value == "epoch":
                 values[name] = None
-            elif _is_int(value) and value >= 1:
-                values[name] = value
-            else:
-                raise fail(
-                    f"must be 'epoch' or a number of steps >= 1, got {_got(value, whole=True)}",
-                    name,
-                )
+                continue
+            problem = _whole_problem(value, 1, "'epoch' or a number of steps")
+            if problem:
+                raise fail(problem, name)
+            values[name] = value
     if "seed" in entries:
         value = get("seed")
         if not _is_int(value):
             raise fail(f"must be an integer, got {_got(value, whole=True)}", "seed")
+        low, high = _SEED_RANGE
+        if not low <= value <= high:
+            raise fail(
+                f"must be an integer from {low} to {high} (what torch.manual_seed takes), "
+                f"got {value}",
+                "seed",
+            )
         values["seed"] = value
     if "shuffle" in entries:
         value = get("shuffle")
@@ -386,7 +422,11 @@ def _parse_optimizer(parser: Any, node: Node, fail: Callable[..., Exception]) ->
         problem = _optimizer_arg_problem(value, allowed[arg])
         if problem:
             raise fail(problem, key, value_node)
-        args[arg] = tuple(value) if isinstance(value, list) else value
+        # Torch's numeric optimiser arguments are floats (a huge int overflows inside torch).
+        if isinstance(value, list):
+            args[arg] = tuple(float(v) for v in value)
+        else:
+            args[arg] = float(value) if _is_number(value) else value
     problem = _probe_optimizer(name, args)
     if problem:
         # Blame the one key that fails on its own (a range torch refuses); arguments that
@@ -445,13 +485,9 @@ def _parse_schedule(parser: Any, node: Node, fail: Callable[..., Exception]) -> 
             )
         value = parser.value(value_node, f"finetune.{key}")
         if arg in ("warmup_steps", "step_size"):
-            low = 1 if arg == "step_size" else 0
-            if not _is_int(value) or value < low:
-                raise fail(
-                    f"must be a whole number >= {low}, got {_got(value, whole=True)}",
-                    key,
-                    value_node,
-                )
+            problem = _whole_problem(value, 1 if arg == "step_size" else 0)
+            if problem:
+                raise fail(problem, key, value_node)
         else:
             problem = _float_problem(value, 0, inclusive=True)
             if problem:
