@@ -79,6 +79,8 @@ def check_finite(named: Iterable[tuple[str, Any]], path: Path) -> None:
     for name, tensor in named:
         if not tensor.is_floating_point() or tensor.numel() == 0:
             continue
+        if tensor.itemsize == 1:
+            tensor = tensor.float()  # float8 has no sum; float32 holds its values exactly
         # A finite sum means every value is finite (NaN and Inf propagate), and a sum reads
         # the tensor once without a mask: over ten times faster than isfinite().all().
         # Only a sum that is not finite (or overflowed) needs the check value by value.
@@ -145,15 +147,18 @@ def load_patched_plan(
         :class:`~transform_core.pipeline.Plan`.
 
     Raises:
-        CheckpointError: A missing file, another kind of file, or no network in it.
+        CheckpointError: A missing file, a damaged safetensors header, another kind of
+            file, or no network in it.
     """
     from transform_core.checkpoint import is_patched, load_patched
     from transform_core.errors import CheckpointError
     from transform_core.pipeline import plan_network
     from transform_core.recipe import parse_recipe
-    from transform_core.safetensors_io import require_file
+    from transform_core.safetensors_io import is_safetensors, read_header, require_file
 
     require_file(checkpoint, expected=_PATCHED)
+    if is_safetensors(checkpoint):
+        read_header(checkpoint)  # a damaged header says what is wrong, not "not patched"
     if not is_patched(checkpoint):
         raise CheckpointError(
             f"is not a patched checkpoint; create one with 'rockq patch MODEL RECIPE'"

@@ -97,6 +97,8 @@ def plan(console: Console, data: Mapping[str, Any]) -> None:
 
 def report(console: Console, data: Mapping[str, Any], title: str = "quantisation report") -> None:
     """The per-tensor bit-width table and totals."""
+    from transform_core.report_markdown import complex_note
+
     with_reference = any(t.get("max_abs_error") is not None for t in data["tensors"])
     table = Table(title=title)
     columns = [
@@ -136,6 +138,9 @@ def report(console: Console, data: Mapping[str, Any], title: str = "quantisation
             row += [_number(t["max_abs_error"]), _number(t["rmse"]), _number(t["sqnr_db"], 3)]
         table.add_row(*row)
     console.print(table)
+    note = complex_note([t["name"] for t in data["tensors"] if t["dtype"].startswith("complex")])
+    if note:
+        console.print(escape(note))
     totals = data["totals"]
     console.print(
         f"quantised: {totals['quantised_parameters']} of {totals['parameters']} values "

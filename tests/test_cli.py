@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 import torch
+from cli_runs import ok, runner, user_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from typer.testing import CliRunner
 
 import transform_core
 from cli import quantise_commands
@@ -203,32 +203,6 @@ def recipe_file(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "recipe.yaml"
     path.write_text(DETERMINISTIC)
     return path
-
-
-# Plain output whatever the environment: no forced colours or terminal, which would also
-# turn on progress bars.
-_PLAIN = {"FORCE_COLOR": None, "TTY_COMPATIBLE": None, "TTY_INTERACTIVE": None}
-
-
-def runner() -> CliRunner:
-    return CliRunner(env=_PLAIN)
-
-
-def ok(*args: str | Path) -> str:
-    """Run a command that must succeed; return its stdout."""
-    result = runner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result.stdout
-
-
-def user_error(*args: str | Path) -> str:
-    """Run a command that must fail with a user error; return its one stderr line."""
-    result = runner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
-    assert result.stderr.startswith("rockq: error: ")
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert "Traceback" not in result.output
-    return result.stderr.strip()
 
 
 def _files(folder: Path) -> list[str]:

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import stat
+import struct
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from cli_runs import ok, user_error
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from cli.inputs import check_finite
 from transform_core.errors import CheckpointError
@@ -29,3 +40,231 @@ def test_check_finite_passes_finite_values_whose_sum_overflows() -> None:
 def test_check_finite_catches_infinities_that_cancel_in_a_sum() -> None:
     with pytest.raises(CheckpointError, match="2 NaN or Inf"):
         check_finite([("w", torch.tensor([math.inf, -math.inf, 1.0]))], Path("m"))
+
+
+def test_check_finite_reads_float8_tensors() -> None:
+    check_finite([("w", torch.tensor([1.0, -2.0]).to(torch.float8_e4m3fn))], Path("m"))
+    bad = torch.tensor([1.0, math.nan, 2.0]).to(torch.float8_e4m3fn)
+    with pytest.raises(CheckpointError, match=r"m: w: holds 1 NaN or Inf"):
+        check_finite([("w", bad)], Path("m"))
+
+
+# --- the commands on unusual inputs ----------------------------------------------------
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+_EVERY_TENSOR = """\
+version: 1
+params:
+  - match: '*'
+    transform: deterministic_rounding
+    args: {num_levels: 255, maintain_zero: true}
+"""
+
+
+def _odd_file(folder: Path) -> Path:
+    """A file with a float8 and a complex tensor beside a float32 one."""
+    generator = torch.Generator().manual_seed(0)
+    path = folder / "odd.safetensors"
+    tensors = {
+        "a": torch.randn(4, 4, generator=generator).to(torch.float8_e4m3fn),
+        "b": torch.randn(3, dtype=torch.complex64, generator=generator),
+        "c": torch.randn(3, generator=generator),
+    }
+    save_file(tensors, str(path))
+    return path
+
+
+def test_report_describes_float8_and_complex_tensors(tmp_path: Path) -> None:
+    odd = _odd_file(tmp_path)
+    text = ok("report", odd)
+    assert "Complex tensors ('b') are described by their real and imaginary parts" in text
+    data = json.loads(ok("report", odd, "--json"))
+    dtypes = {t["name"]: (t["dtype"], t["numel"]) for t in data["tensors"]}
+    assert dtypes == {"a": ("float8_e4m3fn", 16), "b": ("complex64", 3), "c": ("float32", 3)}
+    # 16 float8 + 3 complex64 + 3 float32 values at float32 (a complex one as two).
+    assert data["totals"]["float32_bits"] == 16 * 32 + 3 * 64 + 3 * 32
+
+
+def test_quantize_keeps_float8_and_complex_tensors_and_reports_them(tmp_path: Path) -> None:
+    odd = _odd_file(tmp_path)
+    recipe = tmp_path / "every.yaml"
+    recipe.write_text(_EVERY_TENSOR)
+    out = tmp_path / "out.safetensors"
+    ok("quantize", odd, recipe, "-o", out, "--quiet")
+    before, after = load_file(str(odd)), load_file(str(out))
+    # Only float16/32/64 and bfloat16 tensors are transformed; the others pass unchanged.
+    for name in ("a", "b"):
+        assert after[name].dtype == before[name].dtype
+        assert torch.equal(after[name].view(torch.uint8), before[name].view(torch.uint8))
+    assert not torch.equal(after["c"], before["c"])
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    transforms = {t["name"]: t["transform"] for t in report["tensors"]}
+    assert transforms["a"] is None and transforms["b"] is None and transforms["c"]
+    compared = json.loads(ok("report", out, "--reference", odd, "--json"))
+    errors = {t["name"]: t["max_abs_error"] for t in compared["tensors"]}
+    assert errors["a"] == 0.0 and errors["b"] == 0.0 and errors["c"] > 0
+
+
+def _write_safetensors(path: Path, header: dict[str, Any], data: bytes) -> Path:
+    """A safetensors file written by hand: 8-byte length, JSON header, data."""
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+_BAD_ENTRIES = {
+    "bool-size": (
+        {"dtype": "F32", "shape": [True, 16], "data_offsets": [0, 64]},
+        "shape [true, 16]",
+    ),
+    "negative-size": ({"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]}, "shape [-1, 4]"),
+    "fraction-size": ({"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}, "shape [1.5]"),
+    "text-shape": ({"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}, 'shape "4"'),
+    "huge-size": (
+        {"dtype": "F32", "shape": [2**62, 2**62, 0], "data_offsets": [0, 0]},
+        "is too large for torch",
+    ),
+    "bool-offsets": (
+        {"dtype": "BOOL", "shape": [1], "data_offsets": [False, True]},
+        "data_offsets [false, true]",
+    ),
+    "list-dtype": ({"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}, 'dtype ["F32"]'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_ENTRIES))
+@pytest.mark.parametrize("command", ["report", "quantize", "inspect"])
+def test_malformed_header_entries_name_the_file_and_tensor(
+    tmp_path: Path, case: str, command: str
+) -> None:
+    entry, phrase = _BAD_ENTRIES[case]
+    size = entry["data_offsets"][1] - entry["data_offsets"][0]
+    bad = _write_safetensors(tmp_path / "bad.safetensors", {"layer.weight": entry}, bytes(size))
+    args: list[str | Path] = {
+        "report": ["report", bad],
+        "quantize": ["quantize", bad, "int8", "-o", tmp_path / "out.safetensors"],
+        "inspect": ["inspect", bad],
+    }[command]
+    before = _files(tmp_path)
+    line = user_error(*args)
+    assert line.startswith(f"rockq: error: {bad}: layer.weight: ")
+    assert phrase in line
+    assert line.endswith(("; re-create the file", "; convert the tensor"))
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["burn-in", "report"])
+def test_patched_checkpoint_with_a_malformed_shape_names_the_tensor(
+    tmp_path: Path, command: str
+) -> None:
+    net = tmp_path / "net.pt"
+    torch.save(nn.Sequential(nn.Linear(4, 3)), net)
+    patched = tmp_path / "net.patched.safetensors"
+    ok("patch", net, "int8", "-o", patched, "--quiet")
+    raw = patched.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    header["0.weight"]["shape"] = [True, 12]  # 3 x 4 values, as 1 x 12 with a JSON true
+    broken = _write_safetensors(tmp_path / "broken.safetensors", header, raw[8 + length :])
+    before = _files(tmp_path)
+    args: list[str | Path] = [command, broken]
+    if command == "burn-in":
+        args += ["-o", tmp_path / "out.safetensors"]
+    line = user_error(*args)
+    assert f"{broken}: 0.weight: is corrupt: shape [true, 12]" in line
+    assert _files(tmp_path) == before
+
+
+@contextlib.contextmanager
+def _unblocked(fifo: Path) -> Iterator[None]:
+    """Open ``fifo`` for writing after a while, so that a reader stuck on it ends (at EOF)
+    and the test fails rather than hangs."""
+
+    def release() -> None:
+        with contextlib.suppress(OSError):  # no reader: nothing to release
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(10.0, release)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+_NOT_REGULAR = {
+    "/dev/zero": "a character device",
+    "/dev/null": "a character device",
+    "fifo": "a named pipe (FIFO)",
+}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes and /dev")
+@pytest.mark.parametrize("kind", sorted(_NOT_REGULAR))
+@pytest.mark.parametrize("command", ["report", "quantize", "burn-in", "inspect", "reference"])
+def test_inputs_that_are_not_regular_files_are_refused_without_reading(
+    tmp_path: Path, kind: str, command: str
+) -> None:
+    model = Path(kind)
+    if kind == "fifo":
+        model = tmp_path / "model.safetensors"
+        os.mkfifo(model)
+    out = tmp_path / "out.safetensors"
+    args: list[str | Path] = {
+        "report": ["report", model],
+        "quantize": ["quantize", model, "int8", "-o", out],
+        "burn-in": ["burn-in", model, "-o", out],
+        "inspect": ["inspect", model],
+        "reference": ["report", _odd_file(tmp_path), "--reference", model],
+    }[command]
+    before = _files(tmp_path)
+    with _unblocked(model):
+        line = user_error(*args)
+    assert line.startswith(f"rockq: error: {model}: is not a regular file but {_NOT_REGULAR[kind]}")
+    assert "is empty" not in line
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_shard_index_that_is_a_fifo_is_refused_without_reading(tmp_path: Path) -> None:
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    index = folder / "model.safetensors.index.json"
+    os.mkfifo(index)
+    with _unblocked(index):
+        line = user_error("report", folder)
+    assert line.startswith(f"rockq: error: {index}: is not a regular file but a named pipe")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_output_that_is_a_fifo_is_not_replaced(tmp_path: Path) -> None:
+    odd = _odd_file(tmp_path)
+    fifo = tmp_path / "report.md"
+    os.mkfifo(fifo)
+    line = user_error("report", odd, "--markdown", fifo, "--force")
+    assert f"{fifo}: is not a regular file but a named pipe (FIFO)" in line
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_input_that_cannot_be_opened_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    odd = _odd_file(tmp_path)
+    real_open = Path.open
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == odd:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    line = user_error("report", odd)
+    assert (
+        line
+        == f"rockq: error: {odd}: cannot be read (Permission denied); check the file and its permissions"
+    )

@@ -182,11 +182,61 @@ def test_tensor_that_requires_grad_is_reported() -> None:
     assert tensor_report("w", p).step == 2.0
 
 
-def test_complex_and_non_tensors_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"w: complex tensor"):
-        tensor_report("w", torch.zeros(2, dtype=torch.complex64))
+def test_non_tensors_are_refused() -> None:
     with pytest.raises(TypeError, match=r"w: expected the tensor as a torch.Tensor, got list"):
         tensor_report("w", [1.0, 2.0])  # type: ignore[arg-type]
+
+
+_FLOAT8 = [
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+]
+
+
+@pytest.mark.parametrize("dtype", _FLOAT8, ids=str)
+def test_float8_tensors_are_reported_exactly(dtype: torch.dtype) -> None:
+    values = torch.tensor([-1.0, 0.0, 0.5, 1.0, 1.0])
+    r = tensor_report("w", values.to(dtype), reference=values)
+    assert r.dtype == str(dtype).removeprefix("torch.")
+    assert (r.distinct, r.bits_needed, r.min, r.max, r.step) == (4, 2, -1.0, 1.0, 0.5)
+    assert (r.dtype_bits, r.max_abs_error, r.sqnr_db) == (8, 0.0, math.inf)
+
+
+def test_float8_nan_is_counted_as_non_finite() -> None:
+    r = tensor_report("w", torch.tensor([1.0, math.nan, 2.0]).to(torch.float8_e4m3fn))
+    assert (r.nonfinite, r.distinct, r.step) == (1, 2, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_tensor_is_described_by_its_parts(dtype: torch.dtype) -> None:
+    z = torch.tensor([1 + 2j, 1 - 2j, 3 + 0j, complex(math.nan, 1)], dtype=dtype)
+    r = tensor_report("z", z, family="weights")
+    assert (r.dtype, r.shape, r.numel, r.dtype_bits) == (
+        str(dtype)[6:],
+        (4,),
+        4,
+        dtype.itemsize * 8,
+    )
+    # Parts 1, 2, 1, -2, 3, 0, 1 and a NaN: values -2, 0, 1, 2, 3.
+    assert (r.distinct, r.nonfinite, r.min, r.max, r.step) == (5, 1, -2.0, 3.0, 1.0)
+    assert (r.on_integer_grid, r.int_signed, r.int_bits) == (True, True, 3)
+
+
+def test_complex_tensor_errors_compare_the_parts() -> None:
+    z = torch.tensor([1 + 1j, 2 - 2j])
+    r = tensor_report("z", z, reference=torch.tensor([1 + 1j, 2 - 1j]))
+    assert (r.max_abs_error, r.rmse) == (1.0, 0.5)  # sqrt(1 / 4 parts)
+    assert r.sqnr_db == pytest.approx(10 * math.log10(1 + 1 + 4 + 1))
+    conjugate = tensor_report("z", z.conj(), reference=z.conj().resolve_conj())
+    assert conjugate.sqnr_db == math.inf
+
+
+def test_complex_tensor_against_a_real_reference_has_zero_imaginary_parts() -> None:
+    r = tensor_report("z", torch.tensor([1 + 1j, 2 + 0j]), reference=torch.tensor([1.0, 2.0]))
+    assert (r.distinct, r.max_abs_error, r.rmse) == (3, 1.0, 0.5)
+    back = tensor_report("x", torch.tensor([1.0, 2.0]), reference=torch.tensor([1 + 1j, 2 + 0j]))
+    assert (back.dtype, back.distinct, back.max_abs_error) == ("float32", 2, 1.0)
 
 
 # --- errors against a reference -------------------------------------------------------
@@ -273,6 +323,31 @@ def test_totals_count_parameters_and_sizes() -> None:
     # 4 x 2 bits + 2 float32 + 8 float16 + 1 int64 + 6 float32.
     assert t.reported_bits == 4 * 2 + 2 * 32 + 8 * 16 + 64 + 6 * 32
     assert t.ratio == pytest.approx(704 / 456)
+
+
+def test_totals_count_a_complex_element_as_two_values() -> None:
+    # Built by hand, as Report.from_dict does: parts -1, 0, 1 in 2 bits each.
+    z = TensorReport(
+        name="z",
+        family=None,
+        shape=(4,),
+        dtype="complex64",
+        numel=4,
+        transform="int_quant()",
+        distinct=3,
+        bits_needed=2,
+        min=-1.0,
+        max=1.0,
+        step=1.0,
+        on_integer_grid=True,
+        int_signed=True,
+        int_bits=2,
+        nonfinite=0,
+    )
+    t = Totals.of([z])
+    assert (t.parameters, t.float32_bits, t.reported_bits) == (4, 4 * 64, 4 * 2 * 2)
+    wide = Totals.of([tensor_report("z", torch.zeros(2, dtype=torch.complex128))])
+    assert (wide.float32_bits, wide.reported_bits) == (2 * 64, 2 * 128)
 
 
 def test_family_totals_are_sorted_with_no_family_last() -> None:
@@ -510,6 +585,19 @@ def test_markdown_shows_tensors_totals_and_violations() -> None:
 def test_markdown_escapes_pipes_in_cells() -> None:
     md = Report.build([tensor_report("a|b", torch.zeros(1))]).to_markdown()
     assert "| a\\|b |" in md
+
+
+def test_markdown_notes_that_complex_tensors_count_their_parts() -> None:
+    plain = Report.build([tensor_report("w", torch.zeros(2))]).to_markdown()
+    assert "Complex" not in plain
+    entries = [tensor_report(f"z{i}", torch.zeros(2, dtype=torch.complex64)) for i in range(4)]
+    md = Report.build(entries).to_markdown()
+    assert (
+        "Complex tensors ('z0', 'z1', 'z2' and 1 more) are described by their real and "
+        "imaginary parts" in md
+    )
+    row = next(line for line in md.splitlines() if line.startswith("| z0 |"))
+    assert "| complex64 |" in row
 
 
 def test_markdown_says_when_all_limits_hold() -> None:

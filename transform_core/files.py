@@ -26,6 +26,7 @@ import errno
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -70,23 +71,66 @@ def sha256_file(path: PathLike) -> str:
 
 
 def require_file(path: PathLike, *, expected: str = KNOWN_FORMATS) -> Path:
-    """Return ``path`` as a :class:`~pathlib.Path` if it is an existing, non-empty file.
+    """Return ``path`` as a :class:`~pathlib.Path` if it is an existing, non-empty regular file.
+
+    Only looks at the file's status, never opens it: opening a named pipe would wait for
+    a writer, and ``/dev/zero`` never ends.
 
     Raises:
-        CheckpointError: The path is missing, is a folder, or is empty.
+        CheckpointError: The path is missing, is a folder, is not a regular file (a pipe,
+            a device, a socket), is empty, or cannot be looked up.
+
+    Example:
+        >>> try:
+        ...     require_file("/dev/null")
+        ... except CheckpointError as err:
+        ...     print(err.message.split(";")[0])
+        is not a regular file but a character device
     """
     file = Path(path)
-    if not file.exists():
-        raise CheckpointError(f"no such file; expected {expected}; check the path", path=str(path))
-    if file.is_dir():
+    try:
+        status = file.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(
+            f"no such file; expected {expected}; check the path", path=str(path)
+        ) from None
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot be read ({err.strerror or err}); check the path and its permissions",
+            path=str(path),
+        ) from None
+    mode = status.st_mode
+    if stat.S_ISDIR(mode):
         raise CheckpointError(
             f"is a folder, expected a file ({expected}); pass a file inside it", path=str(path)
         )
-    if file.stat().st_size == 0:
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(
+            f"is not a regular file but {_file_kind(mode)}; expected {expected}; save the data "
+            "to a file and pass that",
+            path=str(path),
+        )
+    if status.st_size == 0:
         raise CheckpointError(
             f"is empty (0 bytes); expected {expected}; re-create the file", path=str(path)
         )
     return file
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular file or a folder is, for messages.
+
+    Example:
+        >>> _file_kind(stat.S_IFIFO), _file_kind(stat.S_IFCHR)
+        ('a named pipe (FIFO)', 'a character device')
+    """
+    kinds = (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((text for test, text in kinds if test(mode)), "a special file")
 
 
 def check_output_path(
@@ -95,8 +139,9 @@ def check_output_path(
     """Check that ``path`` may be written; see :func:`atomic_output` for the rules.
 
     Raises:
-        CheckpointError: The target is an input, exists without ``force``, is a folder,
-            or its folder does not exist.
+        CheckpointError: The target is an input, exists without ``force``, is a folder or
+            another file that is not a regular file (a device, a pipe), or its folder does
+            not exist.
     """
     target = Path(path)
     with _writing(target):  # a name too long to look up, say
@@ -114,6 +159,13 @@ def _check_output_path(target: Path, label: str, force: bool, inputs: Iterable[P
             )
     if not target.name or target.is_dir():
         raise CheckpointError("is a folder; expected an output file path", path=label)
+    if target.exists() and not target.is_file():
+        # The output is renamed into place: that would replace the device or pipe itself.
+        raise CheckpointError(
+            f"is not a regular file but {_file_kind(target.stat().st_mode)}; rockq writes "
+            "whole files and renames them into place; give a file path",
+            path=label,
+        )
     parent = target.parent
     if not parent.is_dir():
         raise CheckpointError(
@@ -150,9 +202,9 @@ def atomic_output(
             over an existing file in an input folder, is refused even with ``force``.
 
     Raises:
-        CheckpointError: The target is an input, exists without ``force``, is a folder,
-            its folder does not exist, or the file cannot be written there (no
-            permission, no space left).
+        CheckpointError: The target is an input, exists without ``force``, is a folder or
+            not a regular file, its folder does not exist, or the file cannot be written
+            there (no permission, no space left).
 
     Example:
         >>> import tempfile

@@ -84,10 +84,10 @@ class Totals:
         tensors: Number of tensors.
         parameters: Number of elements, all tensors.
         quantised_parameters: Elements of tensors whose transform quantises.
-        float32_bits: Size with every floating-point element as a float32 and integer
-            tensors at their own width.
-        reported_bits: Size with quantised tensors at their ``bits_needed`` and the rest
-            at their own dtype's width.
+        float32_bits: Size with every floating-point element as a float32 (a complex
+            one as two) and integer tensors at their own width.
+        reported_bits: Size with quantised tensors at their ``bits_needed`` (for each
+            part of a complex element) and the rest at their own dtype's width.
     """
 
     tensors: int
@@ -123,17 +123,23 @@ class Totals:
             >>> t = Totals.of([tensor_report("w", torch.ones(4), transform="int_quant()")])
             >>> t.float32_bits, t.reported_bits, t.ratio
             (128, 0, inf)
+            >>> z = torch.tensor([1 + 1j, 1 - 1j], dtype=torch.complex128)
+            >>> t = Totals.of([tensor_report("z", z, transform="int_quant()")])
+            >>> t.float32_bits, t.reported_bits
+            (128, 4)
         """
         tensors = parameters = quantised = reported = as_float32 = 0
         for entry in entries:
             tensors += 1
             parameters += entry.numel
+            # A complex element is two values, each reported on its own.
+            parts = 2 if entry.dtype.startswith("complex") else 1
             # Integer tensors (counters, indices) stay at their own width in both columns.
-            floating = "float" in entry.dtype
-            as_float32 += entry.numel * (32 if floating else entry.dtype_bits)
+            floating = "float" in entry.dtype or parts == 2
+            as_float32 += entry.numel * (32 * parts if floating else entry.dtype_bits)
             if entry.quantised:
                 quantised += entry.numel
-                reported += entry.numel * entry.bits_needed
+                reported += entry.numel * entry.bits_needed * parts
             else:
                 reported += entry.numel * entry.dtype_bits
         return cls(tensors, parameters, quantised, as_float32, reported)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from transform_core.report import Report, Totals
     from transform_core.tensor_report import TensorReport
 
-__all__ = ["int_type_text", "number_text", "render_markdown"]
+__all__ = ["complex_note", "int_type_text", "number_text", "render_markdown"]
 
 
 def render_markdown(report: Report) -> str:
@@ -49,6 +49,9 @@ def render_markdown(report: Report) -> str:
         "|" + "---|" * 14,
     ]
     lines += [_md_row(*_tensor_cells(t)) for t in report.tensors]
+    note = complex_note([t.name for t in report.tensors if t.dtype.startswith("complex")])
+    if note:
+        lines += ["", _md(note)]
     totals = report.totals
     lines += [
         "",
@@ -78,6 +81,25 @@ def render_markdown(report: Report) -> str:
         else:
             lines += [f"- **{_md(v.name)}**: {_md(v.reason)}" for v in report.violations]
     return "\n".join(lines) + "\n"
+
+
+def complex_note(names: list[str], limit: int = 3) -> str:
+    """The line a report adds under its table when it holds complex tensors, else ``""``.
+
+    Example:
+        >>> complex_note(["z"])
+        "Complex tensors ('z') are described by their real and imaginary parts: values, bits, range, step, non-finite and errors count each part."
+        >>> complex_note([])
+        ''
+    """
+    if not names:
+        return ""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return (
+        f"Complex tensors ({shown}{more}) are described by their real and imaginary parts: "
+        "values, bits, range, step, non-finite and errors count each part."
+    )
 
 
 def number_text(value: float | None) -> str:

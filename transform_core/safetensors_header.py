@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,6 +75,8 @@ LAYOUT_RANK: dict[str, int] = {name: rank for rank, (name, _) in enumerate(_DTYP
 
 # safetensors refuses headers above 100 MB; a larger length field means a foreign file.
 _MAX_HEADER = 100 * 1024 * 1024
+# The largest size or offset torch takes (a signed 64-bit integer).
+_MAX_SIZE = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -122,8 +125,11 @@ def is_safetensors(path: PathLike) -> bool:
     file = Path(path)
     if not file.is_file():
         return False
-    with file.open("rb") as handle:
-        head = handle.read(9)
+    try:
+        with file.open("rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return False  # the reader that follows says why
     if len(head) < 9:
         return False
     (length,) = struct.unpack("<Q", head[:8])
@@ -137,12 +143,20 @@ def read_header(path: PathLike) -> SafetensorsHeader:
     ranges tile the data block exactly and the file is as long as the header says.
 
     Raises:
-        CheckpointError: The file is missing, empty, truncated or not a safetensors file.
+        CheckpointError: The file is missing, not a regular file, empty, unreadable,
+            truncated, not a safetensors file, or has a malformed entry (naming the tensor).
     """
     file = require_file(path, expected="a .safetensors file")
     label = str(path)
     size = file.stat().st_size
-    with file.open("rb") as handle:
+    try:
+        handle = file.open("rb")
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot be read ({err.strerror or err}); check the file and its permissions",
+            path=label,
+        ) from None
+    with handle:
         head = handle.read(8)
         if len(head) < 8:
             raise CheckpointError(
@@ -210,30 +224,44 @@ def _tensor_info(name: str, entry: Any, file: Path, label: str) -> StoredTensor:
             path=label,
             key=name,
         )
-    dtype = NAME_TO_DTYPE.get(entry["dtype"])
+    name_of_dtype = entry["dtype"]
+    dtype = NAME_TO_DTYPE.get(name_of_dtype) if isinstance(name_of_dtype, str) else None
     if dtype is None:
         raise CheckpointError(
-            f"has dtype {entry['dtype']!r}, which this reader does not support; expected one of "
-            f"{', '.join(NAME_TO_DTYPE)}; convert the tensor",
+            f"has dtype {_shown(name_of_dtype)}, which this reader does not support; "
+            f"expected one of {', '.join(NAME_TO_DTYPE)}; convert the tensor",
             path=label,
             key=name,
         )
     shape, offsets = entry["shape"], entry["data_offsets"]
-    if not (
-        isinstance(shape, list)
-        and all(isinstance(n, int) and n >= 0 for n in shape)
-        and isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(isinstance(n, int) for n in offsets)
-    ):
+    if not (isinstance(shape, list) and all(_is_size(n) for n in shape)):
         raise CheckpointError(
-            f"is corrupt: bad shape {shape!r} or data_offsets {offsets!r}; re-create the file",
+            f"is corrupt: shape {_shown(shape)} is not a list of whole numbers from 0 to "
+            "2**63 - 1; re-create the file",
             path=label,
             key=name,
         )
-    numel = 1
-    for n in shape:
-        numel *= n
+    if math.prod(n for n in shape if n) > _MAX_SIZE:
+        # torch multiplies the sizes out, even beside a zero size.
+        raise CheckpointError(
+            f"is corrupt: shape {_shown(shape)} is too large for torch (its non-zero sizes "
+            "multiply to more than 2**63 - 1); re-create the file",
+            path=label,
+            key=name,
+        )
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_size(n) for n in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(
+            f"is corrupt: data_offsets {_shown(offsets)} is not [begin, end] with whole "
+            "numbers 0 <= begin <= end; re-create the file",
+            path=label,
+            key=name,
+        )
+    numel = math.prod(shape)
     if offsets[1] - offsets[0] != numel * dtype.itemsize:
         raise CheckpointError(
             f"is corrupt: shape {shape} of {entry['dtype']} needs {numel * dtype.itemsize} bytes "
@@ -242,6 +270,28 @@ def _tensor_info(name: str, entry: Any, file: Path, label: str) -> StoredTensor:
             key=name,
         )
     return StoredTensor(name, dtype, tuple(shape), file, (offsets[0], offsets[1]))
+
+
+def _is_size(value: object) -> bool:
+    """Whether a header value is a size or offset: a JSON whole number (not ``true``), >= 0.
+
+    Example:
+        >>> _is_size(3), _is_size(True), _is_size(-1), _is_size(1.0)
+        (True, False, False, False)
+    """
+    # bool is a subclass of int: JSON's true would otherwise pass as 1.
+    return type(value) is int and 0 <= value <= _MAX_SIZE
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A header value as JSON writes it, cut short for a one-line message.
+
+    Example:
+        >>> _shown([True, 16]), _shown(list(range(40)), limit=20)
+        ('[true, 16]', '[0, 1, 2, 3, 4, 5...')
+    """
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def count_names(names: Sequence[str], limit: int = 3) -> str:

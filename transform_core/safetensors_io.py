@@ -306,11 +306,18 @@ def open_tensors(path: PathLike) -> TensorSource:
 
 def _open_sharded(root: Path, index_file: Path) -> TensorSource:
     label = str(index_file)
+    # Checked before it is opened: reading a named pipe would wait for a writer.
+    require_file(index_file, expected="a safetensors index (JSON with a 'weight_map')")
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(
             f"is not valid JSON ({err}); expected a safetensors index with a 'weight_map'",
+            path=label,
+        ) from None
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot be read ({err.strerror or err}); check the file and its permissions",
             path=label,
         ) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None

@@ -100,8 +100,10 @@ def _transform_name(transform: str | None) -> str | None:
 class TensorReport:
     """What one tensor looks like after quantisation.
 
-    Statistics are over the finite values; ``nonfinite`` counts the rest. Build one with
-    :func:`tensor_report`.
+    Statistics are over the finite values; ``nonfinite`` counts the rest. A complex
+    tensor is described by its real and imaginary parts: each part counts as one value
+    in ``distinct``, ``min``, ``max``, ``step``, ``nonfinite`` and the errors (``numel``
+    still counts elements). Build one with :func:`tensor_report`.
 
     Attributes:
         name: Qualified tensor name (``"layers.0.weight"``).
@@ -238,7 +240,8 @@ def tensor_report(
 
     Args:
         name: Qualified tensor name.
-        tensor: The (quantised) values; any real dtype, any device.
+        tensor: The (quantised) values; any dtype (float8 and complex included), any
+            device.
         family: Its parameter family, if any.
         transform: Text of the transform that produced it (see :func:`describe_transform`).
         reference: The tensor before quantisation, same shape, for error statistics.
@@ -248,13 +251,16 @@ def tensor_report(
 
     Raises:
         TypeError: If ``tensor`` or ``reference`` is not a tensor.
-        ValueError: If a tensor is complex, or ``reference`` has a different shape.
+        ValueError: If ``reference`` has a different shape.
 
     Example:
         >>> import torch
         >>> r = tensor_report("w", torch.tensor([-3.0, 0.0, 3.0]), reference=torch.tensor([-3.0, 0.5, 3.0]))
         >>> r.distinct, r.bits_needed, r.step, r.int_signed, r.int_bits, r.max_abs_error
         (3, 2, 3.0, True, 3, 0.5)
+        >>> c = tensor_report("z", torch.tensor([1 + 2j, 1 - 2j]))  # parts 1, 2, 1, -2
+        >>> c.dtype, c.numel, c.distinct, c.min, c.max
+        ('complex64', 2, 3, -2.0, 2.0)
     """
     _check_tensor(name, tensor, "tensor")
     values = _as_array(tensor)
@@ -281,7 +287,12 @@ def tensor_report(
                 f"{name}: reference shape {tuple(reference.shape)} differs from tensor shape "
                 f"{tuple(tensor.shape)}; pass the tensor's own value from before quantisation"
             )
-        errors = _errors(values, _as_array(reference))
+        if tensor.is_complex() != reference.is_complex():
+            # Compare as complex numbers: a real tensor's imaginary parts are zero.
+            values = _as_array(tensor, as_complex=True)
+            errors = _errors(values, _as_array(reference, as_complex=True))
+        else:
+            errors = _errors(values, _as_array(reference))
     return TensorReport(
         name=name,
         family=family,
@@ -309,19 +320,29 @@ def _check_tensor(name: str, value: object, what: str) -> None:
         raise TypeError(
             f"{name}: expected the {what} as a torch.Tensor, got {type(value).__name__}"
         )
-    if value.is_complex():
-        raise ValueError(
-            f"{name}: complex {what} ({value.dtype}) is not supported; report the real part"
-        )
 
 
-def _as_array(tensor: torch.Tensor) -> npt.NDArray[Any]:
-    """Return the elements as a flat NumPy array that sorts fast and exactly."""
+def _as_array(tensor: torch.Tensor, *, as_complex: bool = False) -> npt.NDArray[Any]:
+    """Return the elements as a flat NumPy array that sorts fast and exactly.
+
+    A complex tensor (or any tensor, with ``as_complex``) gives its real and imaginary
+    parts, one after the other for each element.
+
+    Example:
+        >>> _as_array(torch.tensor([1 + 2j, 3 - 4j])).tolist()
+        [1.0, 2.0, 3.0, -4.0]
+        >>> _as_array(torch.tensor([0.5, 1.0]).to(torch.float8_e4m3fn)).tolist()
+        [0.5, 1.0]
+    """
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    if tensor.dtype in (torch.float16, torch.bfloat16, torch.bool):
-        tensor = tensor.float()  # exact; NumPy has no bfloat16
+    if as_complex and not tensor.is_complex():
+        tensor = tensor.to(torch.complex128 if tensor.dtype == torch.float64 else torch.complex64)
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor.resolve_conj())
+    if tensor.dtype == torch.bool or (tensor.is_floating_point() and tensor.itemsize <= 2):
+        tensor = tensor.float()  # exact; NumPy has no bfloat16 or float8
     array: npt.NDArray[Any] = tensor.reshape(-1).numpy()
     if array.dtype.kind in "iu" and array.dtype.itemsize <= 2:
         # Exact in float32, which NumPy sorts with SIMD, several times faster than int8.
@@ -364,7 +385,10 @@ def _sorted_distinct(array: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]:
 
 
 def _epsilon(dtype: torch.dtype) -> float:
-    """Relative precision of the values: the dtype's, and at least float64's."""
+    """Relative precision of the values: the dtype's (of its parts, if complex), and at
+    least float64's."""
+    if dtype.is_complex:
+        dtype = dtype.to_real()
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     return max(eps, float(np.finfo(np.float64).eps))
 
