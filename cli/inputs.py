@@ -35,16 +35,34 @@ def arch_kwargs(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as err:
         raise RockqError(
             f"is not valid JSON ({err.msg} at column {err.colno}); give an object such as "
             "'{\"hidden\": 64}'",
             key="--arch-kwargs",
         ) from None
+    except _NotJson as err:
+        raise RockqError(
+            f"holds {err}, which JSON does not have; give finite numbers", key="--arch-kwargs"
+        ) from None
+    except RecursionError:
+        raise RockqError(
+            "is nested too deeply to read; give an object such as '{\"hidden\": 64}'",
+            key="--arch-kwargs",
+        ) from None
     if not isinstance(value, dict):
         raise RockqError(f"must be a JSON object, got {type(value).__name__}", key="--arch-kwargs")
     return value
+
+
+class _NotJson(ValueError):
+    """A value Python's JSON reader takes but JSON does not have."""
+
+
+def _no_constant(name: str) -> Any:
+    """Refuse NaN and Infinity, which would also make the output's metadata invalid JSON."""
+    raise _NotJson(name)
 
 
 def load_model(

@@ -351,6 +351,8 @@ def test_state_dict_that_does_not_fit(inputs: Inputs, tmp_path: Path) -> None:
     [
         (["--arch-kwargs", "{hidden: 4}"], "--arch-kwargs: is not valid JSON"),
         (["--arch-kwargs", "[4]"], "--arch-kwargs: must be a JSON object, got list"),
+        (["--arch-kwargs", '{"hidden": NaN}'], "--arch-kwargs: holds NaN, which JSON does not"),
+        (["--arch-kwargs", "[" * 5000 + "]" * 5000], "--arch-kwargs: is nested too deeply"),
         (["--arch-kwargs", '{"width": 4}'], "raised TypeError"),
     ],
 )
