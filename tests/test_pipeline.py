@@ -161,8 +161,9 @@ params:
     with pytest.raises(RecipeError) as err:
         plan.check()
     assert str(err.value) == (
-        "r.yaml:5: params[0]: matches no tensor of the network (family=counters); fix the "
-        "selector, or add 'optional: true' to the rule"
+        "r.yaml:5: params[0]: matches no tensor it may transform (family=counters): "
+        "'1.num_batches_tracked' is int64, and only float64, float32, float16 and bfloat16 "
+        "tensors are transformed; fix the selector, or add 'optional: true' to the rule"
     )
 
 
@@ -173,6 +174,31 @@ def test_check_accepts_optional_rules_that_match_nothing(seeded_mlp: nn.Module) 
     plan.check()
     with pytest.raises(RecipeError, match=r"^r\.yaml:3: params\[0\]: matches no tensor"):
         plan_network(seeded_mlp, _recipe(text)).check()
+
+
+def test_a_rule_that_matches_only_tensors_never_transformed_says_why() -> None:
+    rule = "version: 1\nparams:\n  - match: '{}'\n    transform: identity\n"
+    plan = plan_tensors(
+        [("a", (4,), "float8_e4m3fn"), ("b", (4,), "float32")], _recipe(rule.format("a"))
+    )
+    with pytest.raises(RecipeError) as err:
+        plan.check()
+    assert str(err.value) == (
+        "r.yaml:3: params[0]: matches no tensor it may transform (match=a): 'a' is "
+        "float8_e4m3fn, and only float64, float32, float16 and bfloat16 tensors are "
+        "transformed; fix the selector, or add 'optional: true' to the rule"
+    )
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.register_buffer("mask", torch.ones(2))
+
+    with pytest.raises(RecipeError, match="'mask' is a buffer without a family; name it under"):
+        plan_network(Masked(), _recipe(rule.format("mask"))).check()
+    with pytest.raises(RecipeError, match=r"matches no tensor of the network \(match=nothing\)"):
+        plan_network(Masked(), _recipe(rule.format("nothing"))).check()
 
 
 def test_check_tries_each_transform_on_the_tensors_dtype_and_shape(seeded_mlp: nn.Module) -> None:

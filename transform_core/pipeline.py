@@ -169,9 +169,13 @@ class Plan:
         for rule in self.unmatched_rules():
             if not rule.optional:
                 what = "tensor" if rule.section == "params" else "module"
+                skipped = self._never_transformed(rule)
+                if skipped:
+                    what = f"tensor it may transform ({rule.selector}): {skipped}"
+                else:
+                    what += f" of the network ({rule.selector})"
                 raise RecipeError(
-                    f"matches no {what} of the network ({rule.selector}); fix the selector, "
-                    "or add 'optional: true' to the rule",
+                    f"matches no {what}; fix the selector, or add 'optional: true' to the rule",
                     path=_recipe_path(self.recipe),
                     line=rule.line,
                     key=rule.label,
@@ -190,6 +194,35 @@ class Plan:
             probe = torch.linspace(low, high, math.prod(shape), dtype=dtype).reshape(shape)
             with torch.no_grad():
                 bound(probe)
+
+    def _never_transformed(self, rule: Rule) -> str:
+        """The tensors ``rule`` selects by name that are never transformed, and why; or ``''``.
+
+        Example:
+            >>> from transform_core.recipe import parse_recipe
+            >>> recipe = parse_recipe("version: 1\\nparams: [{match: step, transform: identity}]")
+            >>> plan = plan_tensors([("step", (), "int64")], recipe)
+            >>> plan._never_transformed(recipe.params[0])
+            "'step' is int64, and only float64, float32, float16 and bfloat16 tensors are transformed"
+        """
+        if rule.section != "params":
+            return ""
+        reasons = []
+        for entry in self.tensors:
+            info = entry.info
+            if _selectable(info) or not rule.selects(info.name, info.family, info.module_class):
+                continue
+            if info.dtype not in _DTYPE_BITS:
+                *most, last = _DTYPE_BITS
+                reasons.append(
+                    f"'{info.name}' is {info.dtype}, and only {', '.join(most)} and {last} "
+                    "tensors are transformed"
+                )
+            else:
+                reasons.append(
+                    f"'{info.name}' is a buffer without a family; name it under 'families:'"
+                )
+        return "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
 
     def size_bits(self) -> tuple[int, int]:
         """Total size in bits before and after, at each tensor's dtype or recipe bit width."""
