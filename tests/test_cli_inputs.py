@@ -268,3 +268,26 @@ def test_input_that_cannot_be_opened_names_the_file(
         line
         == f"rockq: error: {odd}: cannot be read (Permission denied); check the file and its permissions"
     )
+
+
+@pytest.mark.parametrize("command", ["inspect", "quantize"])
+def test_a_pickle_that_cannot_be_read_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    model = tmp_path / "m.pt"
+    torch.save(nn.Linear(2, 2), model)
+    real_open = Path.open
+
+    def fail(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == model:
+            raise OSError(5, "Input/output error", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", fail)
+    extra = ["int8", "-o", str(tmp_path / "q.safetensors")] if command == "quantize" else []
+    line = user_error(command, model, *extra)
+    assert line == (
+        f"rockq: error: {model}: cannot be read (Input/output error); check the file and its "
+        "permissions"
+    )
+    assert _files(tmp_path) == ["m.pt"]

@@ -43,7 +43,7 @@ from typing import Any
 from torch import nn
 
 from transform_core.errors import CheckpointError
-from transform_core.files import KNOWN_FORMATS, PathLike, require_file, sha256_file
+from transform_core.files import KNOWN_FORMATS, PathLike, read_input, sha256_file
 from transform_core.patched_checkpoint import (
     FORMAT_VERSION,
     RESERVED_PREFIX,
@@ -213,7 +213,7 @@ def load_network(
             return SourceInfo("tensors", label, tensors.sha256(), trust=trusted)
 
         return LoadedNetwork(None, describe, tensors)
-    data = require_file(path).read_bytes()
+    data = read_input(path)
     module = module_from_bytes(data, label, trusted)
     info = SourceInfo("pickle", label, hashlib.sha256(data).hexdigest(), trust=trusted)
     return LoadedNetwork(module, info, network_bytes=data)

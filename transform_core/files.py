@@ -38,6 +38,7 @@ __all__ = [
     "atomic_output",
     "atomic_outputs",
     "check_output_path",
+    "read_input",
     "require_file",
     "sha256_file",
 ]
@@ -53,7 +54,7 @@ def sha256_file(path: PathLike) -> str:
     """Return the hex SHA-256 of a file, read in 1 MiB chunks.
 
     Raises:
-        CheckpointError: ``path`` is missing or is a folder.
+        CheckpointError: ``path`` is missing, is a folder, or cannot be read.
 
     Example:
         >>> import tempfile
@@ -64,9 +65,12 @@ def sha256_file(path: PathLike) -> str:
     """
     file = require_file(path)
     digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
+    try:
+        with file.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+    except OSError as err:
+        raise _unreadable(path, err) from None
     return digest.hexdigest()
 
 
@@ -115,6 +119,34 @@ def require_file(path: PathLike, *, expected: str = KNOWN_FORMATS) -> Path:
             f"is empty (0 bytes); expected {expected}; re-create the file", path=str(path)
         )
     return file
+
+
+def read_input(path: PathLike, *, expected: str = KNOWN_FORMATS) -> bytes:
+    """The bytes of an input file, checked by :func:`require_file` first.
+
+    Raises:
+        CheckpointError: As :func:`require_file`, or the file cannot be read (no
+            permission, an I/O error), naming it.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile(delete=False) as f:
+        ...     _ = f.write(b"abc")
+        >>> read_input(f.name)
+        b'abc'
+    """
+    file = require_file(path, expected=expected)
+    try:
+        return file.read_bytes()
+    except OSError as err:
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: PathLike, err: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"cannot be read ({err.strerror or err}); check the file and its permissions",
+        path=str(path),
+    )
 
 
 def _file_kind(mode: int) -> str:

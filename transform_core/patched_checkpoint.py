@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from transform_core.errors import CheckpointError
-from transform_core.files import PathLike, require_file, sha256_file
+from transform_core.files import PathLike, read_input, sha256_file
 from transform_core.safe_pickle import check_trust, in_packages, module_from_bytes, trust_hint
 from transform_core.safetensors_header import is_safetensors, read_header
 from transform_core.safetensors_io import open_tensors
@@ -263,7 +263,7 @@ def save_patched(
         tensors[key] = tensor
     if source.kind == "pickle":
         if network_bytes is None:
-            network_bytes = require_file(source.path).read_bytes()
+            network_bytes = read_input(source.path)
             if hashlib.sha256(network_bytes).hexdigest() != source.sha256:
                 raise CheckpointError(
                     "changed since the network was loaded; load it again", path=source.path

@@ -40,7 +40,7 @@ from torch import nn
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
 from transform_core.errors import CheckpointError
-from transform_core.files import KNOWN_FORMATS, PathLike, require_file
+from transform_core.files import KNOWN_FORMATS, PathLike, read_input
 from transform_core.imports import is_dotted_name
 
 __all__ = [
@@ -326,5 +326,5 @@ def load_pickled_module(path: PathLike, *, trust: Iterable[str] = ()) -> nn.Modu
         >>> load_pickled_module(path).weight.shape
         torch.Size([1, 2])
     """
-    data = require_file(path).read_bytes()
+    data = read_input(path)
     return module_from_bytes(data, str(path), check_trust(trust))

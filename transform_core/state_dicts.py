@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from transform_core.errors import CheckpointError
-from transform_core.files import PathLike, require_file
+from transform_core.files import PathLike, read_input
 from transform_core.imports import import_reference
 from transform_core.safe_pickle import check_trust, error_line, load_pickle_bytes
 from transform_core.safetensors_header import is_safetensors
@@ -98,7 +98,7 @@ def load_state_dict_file(path: PathLike, *, trust: Iterable[str] = ()) -> dict[s
     label = str(path)
     if looks_like_safetensors(path):
         return open_tensors(path).load_all()
-    data = require_file(path).read_bytes()
+    data = read_input(path)
     obj = load_pickle_bytes(data, label, check_trust(trust))
     if isinstance(obj, nn.Module):
         return dict(obj.state_dict())
