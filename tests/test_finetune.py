@@ -894,3 +894,71 @@ def test_digits_example_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert set(accuracy) == {"float", "post_training", "finetuned"}
         assert all(0.0 <= value <= 100.0 for value in accuracy.values())
     assert (tmp_path / "mlp.ternary.patched.safetensors").is_file()
+
+
+_REFUSED_TARGET_SCRIPT = """
+import sys
+import torch.distributed as dist
+from pathlib import Path
+from transform_core.checkpoint import load_network
+from transform_core.errors import CheckpointError
+from transform_core.finetune import CheckpointTarget, finetune
+from transform_core.pipeline import patch_network, plan_network
+from transform_core.recipe import parse_recipe
+from tests.test_finetune import RECIPE, _data
+
+folder = Path(sys.argv[1])
+recipe = parse_recipe(RECIPE)
+loaded = load_network(folder / "net.pt")
+plan = plan_network(loaded.module, recipe)
+target = CheckpointTarget(folder / "taken.safetensors", loaded.source, recipe.text, None)
+dist.init_process_group("gloo")
+try:
+    finetune(patch_network(loaded.module, plan), plan, recipe.finetune, _data(), target=target)
+except CheckpointError as err:
+    print(err)
+"""
+
+
+@pytest.mark.slow
+def test_every_process_stops_when_the_output_may_not_be_written(tmp_path: Path) -> None:
+    # Processes started on their own, as srun starts them: no torchrun agent to end the
+    # others when rank 0 fails.
+    import socket
+
+    torch.save(nn.Sequential(nn.Linear(4, 3)), tmp_path / "net.pt")
+    (tmp_path / "taken.safetensors").write_bytes(b"not to be replaced")
+    script = tmp_path / "refused.py"
+    script.write_text(_REFUSED_TARGET_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [rank.communicate(timeout=90) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    for stdout, stderr in outputs:
+        assert f"{tmp_path / 'taken.safetensors'}: already exists; pass --force" in stdout, stderr[
+            -2000:
+        ]
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"not to be replaced"

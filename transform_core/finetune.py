@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from transform_core.data import LoaderData, TensorData, split_batch
-from transform_core.errors import ConfigError, did_you_mean
+from transform_core.errors import CheckpointError, ConfigError, did_you_mean
 from transform_core.finetune_checkpoints import (
     STATE_KEY,
     CheckpointTarget,
@@ -382,8 +382,8 @@ def _run(
             "holds no fine-tuning state to resume from; drop --resume to start a new run",
             path=resume.path,
         )
-    if target is not None and world.rank == 0:
-        check_target(target, fresh=resume is None)
+    if target is not None:
+        _check_target_everywhere(target, resume is None, world)
     seed = config.seed if config.seed is not None else plan.seed
     T_net.to(device)
     loss_fn = loss_function(config.loss)
@@ -578,6 +578,27 @@ def _train_step(
         group["lr"] = lr
     optimizer.step()
     return (loss.detach() * scale).float()
+
+
+def _check_target_everywhere(target: CheckpointTarget, fresh: bool, world: _World) -> None:
+    """Check the outputs on rank 0, the rank that writes them, and stop every rank if they
+    may not be written: a process launched on its own (``srun``, say) would otherwise wait
+    for rank 0 at the first collective for ever."""
+    error: CheckpointError | None = None
+    if world.rank == 0:
+        try:
+            check_target(target, fresh=fresh)
+        except CheckpointError as err:
+            error = err
+    if world.size > 1:
+        import torch.distributed as dist
+
+        shared: list[str | None] = [None if error is None else str(error)]
+        dist.broadcast_object_list(shared, src=0)
+        if error is None and shared[0] is not None:
+            raise CheckpointError(shared[0])
+    if error is not None:
+        raise error
 
 
 def _diverged(
