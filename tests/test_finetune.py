@@ -29,6 +29,7 @@ from transform_core.finetune import (
     log_path_for,
     lr_factor,
 )
+from transform_core.finetune_checkpoints import RunLog
 from transform_core.pipeline import patch_network, plan_network
 from transform_core.recipe import Recipe, parse_recipe
 
@@ -157,6 +158,11 @@ def test_section_parses_into_a_config() -> None:
         ("{optimizer: {name: adam, betas: [.nan, 0.9]}}", "betas: must be a list of 2 finite"),
         ("{grad_clip: .nan}", "finetune.grad_clip: must be a finite number > 0 or null, got nan"),
         ("{schedule: {name: cosine, min_lr: .inf}}", "schedule.min_lr: must be a finite number"),
+        (
+            "{optimizer: {name: sgd, lr: 0.01}, schedule: {name: cosine, min_lr: 0.1}}",
+            "schedule.min_lr: must be at most the optimizer's lr (0.01), got 0.1",
+        ),
+        ("{schedule: {name: linear, min_lr: 0.01}}", "min_lr: must be at most the optimizer's lr"),
         ("{schedule: {name: step, gamma: .nan}}", "schedule.gamma: must be a finite number >= 0"),
         # A number given as a string is refused, as in transform args, with how to write it.
         (
@@ -788,6 +794,38 @@ def test_cli_run_that_fails_before_its_first_checkpoint_leaves_files_as_they_wer
     result = _invoke(*args, "--force")
     assert result.exit_code == 2 and "nothing was written" in result.output
     assert {p.name: p.read_bytes() for p in cli_dir.iterdir()} == before
+
+
+def test_a_quantised_network_whose_loss_is_not_finite_is_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    overflowing = RECIPE.replace(
+        "transform: stochastic_rounding\n    args: {num_levels: 3}",
+        "transform: deterministic_rounding\n    args: {output_range: [-1.0e38, 1.0e38], "
+        "num_levels: 2}",
+    )
+    recipe, loaded = _setup(tmp_path, overflowing)
+    out = tmp_path / "a.safetensors"
+    with pytest.raises(ConfigError) as err:
+        _run(recipe, loaded, out, _data())
+    assert str(err.value).startswith(
+        "the quantised network's loss on the validation data is nan before any training "
+        "(the float network's is "
+    )
+    assert "narrow the rules' ranges or give them more levels" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt"]
+
+
+def test_the_log_and_the_state_hold_standard_json(tmp_path: Path) -> None:
+    log = RunLog(tmp_path / "a.finetune.jsonl", None)
+    log.write({"kind": "eval", "loss": float("inf"), "accuracy": 0.5})
+    log.commit()
+    line = (tmp_path / "a.finetune.jsonl").read_text()
+    assert json.loads(line, parse_constant=pytest.fail) == {
+        "kind": "eval",
+        "loss": None,
+        "accuracy": 0.5,
+    }
 
 
 def huge_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -412,10 +412,10 @@ def _run(
         metrics: dict[str, float | None] = dict(resume.state[STATE_KEY]["metrics"])
     else:
         base = float_net if float_net is not None else remove_T_net(T_net, inplace=False)
-        metrics = {
-            "float": measure(base.to(device))[config.metric],
-            "post_training": measure(burned_copy(T_net))[config.metric],
-        }
+        before = measure(base.to(device))
+        after = measure(burned_copy(T_net))
+        _check_losses_finite(before["loss"], after["loss"], evaluated_on)
+        metrics = {"float": before[config.metric], "post_training": after[config.metric]}
     per_epoch = _steps_per_epoch(data, config.batch_size)
     total = _total_steps(config, per_epoch)
     params = [p for p in T_net.parameters() if p.requires_grad]
@@ -578,6 +578,28 @@ def _train_step(
         group["lr"] = lr
     optimizer.step()
     return (loss.detach() * scale).float()
+
+
+def _check_losses_finite(before: float | None, after: float | None, data: str) -> None:
+    """Refuse to train from a loss that is NaN or Inf already: every step would be NaN.
+
+    Example:
+        >>> _check_losses_finite(1.1, float("inf"), "training")
+        Traceback (most recent call last):
+        ...
+        transform_core.errors.ConfigError: the quantised network's loss on the training data is inf before any training (the float network's is 1.1): the transforms make its outputs NaN or Inf, so training cannot start; narrow the rules' ranges or give them more levels
+    """
+    if before is not None and not math.isfinite(before):
+        raise ConfigError(
+            f"the float network's loss on the {data} data is {before} before any training: "
+            "check the data and the network"
+        )
+    if after is not None and not math.isfinite(after):
+        raise ConfigError(
+            f"the quantised network's loss on the {data} data is {after} before any training "
+            f"(the float network's is {before}): the transforms make its outputs NaN or Inf, "
+            "so training cannot start; narrow the rules' ranges or give them more levels"
+        )
 
 
 def _check_target_everywhere(target: CheckpointTarget, fresh: bool, world: _World) -> None:

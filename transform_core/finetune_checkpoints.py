@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ __all__ = [
     "Position",
     "RunLog",
     "check_target",
+    "json_safe",
     "log_path_for",
     "restore_training_state",
     "save_training_state",
@@ -77,6 +79,25 @@ def log_path_for(path: Path) -> Path:
         'net.patched.finetune.jsonl'
     """
     return path.with_name(path.name.removesuffix(".safetensors") + ".finetune.jsonl")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or Inf float replaced by ``None``, which JSON can hold.
+
+    A metric measured on a network whose outputs overflow is not finite; the log and the
+    checkpoint's state (and from it the report) stay standard JSON.
+
+    Example:
+        >>> json_safe({"loss": float("nan"), "accuracy": 0.5, "steps": [1, float("inf")]})
+        {'loss': None, 'accuracy': 0.5, 'steps': [1, None]}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def check_target(target: CheckpointTarget, *, fresh: bool) -> None:
@@ -170,7 +191,7 @@ def save_training_state(
         extra["rng/cuda"] = torch.cuda.get_rng_state(device)
     state = {
         STATE_KEY: {
-            **info,
+            **json_safe(info),
             "step": pos.step,
             "epoch": pos.epoch,
             "batch": pos.batch,
@@ -254,7 +275,7 @@ class RunLog:
         """Append one progress record as a line of JSON."""
         if self.path is None:
             return
-        line = json.dumps(event) + "\n"
+        line = json.dumps(json_safe(event)) + "\n"
         if self._held is not None:
             self._held.append(line)
             return

@@ -294,7 +294,8 @@ def parse_finetune_section(parser: Any, node: Node) -> FinetuneConfig:
     if "optimizer" in entries:
         values.update(_parse_optimizer(parser, entries["optimizer"][1], fail))
     if "schedule" in entries:
-        values.update(_parse_schedule(parser, entries["schedule"][1], fail))
+        lr = values.get("lr", FinetuneConfig.lr)
+        values.update(_parse_schedule(parser, entries["schedule"][1], fail, lr))
     return FinetuneConfig(**values)
 
 
@@ -471,7 +472,9 @@ def _probe_optimizer(name: str, args: dict[str, Any]) -> str:
     return ""
 
 
-def _parse_schedule(parser: Any, node: Node, fail: Callable[..., Exception]) -> dict[str, Any]:
+def _parse_schedule(
+    parser: Any, node: Node, fail: Callable[..., Exception], lr: float
+) -> dict[str, Any]:
     name, entries = _named_section(parser, node, "schedule", SCHEDULES, fail)
     values: dict[str, Any] = {"schedule": name}
     for arg, (key_node, value_node) in entries.items():
@@ -490,6 +493,9 @@ def _parse_schedule(parser: Any, node: Node, fail: Callable[..., Exception]) -> 
                 raise fail(problem, key, value_node)
         else:
             problem = _float_problem(value, 0, inclusive=True)
+            if arg == "min_lr" and not problem and value > lr:
+                # The schedule would raise the rate from lr to min_lr.
+                problem = f"must be at most the optimizer's lr ({lr:g}), got {value:g}"
             if problem:
                 raise fail(problem, key, value_node)
         values[arg] = value
