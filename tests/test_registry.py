@@ -271,7 +271,14 @@ def test_missing_required_arg() -> None:
             "stochastic_rounding",
             {"num_levels": "16"},
             "num_levels",
-            "must be an integer, got '16' (a string)",
+            "must be an integer, got '16' (a string; write the number without quotes)",
+        ),
+        (
+            "deterministic_rounding",
+            {"output_range": ["-1e3", 1]},
+            "output_range",
+            "must be a range [min, max] of two numbers or null, got ['-1e3', 1] (a list of 2; "
+            "write the numbers without quotes)",
         ),
         (
             "stochastic_rounding",

@@ -396,18 +396,35 @@ def _import_function(reference: str) -> Callable[..., torch.Tensor]:
 
 
 def _describe(value: Any) -> str:
-    """Show a value as a recipe author wrote it (YAML spelling)."""
+    """Show a value as a recipe author wrote it (YAML spelling), with how to write a number
+    that was quoted.
+
+    Example:
+        >>> _describe("16"), _describe(["-1e3", 1])
+        ("'16' (a string; write the number without quotes)", "['-1e3', 1] (a list of 2; write the numbers without quotes)")
+    """
     if value is None:
         return "null"
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
     if isinstance(value, str):
-        return f"'{value}' (a string)"
+        quoted = "; write the number without quotes" if _is_number_text(value) else ""
+        return f"'{value}' (a string{quoted})"
     if isinstance(value, (list, tuple)):
-        return f"{list(value)!r} (a list of {len(value)})"
+        any_quoted = any(isinstance(v, str) and _is_number_text(v) for v in value)
+        hint = "; write the numbers without quotes" if any_quoted else ""
+        return f"{list(value)!r} (a list of {len(value)}{hint})"
     if isinstance(value, Mapping):
         return "a mapping"
     return repr(value)
+
+
+def _is_number_text(text: str) -> bool:
+    """Whether ``text`` spells a finite number (a number a recipe author put in quotes)."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _is_number(value: Any) -> bool:
