@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import textwrap
 from pathlib import Path
 
@@ -649,6 +650,11 @@ def test_missing_file_versus_unknown_builtin(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as info:
         load_recipe(tmp_path)
     assert str(info.value).startswith(f"'{tmp_path}' is a directory, not a recipe file")
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)  # never opened: reading would wait for a writer
+    with pytest.raises(RecipeError) as info:
+        load_recipe(fifo)
+    assert str(info.value) == f"'{fifo}' is not a regular file (a pipe or a device); {listed}"
 
 
 def test_exponents_without_a_dot_or_sign_are_numbers() -> None:

@@ -788,8 +788,14 @@ def load_recipe(ref: str | os.PathLike[str]) -> Recipe:
     files = _builtin_files()
     if name in files:
         return parse_recipe(builtin_recipe_text(name), source=f"builtin:{name}")
+    builtins = ", ".join(sorted(files))
+    if path.exists() and not path.is_dir():  # a pipe or a device: never read, it may not end
+        raise RecipeError(
+            f"'{name}' is not a regular file (a pipe or a device); give a YAML file path or "
+            f"one of the built-ins: {builtins}"
+        )
     what = "is a directory, not a recipe file" if path.is_dir() else "is not a recipe file"
     raise RecipeError(
         f"'{name}' {what} and not a built-in recipe{did_you_mean(name, files)}; "
-        f"give a YAML file path or one of the built-ins: {', '.join(sorted(files))}"
+        f"give a YAML file path or one of the built-ins: {builtins}"
     )
