@@ -270,6 +270,58 @@ def test_a_range_beyond_the_dtype_raises(which: str) -> None:
         stochastic_channel_rounding(half.reshape(3, 1), output_range=[-4e4, 4e4])
 
 
+_HALF_CASES = [
+    (deterministic_rounding, {}),
+    (stochastic_rounding, {}),
+    (deterministic_rounding, {"output_range": [-1.0, 1.0], "maintain_zero": False}),
+    (deterministic_channel_rounding, {"output_range": [-1.0, 1.0], "dim": 0}),
+    (stochastic_channel_rounding, {"output_range": [-1.0, 1.0], "dim": 1}),
+]
+
+
+@pytest.mark.parametrize(("rounder", "args"), _HALF_CASES)
+def test_float16_values_wider_than_its_range_round_in_float32(rounder: Any, args: Any) -> None:
+    # max|x| beyond 32752: the range [-peak, peak] is wider than float16's largest value.
+    x = torch.tensor([[40000.0, -40000.0, 1.0], [30000.0, -0.5, float("inf")]]).half()
+    extra = (
+        {"generator": _gen(1)}
+        if rounder in (stochastic_rounding, stochastic_channel_rounding)
+        else {}
+    )
+    got = rounder(x, num_levels=255, **args, **extra)
+    wide = rounder(x.float(), num_levels=255, **args, **({"generator": _gen(1)} if extra else {}))
+    assert got.dtype == torch.float16 and not bool(got.isnan().any())
+    assert torch.equal(got, wide.half())
+    # Gradients still pass straight through to the float16 tensor.
+    leaf = x.clone().requires_grad_()
+    rounder(leaf, num_levels=255, **args, **extra).sum().backward()
+    assert leaf.grad is not None and leaf.grad.dtype == torch.float16
+
+
+def test_float16_values_within_half_its_range_round_in_float16() -> None:
+    x = torch.tensor([-30000.0, 1.0, 30000.0]).half()
+    assert torch.equal(
+        deterministic_rounding(x, num_levels=3), torch.tensor([-30000.0, 0, 30000.0]).half()
+    )
+
+
+def test_results_stay_values_of_the_inputs_dtype() -> None:
+    x = torch.tensor([40000.0, -40000.0]).half()
+    with pytest.raises(
+        ValueError, match=r"^output_range \[-100000.0, 100000.0\] is beyond float16"
+    ):
+        deterministic_rounding(x, output_range=[-1e5, 1e5])
+    with pytest.raises(ValueError, match=r"^num_levels must be at most 65505 for float16 values"):
+        stochastic_rounding(torch.ones(3).half(), num_levels=2**20)
+    assert stochastic_rounding(torch.ones(3), num_levels=2**20).dtype == torch.float32
+
+
+@pytest.mark.parametrize("rounder", ROUNDERS)
+def test_complex_values_are_refused(rounder: Any) -> None:
+    with pytest.raises(ValueError, match=r"^complex values \(complex64\) cannot be rounded"):
+        rounder(torch.ones(3, dtype=torch.complex64))
+
+
 def test_reversed_tensor_range_raises() -> None:
     with pytest.raises(ValueError, match="min <= max"):
         stochastic_rounding(torch.ones(3), output_range=torch.tensor([1.0, 0.0]))

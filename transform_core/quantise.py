@@ -162,6 +162,26 @@ def _check_num_levels(num_levels: Any, name: str = "num_levels") -> int:
     return num_levels
 
 
+def _check_levels_for(num_levels: Any, dtype: torch.dtype) -> int:
+    """A number of levels whose top index, ``num_levels - 1``, is a value of ``dtype``.
+
+    Example:
+        >>> _check_levels_for(2**20, torch.float16)
+        Traceback (most recent call last):
+        ...
+        ValueError: num_levels must be at most 65505 for float16 values (its largest is 65504), got 1048576
+    """
+    levels = _check_num_levels(num_levels)
+    largest = torch.finfo(dtype).max
+    if levels - 1 > largest:
+        raise ValueError(
+            f"num_levels must be at most {math.floor(largest) + 1} for "
+            f"{str(dtype).removeprefix('torch.')} values (its largest is {largest:g}), got "
+            f"{levels}"
+        )
+    return levels
+
+
 def _check_bits(n_bits: Any, name: str, dtype: torch.dtype) -> int:
     """A bit depth whose largest integer, ``2**(n_bits-1) - 1``, ``dtype`` can hold.
 
@@ -240,7 +260,39 @@ def _check_range(
 
 
 def _as_float(value: Tensor) -> Tensor:
+    if value.is_complex():
+        raise ValueError(
+            f"complex values ({str(value.dtype).removeprefix('torch.')}) cannot be rounded; "
+            "round the real and imaginary parts (torch.view_as_real) instead"
+        )
     return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+
+
+_HALF_PEAK = torch.finfo(torch.float16).max / 2
+"""Beyond this magnitude, a float16 range from the data ``[-peak, peak]`` is wider than
+float16's largest value: its width, and the levels near its top, would overflow to inf."""
+
+
+def _rounding_input(value: Tensor) -> tuple[Tensor, torch.dtype]:
+    """``value`` as floating point to round, and the dtype of the result.
+
+    A float16 tensor whose finite values reach beyond :data:`_HALF_PEAK` is rounded in
+    float32 and the result returned as float16: in float16 its levels would be NaN.
+
+    Example:
+        >>> x, dtype = _rounding_input(torch.tensor([-40000.0, 40000.0]).half())
+        >>> x.dtype, dtype
+        (torch.float32, torch.float16)
+    """
+    value = _as_float(value)
+    if value.dtype != torch.float16 or value.numel() == 0:
+        return value, value.dtype
+    # One pass; only a tensor with a large (or infinite) value takes the finite one.
+    if float(value.detach().abs().amax()) > _HALF_PEAK:
+        finite = value.detach().abs().nan_to_num_(posinf=0.0)
+        if float(finite.amax()) > _HALF_PEAK:
+            return value.float(), torch.float16
+    return value, value.dtype
 
 
 def _finite_range(
@@ -657,10 +709,12 @@ def _plan(
     output_range: Range | None,
     num_levels: Any,
     maintain_zero: bool,
+    dtype: torch.dtype,
 ) -> _Plan | _DataRangePlan:
-    levels = _check_num_levels(num_levels)
-    given_in = _check_range(input_range, "input_range", value.dtype)
-    given_out = _check_range(output_range, "output_range", value.dtype)
+    """The level plan of a rounding; ranges are checked against ``dtype``, the result's."""
+    levels = _check_levels_for(num_levels, dtype)
+    given_in = _check_range(input_range, "input_range", dtype)
+    given_out = _check_range(output_range, "output_range", dtype)
     if given_in is None:
         from_data = _DataRangePlan.from_data(value, None, given_out, levels, maintain_zero)
         if from_data is not None:
@@ -710,13 +764,13 @@ def stochastic_rounding(
         >>> stochastic_rounding(torch.tensor([-1., 0., 1.]), num_levels=3, generator=g)
         tensor([-1.,  0.,  1.])
     """
-    value = _as_float(value)
-    plan = _plan(value, input_range, output_range, num_levels, maintain_zero)
+    value, dtype = _rounding_input(value)
+    plan = _plan(value, input_range, output_range, num_levels, maintain_zero, dtype)
 
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=True, generator=generator)
 
-    return _straight_through(value, compute, lambda: plan.scale)
+    return _straight_through(value, compute, lambda: plan.scale).to(dtype)
 
 
 def deterministic_rounding(
@@ -750,13 +804,13 @@ def deterministic_rounding(
         ...                        output_range=[0., 10.], num_levels=11)
         tensor([2., 7.])
     """
-    value = _as_float(value)
-    plan = _plan(value, input_range, output_range, num_levels, maintain_zero)
+    value, dtype = _rounding_input(value)
+    plan = _plan(value, input_range, output_range, num_levels, maintain_zero, dtype)
 
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=False)
 
-    return _straight_through(value, compute, lambda: plan.scale)
+    return _straight_through(value, compute, lambda: plan.scale).to(dtype)
 
 
 def stochastic_channel_rounding(
@@ -795,15 +849,15 @@ def stochastic_channel_rounding(
         tensor([[ 1.,  1.],
                 [-1., -1.]])
     """
-    value = _as_float(value)
+    value, dtype = _rounding_input(value)
     if output_range is None:
         raise ValueError("output_range is required, as [min, max]")
-    plan = _channel_plan(value, output_range, num_levels, maintain_zero, dim, "stochastic")
+    plan = _channel_plan(value, output_range, num_levels, maintain_zero, dim, "stochastic", dtype)
 
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=True, generator=generator)
 
-    return _straight_through(value, compute, lambda: plan.scale)
+    return _straight_through(value, compute, lambda: plan.scale).to(dtype)
 
 
 def deterministic_channel_rounding(
@@ -842,13 +896,15 @@ def deterministic_channel_rounding(
         tensor([[  1.,   0.],
                 [-10.,  10.]])
     """
-    value = _as_float(value)
-    plan = _channel_plan(value, output_range, num_levels, maintain_zero, dim, "deterministic")
+    value, dtype = _rounding_input(value)
+    plan = _channel_plan(
+        value, output_range, num_levels, maintain_zero, dim, "deterministic", dtype
+    )
 
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=False)
 
-    return _straight_through(value, compute, lambda: plan.scale)
+    return _straight_through(value, compute, lambda: plan.scale).to(dtype)
 
 
 def _channel_plan(
@@ -858,8 +914,10 @@ def _channel_plan(
     maintain_zero: bool,
     dim: int,
     kind: str,
+    dtype: torch.dtype,
 ) -> _Plan | _DataRangePlan:
-    """The level plan of a per-channel rounding: one input range per slice along ``dim``."""
+    """The level plan of a per-channel rounding: one input range per slice along ``dim``;
+    the output range is checked against ``dtype``, the result's."""
     if value.dim() < 2:
         raise ValueError(
             f"{kind}_channel_rounding needs a tensor of 2 or more dimensions, got shape "
@@ -869,8 +927,8 @@ def _channel_plan(
         raise ValueError(
             f"dim must be an integer in [{-value.dim()}, {value.dim() - 1}], got {dim!r}"
         )
-    levels = _check_num_levels(num_levels)
-    checked = _check_range(output_range, "output_range", value.dtype)
+    levels = _check_levels_for(num_levels, dtype)
+    checked = _check_range(output_range, "output_range", dtype)
     channel = dim % value.dim()
     from_data = _DataRangePlan.from_data(value, channel, checked, levels, maintain_zero)
     if from_data is not None:
