@@ -473,8 +473,9 @@ def test_a_transform_that_refuses_a_tensor_is_named_before_any_write(
     line = user_error("quantize", model, recipe, "-o", out)
     assert line == (
         f"rockq: error: {recipe}:3: params[0]: int_quant cannot transform tensor '0.weight': "
-        "n_bits must be at most 16 for float16 values (the largest integer of 17 bits is "
-        "beyond its range), got 17; change the rule's args, or leave this tensor out of it"
+        "n_bits must be at most 12 for float16 values (float16 holds every integer only up to "
+        "2**11), got 17; convert the tensor to float32; change the rule's args, or leave this "
+        "tensor out of it"
     )
     recipe.write_text(
         rule.replace("int_quant", "deterministic_channel_rounding").replace(
@@ -498,7 +499,7 @@ def test_a_recipe_with_an_absurd_bit_depth_is_refused_at_once(
         "    args: {n_bits: 99999999999999999999}\n"
     )
     line = user_error("quantize", inputs.mlp, recipe, "-o", tmp_path / "q.safetensors")
-    assert line.startswith(f"rockq: error: {recipe}:5: params[0].args.n_bits: must be at most 128")
+    assert line.startswith(f"rockq: error: {recipe}:5: params[0].args.n_bits: must be at most 25")
 
 
 @pytest.mark.parametrize("variable", ["ROCKQ_COMPILED_KERNELS", "ROCKQ_DIRECT_IO"])

@@ -213,7 +213,7 @@ def test_check_tries_each_transform_on_the_tensors_dtype_and_shape(seeded_mlp: n
     int17 = "version: 1\nparams:\n  - family: weights\n    transform: int_quant\n"
     int17 += "    args: {n_bits: 17}\n"
     plan_network(seeded_mlp, _recipe(int17)).check()
-    with pytest.raises(ConfigError, match=r"'0\.weight': n_bits must be at most 16 for float16"):
+    with pytest.raises(ConfigError, match=r"'0\.weight': n_bits must be at most 12 for float16"):
         plan_network(seeded_mlp.half(), _recipe(int17)).check()
 
 

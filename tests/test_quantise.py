@@ -821,11 +821,20 @@ def test_int_quant_integer_range(n_bits: int) -> None:
     assert torch.equal(out, out.round())
 
 
-@pytest.mark.parametrize(("dtype", "most"), [(torch.float16, 16), (torch.float32, 128)])
-def test_int_quant_bits_are_bounded_by_the_dtype(dtype: torch.dtype, most: int) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "most"),
+    [(torch.float16, 12), (torch.bfloat16, 9), (torch.float32, 25), (torch.float64, 54)],
+)
+def test_int_quant_bits_are_bounded_by_the_integers_the_dtype_holds(
+    dtype: torch.dtype, most: int
+) -> None:
     x = torch.tensor([-1.0, 0.5, 1.0], dtype=dtype)
-    largest = torch.tensor(2 ** (most - 1) - 1, dtype=dtype)  # as near as the dtype comes
-    assert torch.equal(int_quant(x, n_bits=most).max(), largest)
+    out = int_quant(x, n_bits=most)
+    assert [int(v) for v in out.tolist()] == [
+        -(2 ** (most - 1) - 1),
+        2 ** (most - 2),
+        2 ** (most - 1) - 1,
+    ]
     for bits in ({"n_bits": most + 1}, {"map_to_max": True, "max_n_bits": most + 1}):
         with pytest.raises(ValueError, match=f"must be at most {most} for "):
             int_quant(x, **bits)  # type: ignore[arg-type]

@@ -531,11 +531,11 @@ def test_values_too_large_for_the_arithmetic_are_reported() -> None:
     error = check_error("int_quant", {"map_to_max": True, "max_n_bits": 3000})
     assert (error.key, error.message) == (
         "max_n_bits",
-        "must be at most 128 for float32 values (the largest integer of 3000 bits is beyond "
-        "its range), got 3000",
+        "must be at most 25 for float32 values (float32 holds every integer only up to 2**24), "
+        "got 3000; convert the tensor to float64",
     )
     error = check_error("int_quant", {"n_bits": 10**20})  # would never finish
-    assert error.key == "n_bits" and error.message.startswith("must be at most 128")
+    assert error.key == "n_bits" and error.message.startswith("must be at most 25")
 
 
 # --- errors that name the tensor ---------------------------------------------------------
@@ -553,13 +553,14 @@ def test_a_refused_tensor_is_named_with_its_rule() -> None:
         T(torch.ones(3, dtype=torch.float16))
     assert str(info.value) == (
         "r.yaml:7: params[1]: int_quant cannot transform tensor 'fc.weight': n_bits must be "
-        "at most 16 for float16 values (the largest integer of 17 bits is beyond its range), "
-        "got 17; change the rule's args, or leave this tensor out of it"
+        "at most 12 for float16 values (float16 holds every integer only up to 2**11), got "
+        "17; convert the tensor to float32; change the rule's args, or leave this tensor out "
+        "of it"
     )
     with pytest.raises(ConfigError, match=r"'fc\.weight': needs a tensor of 2 or more dim"):
         _bound_for("stochastic_channel_rounding", {"output_range": [-1, 1]})(torch.ones(3))
     # unbound, the function's own error passes unchanged
-    with pytest.raises(ValueError, match=r"^n_bits must be at most 16"):
+    with pytest.raises(ValueError, match=r"^n_bits must be at most 12"):
         BoundTransform(get_transform("int_quant"), {"n_bits": 17})(torch.ones(3).half())
 
 

@@ -183,23 +183,29 @@ def _check_levels_for(num_levels: Any, dtype: torch.dtype) -> int:
 
 
 def _check_bits(n_bits: Any, name: str, dtype: torch.dtype) -> int:
-    """A bit depth whose largest integer, ``2**(n_bits-1) - 1``, ``dtype`` can hold.
+    """A bit depth whose integers, up to ``2**(n_bits-1) - 1``, are all values of ``dtype``.
 
     Checked before that power is computed: for an absurd depth it would never finish.
+    Beyond the bound the largest integer itself is not a value of the dtype (in float16,
+    ``2**15 - 1`` rounds to ``2**15``, outside int16).
 
     Example:
-        >>> _check_bits(17, "n_bits", torch.float16)
+        >>> _check_bits(13, "n_bits", torch.float16)
         Traceback (most recent call last):
         ...
-        ValueError: n_bits must be at most 16 for float16 values (the largest integer of 17 bits is beyond its range), got 17
+        ValueError: n_bits must be at most 12 for float16 values (float16 holds every integer only up to 2**11), got 13; convert the tensor to float32
     """
     bits = _check_num_levels(n_bits, name)
-    most = math.frexp(torch.finfo(dtype).max)[1]  # 2**(most - 1) <= its largest value
+    # Every integer up to 2**(mantissa bits + 1) is a value of the dtype, and no further.
+    exact = round(-math.log2(torch.finfo(dtype).eps)) + 1
+    most = exact + 1
     if bits > most:
         dtype_name = str(dtype).removeprefix("torch.")
+        wider = "float32" if torch.finfo(dtype).bits < 32 else "float64"
+        fix = "" if dtype == torch.float64 else f"; convert the tensor to {wider}"
         raise ValueError(
-            f"{name} must be at most {most} for {dtype_name} values (the largest integer "
-            f"of {bits} bits is beyond its range), got {bits}"
+            f"{name} must be at most {most} for {dtype_name} values ({dtype_name} holds every "
+            f"integer only up to 2**{exact}), got {bits}{fix}"
         )
     return bits
 
@@ -967,7 +973,8 @@ def int_quant(
 
     Raises:
         ValueError: If ``n_bits`` or ``max_n_bits`` is not an integer >= 2, or is more
-            bits than ``value``'s dtype can hold the largest integer of (16 for float16).
+            bits than ``value``'s dtype holds every integer of (12 for float16, 9 for
+            bfloat16, 25 for float32, 54 for float64).
 
     Example:
         >>> x = torch.tensor([-1., -0.5, -0.25, 0., 0.25, 0.5, 1.])
