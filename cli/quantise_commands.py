@@ -242,6 +242,7 @@ def burn_in_command(
             force=force,
             inputs=[checkpoint],
             progress=advance,
+            refuse_nonfinite=not allow_nonfinite,
         )
     show_report(report, quiet, target)
 
@@ -287,6 +288,7 @@ def quantize(
                 inputs=read_files(model, recipe),
                 check=None if allow_nonfinite else lambda name, t: check_finite([(name, t)], model),
                 progress=advance,
+                refuse_nonfinite=not allow_nonfinite,
             )
         show_report(report, quiet, output)
         return
@@ -304,6 +306,7 @@ def quantize(
             force=force,
             inputs=read_files(model, recipe),
             progress=advance,
+            refuse_nonfinite=not allow_nonfinite,
         )
     show_report(report, quiet, output)
 

@@ -600,6 +600,36 @@ def test_burn_in_of_nonfinite_parameters_needs_the_flag(tmp_path: Path) -> None:
     assert bool(load_file(str(out))["0.weight"][0, 0].isnan())
 
 
+def test_a_transform_that_makes_nan_from_finite_values_writes_nothing(tmp_path: Path) -> None:
+    # A float32 range wider than float32 holds: every level of that weight overflows.
+    net = _mlp()
+    with torch.no_grad():
+        net[0].weight[0, :2] = torch.tensor([3e38, -3e38])
+    whole, tensors = tmp_path / "wide.pt", tmp_path / "wide.safetensors"
+    torch.save(net, whole)
+    save_file(net.state_dict(), str(tensors))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\nparams:\n  - family: weights\n    transform: deterministic_rounding\n"
+    )
+    out = tmp_path / "out.safetensors"
+    patched = tmp_path / "wide.patched.safetensors"
+    ok("patch", whole, recipe, "-o", patched, "-q")
+    for command in (
+        ["quantize", whole, recipe, "-o", out],
+        ["quantize", tensors, recipe, "-o", out],
+        ["burn-in", patched, "-o", out],
+    ):
+        line = user_error(*command)
+        assert line.startswith(
+            "rockq: error: deterministic_rounding() made 24 NaN or Inf value(s) in tensor "
+            "'0.weight' (float32); nothing was written"
+        ), line
+        assert "--allow-nonfinite" in line and not out.exists()
+    ok("quantize", tensors, recipe, "-o", out, "--allow-nonfinite", "-q")
+    assert bool(load_file(str(out))["0.weight"].isnan().all())
+
+
 # --- patch, dry run, burn-in ---------------------------------------------------------------
 
 

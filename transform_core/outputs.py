@@ -47,6 +47,7 @@ def write_burned(
     force: bool = False,
     inputs: Sequence[Path] = (),
     progress: Progress | None = None,
+    refuse_nonfinite: bool = False,
 ) -> Report:
     """Patch ``net``, burn it in, and write the tensors and both reports.
 
@@ -60,12 +61,15 @@ def write_burned(
         force: Replace existing output files.
         inputs: The files this run reads, which are never overwritten.
         progress: Called with each tensor's name as it is burned in.
+        refuse_nonfinite: Write nothing if a transformed tensor holds NaN or Inf: for
+            finite inputs, values its transform could not represent.
 
     Returns:
         The :class:`~transform_core.report.Report` that was written.
 
     Raises:
         CheckpointError: An output may not be written; checked before any work.
+        ConfigError: With ``refuse_nonfinite``, a transformed tensor holds NaN or Inf.
     """
     from transform_core.pipeline import burn_in, patch_network
     from transform_core.safetensors_io import save_safetensors
@@ -77,6 +81,8 @@ def write_burned(
         progress=progress,
         meta=_report_meta(plan, source) | dict(meta or {}),
     )
+    if refuse_nonfinite:
+        _refuse_nonfinite(report)
     metadata = _metadata(plan, source.sha256 if input_sha256 is None else input_sha256)
     with _report_outputs(output, force, inputs) as (tmp, write_reports):
         save_safetensors(burned.state_dict(), tmp, metadata, force=True)
@@ -95,6 +101,7 @@ def write_burned_tensors(
     inputs: Sequence[Path] = (),
     check: Callable[[str, Tensor], None] | None = None,
     progress: Progress | None = None,
+    refuse_nonfinite: bool = False,
 ) -> Report:
     """Quantise a bare tensor file one tensor at a time, streaming into ``output``.
 
@@ -117,6 +124,7 @@ def write_burned_tensors(
         check: Called with each tensor as it is read; it may raise to refuse the input,
             and then nothing is written.
         progress: Called with each tensor's name as it is done.
+        refuse_nonfinite: As for :func:`write_burned`.
 
     Returns:
         The :class:`~transform_core.report.Report` that was written.
@@ -124,6 +132,7 @@ def write_burned_tensors(
     Raises:
         RecipeError: The recipe needs a network, or a rule matches nothing.
         CheckpointError: An output may not be written; checked before any work.
+        ConfigError: With ``refuse_nonfinite``, a transformed tensor holds NaN or Inf.
     """
     from transform_core.direct_file import DirectFile
     from transform_core.pipeline import burn_in_tensors, plan_tensors
@@ -160,6 +169,8 @@ def write_burned_tensors(
             if known.sha256 != early:
                 writer.replace_metadata(_metadata(plan, known.sha256))
             writer.close()
+        if refuse_nonfinite:
+            _refuse_nonfinite(report)  # before anything is moved into place
         report = dataclasses.replace(report, meta=_report_meta(plan, known))
         write_reports(report)
     return report
@@ -199,6 +210,20 @@ def _report_outputs(
             tmp_md.write_text(report.to_markdown())
 
         yield tmp, write_reports
+
+
+def _refuse_nonfinite(report: Report) -> None:
+    """Raise for the first transformed tensor that holds NaN or Inf."""
+    from transform_core.errors import ConfigError
+
+    for entry in report.tensors:
+        if entry.transform is not None and entry.nonfinite:
+            raise ConfigError(
+                f"{entry.transform} made {entry.nonfinite} NaN or Inf value(s) in tensor "
+                f"'{entry.name}' ({entry.dtype}); nothing was written: check its rule's ranges "
+                "and levels, convert the tensor to a wider dtype, or pass --allow-nonfinite to "
+                "write them anyway"
+            )
 
 
 def _check_outputs_free(output: Path, force: bool, inputs: Sequence[Path]) -> None:
