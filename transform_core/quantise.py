@@ -293,11 +293,10 @@ def _rounding_input(value: Tensor) -> tuple[Tensor, torch.dtype]:
     value = _as_float(value)
     if value.dtype != torch.float16 or value.numel() == 0:
         return value, value.dtype
-    # One pass; only a tensor with a large (or infinite) value takes the finite one.
-    if float(value.detach().abs().amax()) > _HALF_PEAK:
-        finite = value.detach().abs().nan_to_num_(posinf=0.0)
-        if float(finite.amax()) > _HALF_PEAK:
-            return value.float(), torch.float16
+    # The data range is over finite values: NaN and infinities do not count.
+    finite = value.detach().abs().nan_to_num_(nan=0.0, posinf=0.0)
+    if float(finite.amax()) > _HALF_PEAK:
+        return value.float(), torch.float16
     return value, value.dtype
 
 
