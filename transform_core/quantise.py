@@ -293,9 +293,14 @@ def _rounding_input(value: Tensor) -> tuple[Tensor, torch.dtype]:
     value = _as_float(value)
     if value.dtype != torch.float16 or value.numel() == 0:
         return value, value.dtype
-    # The data range is over finite values: NaN and infinities do not count.
-    finite = value.detach().abs().nan_to_num_(nan=0.0, posinf=0.0)
-    if float(finite.amax()) > _HALF_PEAK:
+    # One pass without a temporary; only NaN or an infinity (which the data range leaves
+    # out, and aminmax does not) sends the tensor to the pass over finite values.
+    low, high = (float(end) for end in torch.aminmax(value.detach()))
+    peak = max(-low, high)
+    if not math.isfinite(peak) or math.isnan(low) or math.isnan(high):
+        finite = value.detach().abs().nan_to_num_(nan=0.0, posinf=0.0)
+        peak = float(finite.amax())
+    if peak > _HALF_PEAK:
         return value.float(), torch.float16
     return value, value.dtype
 
