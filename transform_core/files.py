@@ -41,6 +41,7 @@ __all__ = [
     "read_input",
     "require_file",
     "sha256_file",
+    "unreadable",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -70,7 +71,7 @@ def sha256_file(path: PathLike) -> str:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
     except OSError as err:
-        raise _unreadable(path, err) from None
+        raise unreadable(path, err) from None
     return digest.hexdigest()
 
 
@@ -139,10 +140,11 @@ def read_input(path: PathLike, *, expected: str = KNOWN_FORMATS) -> bytes:
     try:
         return file.read_bytes()
     except OSError as err:
-        raise _unreadable(path, err) from None
+        raise unreadable(path, err) from None
 
 
-def _unreadable(path: PathLike, err: OSError) -> CheckpointError:
+def unreadable(path: PathLike, err: OSError) -> CheckpointError:
+    """The error for an input that exists but cannot be read (no permission, an I/O error)."""
     return CheckpointError(
         f"cannot be read ({err.strerror or err}); check the file and its permissions",
         path=str(path),

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from transform_core.errors import CheckpointError
-from transform_core.files import KNOWN_FORMATS, PathLike, require_file
+from transform_core.files import KNOWN_FORMATS, PathLike, require_file, unreadable
 
 __all__ = [
     "DTYPE_TO_NAME",
@@ -152,10 +152,7 @@ def read_header(path: PathLike) -> SafetensorsHeader:
     try:
         handle = file.open("rb")
     except OSError as err:
-        raise CheckpointError(
-            f"cannot be read ({err.strerror or err}); check the file and its permissions",
-            path=label,
-        ) from None
+        raise unreadable(path, err) from None
     with handle:
         head = handle.read(8)
         if len(head) < 8:

@@ -44,6 +44,7 @@ from transform_core.files import (
     check_output_path,
     require_file,
     sha256_file,
+    unreadable,
 )
 from transform_core.safetensors_header import (
     DTYPE_TO_NAME,
@@ -316,10 +317,7 @@ def _open_sharded(root: Path, index_file: Path) -> TensorSource:
             path=label,
         ) from None
     except OSError as err:
-        raise CheckpointError(
-            f"cannot be read ({err.strerror or err}); check the file and its permissions",
-            path=label,
-        ) from None
+        raise unreadable(index_file, err) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not (
         isinstance(weight_map, dict)
