@@ -251,18 +251,23 @@ def test_output_that_is_a_fifo_is_not_replaced(tmp_path: Path) -> None:
     assert stat.S_ISFIFO(fifo.stat().st_mode)
 
 
+def _cannot_open(monkeypatch: pytest.MonkeyPatch, path: Path, error: OSError) -> None:
+    """Make every open of ``path`` fail with ``error``, as an unreadable file would."""
+    real_open = Path.open
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == path:
+            raise error
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+
+
 def test_input_that_cannot_be_opened_names_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     odd = _odd_file(tmp_path)
-    real_open = Path.open
-
-    def refuse(self: Path, *args: Any, **kwargs: Any) -> Any:
-        if self == odd:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", refuse)
+    _cannot_open(monkeypatch, odd, PermissionError(13, "Permission denied", str(odd)))
     line = user_error("report", odd)
     assert (
         line
@@ -276,14 +281,7 @@ def test_a_pickle_that_cannot_be_read_names_the_file(
 ) -> None:
     model = tmp_path / "m.pt"
     torch.save(nn.Linear(2, 2), model)
-    real_open = Path.open
-
-    def fail(self: Path, *args: Any, **kwargs: Any) -> Any:
-        if self == model:
-            raise OSError(5, "Input/output error", str(self))
-        return real_open(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", fail)
+    _cannot_open(monkeypatch, model, OSError(5, "Input/output error", str(model)))
     extra = ["int8", "-o", str(tmp_path / "q.safetensors")] if command == "quantize" else []
     line = user_error(command, model, *extra)
     assert line == (
