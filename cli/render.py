@@ -148,6 +148,12 @@ def report(console: Console, data: Mapping[str, Any], title: str = "quantisation
         f"size {_size(totals['float32_bits'])} at float32, {_size(totals['reported_bits'])} "
         f"at the reported bit widths ({_number(totals['ratio'], 3)}x smaller)"
     )
+    missing = data.get("meta", {}).get("not_in_reference")
+    if missing:
+        from transform_core.safetensors_header import count_names
+
+        shown = count_names(missing)
+        console.print(escape(f"not in the reference, so without error figures: {shown}"))
     for violation in data.get("violations", []):
         console.print(f"[red]limit[/] {escape(violation['name'])}: {escape(violation['reason'])}")
 

@@ -948,6 +948,13 @@ def test_report_command(tmp_path: Path, inputs: Inputs) -> None:
     torch.save(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).state_dict(), other)
     line = user_error("report", out, "--reference", other)
     assert f"{other}: 0.bias: has shape (5,) in the reference but (6,) in" in line
+    first = tmp_path / "first.pt"
+    whole = torch.load(inputs.mlp, weights_only=False).state_dict()
+    torch.save({k: v for k, v in whole.items() if k.startswith("0.")}, first)
+    table = ok("report", out, "--reference", first)
+    assert (
+        "not in the reference, so without error figures: 2 tensors ('2.weight', '2.bias')" in table
+    )
 
 
 # --- writes --------------------------------------------------------------------------------

@@ -623,6 +623,13 @@ def test_checkpoint_report_on_a_state_dict_and_a_pickle_reference(
     report = checkpoint_report(state, reference=whole)
     assert [t.family for t in report.tensors] == ["weights", "biases", "weights", "biases"]
     assert all(t.max_abs_error == 0 for t in report.tensors)
+    assert "not_in_reference" not in report.meta
+    # A reference with some of the tensors: the others are named, not silently left blank.
+    first = tmp_path / "first.pt"
+    torch.save({f"0.{k}": v for k, v in seeded_mlp[0].state_dict().items()}, first)
+    report = checkpoint_report(state, reference=first)
+    assert report.meta["not_in_reference"] == ["2.weight", "2.bias"]
+    assert json.loads(report.to_json())["meta"]["not_in_reference"] == ["2.weight", "2.bias"]
 
 
 def test_checkpoint_report_on_a_patched_checkpoint(tmp_path: Path, seeded_mlp: nn.Module) -> None:

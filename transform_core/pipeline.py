@@ -688,10 +688,13 @@ def checkpoint_report(
         names = load_state_dict_file(path, trust=trust).items()
     entries = []
     compared = 0
+    not_in_reference: set[str] = set()
     for name, tensor in names:
         family, transform = described.get(name, (family_for_name(name), None))
         ref = lookup(name) if lookup is not None else None
         compared += ref is not None
+        if lookup is not None and ref is None:
+            not_in_reference.add(name)
         if ref is not None and tuple(ref.shape) != tuple(tensor.shape):
             raise CheckpointError(
                 f"has shape {tuple(ref.shape)} in the reference but {tuple(tensor.shape)} in "
@@ -712,6 +715,9 @@ def checkpoint_report(
     # A file lays tensors out by dtype; list them in the network's order when it is recorded.
     order = {name: i for i, name in enumerate(described)} if recorded_order else {}
     entries.sort(key=lambda entry: order.get(entry.name, len(order)))
+    if not_in_reference:
+        # Their error columns stay empty: say why, rather than leave it to be noticed.
+        meta["not_in_reference"] = [e.name for e in entries if e.name in not_in_reference]
     return Report.build(entries, limits=limits, meta=meta)
 
 
