@@ -131,11 +131,8 @@ def _help(command: Callable[..., Any]) -> str:
 
     Example:
         >>> def f():
-        ...     '''Do it.
-        ...
-        ...     In two
-        ...     lines.
-        ...     '''
+        ...     pass
+        >>> f.__doc__ = "Do it.\\n\\n    In two\\n    lines.\\n    "
         >>> _help(f)
         'Do it.\\n\\nIn two lines.'
     """

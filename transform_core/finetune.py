@@ -584,10 +584,11 @@ def _check_losses_finite(before: float | None, after: float | None, data: str) -
     """Refuse to train from a loss that is NaN or Inf already: every step would be NaN.
 
     Example:
-        >>> _check_losses_finite(1.1, float("inf"), "training")
-        Traceback (most recent call last):
-        ...
-        transform_core.errors.ConfigError: the quantised network's loss on the training data is inf before any training (the float network's is 1.1): the transforms make its outputs NaN or Inf, so training cannot start; narrow the rules' ranges or give them more levels
+        >>> try:
+        ...     _check_losses_finite(1.1, float("inf"), "training")
+        ... except ConfigError as err:
+        ...     print(err)
+        the quantised network's loss on the training data is inf before any training (the float network's is 1.1): the transforms make its outputs NaN or Inf, so training cannot start; narrow the rules' ranges or give them more levels
     """
     if before is not None and not math.isfinite(before):
         raise ConfigError(

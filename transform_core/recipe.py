@@ -701,10 +701,11 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
             ``source``, the line and the key path.
 
     Example:
-        >>> parse_recipe("version: 2\\nparams: []", source="r.yaml")
-        Traceback (most recent call last):
-        ...
-        transform_core.errors.RecipeError: r.yaml:1: version: unsupported recipe version 2; this rockq reads 'version: 1' recipes
+        >>> try:
+        ...     parse_recipe("version: 2\\nparams: []", source="r.yaml")
+        ... except RecipeError as err:
+        ...     print(err)
+        r.yaml:1: version: unsupported recipe version 2; this rockq reads 'version: 1' recipes
     """
     return _Parser(text, source).parse()
 

@@ -541,10 +541,11 @@ def validate_args(spec: TransformSpec, args: Mapping[str, Any] | None) -> dict[s
     Example:
         >>> validate_args(get_transform("stochastic_channel_rounding"), {"output_range": [-8, 7]})
         {'output_range': [-8.0, 7.0]}
-        >>> validate_args(get_transform("dropout"), {"dropout_prob": True})
-        Traceback (most recent call last):
-        ...
-        transform_core.errors.RecipeError: dropout_prob: must be a number, got true (a boolean)
+        >>> try:
+        ...     validate_args(get_transform("dropout"), {"dropout_prob": True})
+        ... except RecipeError as err:
+        ...     print(err)
+        dropout_prob: must be a number, got true (a boolean)
     """
     if args is None:
         args = {}

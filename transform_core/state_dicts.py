@@ -148,10 +148,11 @@ def load_state_dict_strict(
 
     Example:
         >>> net = torch.nn.Linear(2, 3)
-        >>> load_state_dict_strict(net, {"weight": torch.zeros(3, 2)})
-        Traceback (most recent call last):
-        ...
-        transform_core.errors.CheckpointError: the state dict does not fit the network: 1 missing key (bias); check that --arch and --arch-kwargs build the network these weights came from
+        >>> try:
+        ...     load_state_dict_strict(net, {"weight": torch.zeros(3, 2)})
+        ... except CheckpointError as err:
+        ...     print(err)
+        the state dict does not fit the network: 1 missing key (bias); check that --arch and --arch-kwargs build the network these weights came from
     """
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
