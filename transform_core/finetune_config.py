@@ -5,7 +5,7 @@
 types and out-of-range values are refused with the line and key path. Every number must be
 finite, every count at most ``2**63 - 1`` and ``seed`` what ``torch.manual_seed`` takes
 (``-2**63`` to ``2**64 - 1``); a number given as a string (``'1e-3'``) is refused, as
-transform arguments are, with the spelling to write. Optimiser arguments are checked
+transform arguments are, saying to write it without quotes. Optimiser arguments are checked
 against the torch optimiser's own signature, then by building it on a dummy parameter and
 taking one step.
 :func:`lr_factor` turns the schedule into the learning rate of each step.
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from transform_core.errors import did_you_mean
+from transform_core.registry import describe_value
 
 if TYPE_CHECKING:
     from yaml.nodes import Node
@@ -194,61 +195,10 @@ def _whole_problem(value: Any, low: int, what: str = "a whole number") -> str:
         'must be a whole number <= 9223372036854775807 (2**63 - 1), got 9223372036854775808'
     """
     if not _is_int(value) or value < low:
-        return f"must be {what} >= {low}, got {_got(value, whole=True)}"
+        return f"must be {what} >= {low}, got {describe_value(value)}"
     if value > _MAX_WHOLE:
         return f"must be {what} <= {_MAX_WHOLE} (2**63 - 1), got {value}"
     return ""
-
-
-def _yaml_number(text: str, *, whole: bool = False) -> str | None:
-    """How to write a number given as a string, or ``None`` if ``text`` is no finite number.
-
-    The spelling has a ``.`` and a signed exponent, which every YAML reader takes as a float
-    (plain PyYAML reads ``1e30`` and ``1.0e30`` as strings).
-
-    Example:
-        >>> _yaml_number("1e30"), _yaml_number("1E-5"), _yaml_number("1e4", whole=True)
-        ('1.0e+30', '1.0e-5', '10000')
-        >>> _yaml_number("fast"), _yaml_number("nan")
-        (None, None)
-    """
-    import yaml
-
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    if not math.isfinite(number) or (whole and not number.is_integer()):
-        return None
-    if whole:
-        spelling = str(int(number))
-    else:
-        mantissa, _, exponent = text.strip().lower().partition("e")
-        if "." not in mantissa:
-            mantissa += ".0"
-        if exponent and exponent[0] not in "+-":
-            exponent = "+" + exponent
-        spelling = mantissa + ("e" + exponent if exponent else "")
-    parsed = yaml.safe_load(spelling)
-    return spelling if isinstance(parsed, int if whole else float) else None
-
-
-def _got(value: Any, *, whole: bool = False) -> str:
-    """``value`` in YAML's spelling, with how to write a number given as a string.
-
-    Example:
-        >>> _got(None), _got(["1e-3", 0.9])
-        ('null', "['1e-3', 0.9] (a string; write the number as 1.0e-3, without quotes)")
-    """
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    for item in value if isinstance(value, list) else [value]:
-        spelling = _yaml_number(item, whole=whole) if isinstance(item, str) else None
-        if spelling is not None:
-            return f"{value!r} (a string; write the number as {spelling}, without quotes)"
-    return repr(value)
 
 
 def _float_problem(value: Any, minimum: float, *, inclusive: bool, nullable: bool = False) -> str:
@@ -259,7 +209,7 @@ def _float_problem(value: Any, minimum: float, *, inclusive: bool, nullable: boo
         return ""
     bound = ">=" if inclusive else ">"
     or_null = " or null" if nullable else ""
-    return f"must be a finite number {bound} {minimum:g}{or_null}, got {_got(value)}"
+    return f"must be a finite number {bound} {minimum:g}{or_null}, got {describe_value(value)}"
 
 
 def _optimizer_arg_names(name: str) -> dict[str, Any]:
@@ -326,7 +276,7 @@ def _parse_plain_keys(
     if "seed" in entries:
         value = get("seed")
         if not _is_int(value):
-            raise fail(f"must be an integer, got {_got(value, whole=True)}", "seed")
+            raise fail(f"must be an integer, got {describe_value(value)}", "seed")
         low, high = _SEED_RANGE
         if not low <= value <= high:
             raise fail(
@@ -338,7 +288,7 @@ def _parse_plain_keys(
     if "shuffle" in entries:
         value = get("shuffle")
         if not isinstance(value, bool):
-            raise fail(f"must be true or false, got {_got(value)}", "shuffle")
+            raise fail(f"must be true or false, got {describe_value(value)}", "shuffle")
         values["shuffle"] = value
     if "grad_clip" in entries:
         value = get("grad_clip")
@@ -444,16 +394,18 @@ def _parse_optimizer(parser: Any, node: Node, fail: Callable[..., Exception]) ->
 def _optimizer_arg_problem(value: Any, default: Any) -> str:
     """The complaint about an optimiser argument's type (judged by its default), or ``''``."""
     if isinstance(default, bool):
-        return "" if isinstance(value, bool) else f"must be true or false, got {_got(value)}"
+        return (
+            "" if isinstance(value, bool) else f"must be true or false, got {describe_value(value)}"
+        )
     if default is None:
         # foreach and fused: null lets torch pick.
         ok = value is None or isinstance(value, bool)
-        return "" if ok else f"must be true, false or null, got {_got(value)}"
+        return "" if ok else f"must be true, false or null, got {describe_value(value)}"
     if isinstance(default, tuple):
         if isinstance(value, list) and len(value) == len(default) and all(map(_is_finite, value)):
             return ""
-        return f"must be a list of {len(default)} finite numbers, got {_got(value)}"
-    return "" if _is_finite(value) else f"must be a finite number, got {_got(value)}"
+        return f"must be a list of {len(default)} finite numbers, got {describe_value(value)}"
+    return "" if _is_finite(value) else f"must be a finite number, got {describe_value(value)}"
 
 
 def _probe_optimizer(name: str, args: dict[str, Any]) -> str:

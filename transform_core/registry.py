@@ -49,6 +49,7 @@ __all__ = [
     "TransformSpec",
     "available_transforms",
     "derive_seed",
+    "describe_value",
     "get_transform",
     "make_spec",
     "register",
@@ -373,7 +374,9 @@ def get_transform(name: str) -> TransformSpec:
         unknown transform 'stochastic_roundin' (did you mean 'stochastic_rounding'?)
     """
     if not isinstance(name, str) or not name:
-        raise RecipeError(f"a transform name must be a non-empty string, got {_describe(name)}")
+        raise RecipeError(
+            f"a transform name must be a non-empty string, got {describe_value(name)}"
+        )
     if name in _LIBRARY:
         return _LIBRARY[name]
     if ":" not in name:
@@ -395,12 +398,12 @@ def _import_function(reference: str) -> Callable[..., torch.Tensor]:
     return function
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     """Show a value as a recipe author wrote it (YAML spelling), with how to write a number
-    that was quoted.
+    that was quoted: for the errors about recipe values, here and in the ``finetune:`` section.
 
     Example:
-        >>> _describe("16"), _describe(["-1e3", 1])
+        >>> describe_value("16"), describe_value(["-1e3", 1])
         ("'16' (a string; write the number without quotes)", "['-1e3', 1] (a list of 2; write the numbers without quotes)")
     """
     if value is None:
@@ -462,7 +465,7 @@ def _check_type(arg: ArgSpec, value: Any) -> Any:
         expected = "a range [min, max] of two numbers"
     else:
         return value
-    raise RecipeError(f"must be {expected}{or_null}, got {_describe(value)}", key=arg.name)
+    raise RecipeError(f"must be {expected}{or_null}, got {describe_value(value)}", key=arg.name)
 
 
 def _probe_tensor(spec: TransformSpec) -> torch.Tensor:
@@ -550,7 +553,7 @@ def validate_args(spec: TransformSpec, args: Mapping[str, Any] | None) -> dict[s
     if args is None:
         args = {}
     if not isinstance(args, Mapping):
-        raise RecipeError(f"arguments must be a mapping of name: value, got {_describe(args)}")
+        raise RecipeError(f"arguments must be a mapping of name: value, got {describe_value(args)}")
     names = [a.name for a in spec.args]
     cleaned: dict[str, Any] = {}
     for name, value in args.items():
