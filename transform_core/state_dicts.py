@@ -18,7 +18,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import importlib.abc
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,11 @@ def build_from_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Mo
         >>> build_from_arch("torch.nn:Linear", {"in_features": 2, "out_features": 3}).weight.shape
         torch.Size([3, 2])
     """
-    factory = import_reference(
+    return _call_factory(_import_factory(spec), spec, kwargs)
+
+
+def _import_factory(spec: str) -> Callable[..., Any]:
+    return import_reference(
         spec,
         noun="factory",
         role="--arch",
@@ -60,6 +67,11 @@ def build_from_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Mo
         error=CheckpointError,
         key="arch",
     )
+
+
+def _call_factory(
+    factory: Callable[..., Any], spec: str, kwargs: Mapping[str, Any] | None
+) -> nn.Module:
     try:
         network = factory(**dict(kwargs or {}))
     except Exception as err:  # the user's factory can raise anything
@@ -222,14 +234,50 @@ def build_loaded(
     return module
 
 
+class _FirstImport(BaseException):
+    """A module was imported for the first time while a network was built on ``meta``.
+
+    A BaseException, so that a factory's ``except Exception`` does not swallow it.
+    """
+
+
+class _RefuseFirstImports(importlib.abc.MetaPathFinder):
+    """Stop the building thread at any import of a module not yet loaded.
+
+    Under ``torch.device("meta")`` every tensor made is a meta tensor, including those a
+    module makes when it is first imported (a default argument such as Rockpool's
+    ``max_spikes_per_dt=torch.tensor(2.0**16)``). Such a tensor would stay on ``meta``
+    for the life of the process, so a build that imports anything is abandoned and the
+    network built normally instead. Other threads (the kernels loading in the
+    background) import as usual.
+    """
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        if threading.get_ident() == self.thread:
+            raise _FirstImport(fullname)
+
+
 def _build_on_meta(
     spec: str, kwargs: Mapping[str, Any] | None, state: Mapping[str, torch.Tensor]
 ) -> nn.Module | None:
     try:
-        with torch.device("meta"):
-            module = build_from_arch(spec, kwargs)
+        factory = _import_factory(spec)  # its module's tensors are made as usual
     except CheckpointError:
         return None
+    guard = _RefuseFirstImports()
+    try:
+        # Entered before the guard: torch imports what the device context needs.
+        with torch.device("meta"):
+            sys.meta_path.insert(0, guard)
+            module = _call_factory(factory, spec, kwargs)
+    except (CheckpointError, _FirstImport):
+        return None
+    finally:
+        if guard in sys.meta_path:
+            sys.meta_path.remove(guard)
     expected = module.state_dict()
     fits = set(expected) == set(state) and all(
         tuple(state[k].shape) == tuple(v.shape) and state[k].dtype == v.dtype
