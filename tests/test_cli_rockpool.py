@@ -5,6 +5,8 @@ limits and scale_groups sections."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -118,6 +120,69 @@ def test_patch_then_burn_in_matches_quantize(files: dict[str, Path], tmp_path: P
     )
     a, b = load_file(str(burned)), load_file(str(direct))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+FINETUNE_RECIPE = """
+version: 1
+params:
+  - {family: weights, transform: stochastic_rounding, args: {num_levels: 16}}
+finetune:
+  epochs: 2
+  batch_size: 4
+  optimizer: {name: adam, lr: 0.05}
+  reduce_time: sum
+"""
+
+
+@pytest.fixture
+def qat(tmp_path: Path) -> tuple[Path, Path]:
+    """A recipe with a finetune section, and spike trains to train on."""
+    recipe = tmp_path / "qat.yaml"
+    recipe.write_text(FINETUNE_RECIPE)
+    generator = torch.Generator().manual_seed(3)
+    inputs = (torch.rand(8, 10, 3, generator=generator) < 0.5).float()
+    data = tmp_path / "data.safetensors"
+    save_file({"inputs": inputs, "targets": torch.arange(8) % 2}, str(data))
+    return recipe, data
+
+
+def test_finetune_a_rockpool_network_then_burn_in(
+    files: dict[str, Path], qat: tuple[Path, Path], tmp_path: Path
+) -> None:
+    recipe, data = qat
+    patched = tmp_path / "net.patched.safetensors"
+    result = rockq(
+        "patch", files["state"], recipe, "-o", patched, "--arch", ARCH,
+        "--finetune", "--data", data, "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    raw = load_file(str(patched))
+    before = torch.load(files["state"])
+    assert not torch.equal(raw["0_LinearTorch.weight"], before["0_LinearTorch.weight"])
+    burned = tmp_path / "net.q.safetensors"
+    assert rockq("burn-in", patched, "-o", burned, "--trust", PKG, "-q").exit_code == 0
+    weights = load_file(str(burned))["0_LinearTorch.weight"]
+    assert len(weights.unique()) <= 16
+
+
+@pytest.mark.slow
+def test_finetune_in_a_fresh_process_whose_factory_imports_rockpool(
+    files: dict[str, Path], qat: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # The factory imports Rockpool when called, so the first import happens while rockq
+    # builds the network: Rockpool's default tensors (made at import) must be ordinary
+    # tensors, or the fine-tuning forward pass meets a tensor on the meta device.
+    recipe, data = qat
+    out = tmp_path / "net.patched.safetensors"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(files["root"]), str(repo)])}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "patch", str(files["state"]), str(recipe),
+         "--arch", ARCH, "--finetune", "--data", str(data), "-o", str(out), "-q"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert out.exists()
 
 
 def test_dry_run_lists_the_scale_group_pairs(files: dict[str, Path]) -> None:

@@ -418,7 +418,7 @@ def _run(
         metrics = {"float": before[config.metric], "post_training": after[config.metric]}
     per_epoch = _steps_per_epoch(data, config.batch_size)
     total = _total_steps(config, per_epoch)
-    params = [p for p in T_net.parameters() if p.requires_grad]
+    params = [p for p in nn.Module.parameters(T_net) if p.requires_grad]
     optimizer = OPTIMIZERS[config.optimizer](params, lr=config.lr, **config.optimizer_args)
     model: nn.Module = T_net
     if world.size > 1:
@@ -573,7 +573,7 @@ def _train_step(
     optimizer.zero_grad(set_to_none=True)
     torch.autograd.backward(loss * scale)
     if config.grad_clip is not None:
-        nn.utils.clip_grad_norm_(T_net.parameters(), config.grad_clip)
+        nn.utils.clip_grad_norm_(nn.Module.parameters(T_net), config.grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -642,7 +642,7 @@ def _diverged(
 
 def _check_weights(T_net: nn.Module, pos: Position, total: int, saved: int | None) -> None:
     """Refuse to checkpoint NaN or Inf weights (a finite loss can still step them there)."""
-    flags = [torch.isfinite(p).all() for p in T_net.parameters()]
+    flags = [torch.isfinite(p).all() for p in nn.Module.parameters(T_net)]
     if flags and not bool(torch.stack(flags).all()):
         raise _diverged("the weights became NaN or Inf", pos, total, saved)
 
