@@ -37,7 +37,13 @@ def finetune_command(
     debug: Debug = False,
 ) -> None:
     """Fine-tune a patched checkpoint with its recipe's finetune section."""
+    from transform_core.imports import check_trusted, is_reference, named_in_file
+
     ckpt, plan = load_patched_plan(checkpoint, trust=trust, no_network="to train")
+    config = plan.recipe.finetune
+    if config is not None and is_reference(config.loss):
+        with named_in_file(str(checkpoint), trust or ()):  # the file named it, not the user
+            check_trusted(config.loss, "loss")
     target = output or default_output(checkpoint, ".finetuned.safetensors")
     run_finetune(
         ckpt.network,

@@ -170,6 +170,7 @@ def load_patched_plan(
     """
     from transform_core.checkpoint import is_patched, load_patched
     from transform_core.errors import CheckpointError
+    from transform_core.imports import named_in_file
     from transform_core.pipeline import plan_network
     from transform_core.recipe import parse_recipe
     from transform_core.safetensors_io import is_safetensors, read_header, require_file
@@ -186,6 +187,7 @@ def load_patched_plan(
     ckpt = load_patched(checkpoint, trust=trust or ())
     if ckpt.network is None:
         raise CheckpointError(f"holds no network {no_network}", path=str(checkpoint))
-    recipe = parse_recipe(ckpt.recipe, source=f"{checkpoint} (recipe)")
+    with named_in_file(str(checkpoint), trust or ()):  # its custom code needs --trust
+        recipe = parse_recipe(ckpt.recipe, source=f"{checkpoint} (recipe)")
     plan = plan_network(ckpt.network, recipe, seed=seed if seed is not None else ckpt.seed)
     return ckpt, plan

@@ -289,3 +289,87 @@ def test_a_pickle_that_cannot_be_read_names_the_file(
         "permissions"
     )
     assert _files(tmp_path) == ["m.pt"]
+
+
+CUSTOM_CODE = """
+from pathlib import Path
+
+Path(__file__).with_name("imported.marker").touch()
+
+
+def halve(x):
+    return x / 2
+
+
+def loss(out, y):
+    return ((out - y) ** 2).mean()
+"""
+
+
+@pytest.fixture
+def custom_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A package 'rq_named_code' on sys.path that leaves a marker file when imported."""
+    package = tmp_path / "pkgs" / "rq_named_code"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(CUSTOM_CODE)
+    monkeypatch.syspath_prepend(str(package.parent))
+    yield package / "imported.marker"
+    import sys
+
+    sys.modules.pop("rq_named_code", None)
+
+
+def _patched_naming_code(tmp_path: Path, transform: str) -> tuple[Path, Path]:
+    """A patched checkpoint whose recipe names ``transform`` and the loss rq_named_code:loss,
+    and data to fine-tune it on."""
+    torch.save(nn.Sequential(nn.Linear(2, 2)), tmp_path / "net.pt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\nparams:\n  - {{family: weights, transform: '{transform}'}}\n"
+        "finetune: {loss: 'rq_named_code:loss'}\n"
+    )
+    patched = tmp_path / "net.patched.safetensors"
+    ok("patch", tmp_path / "net.pt", recipe, "-o", patched, "-q")  # the user's own recipe
+    data = tmp_path / "d.safetensors"
+    save_file({"inputs": torch.ones(4, 2), "targets": torch.zeros(4, 2)}, str(data))
+    return patched, data
+
+
+def test_code_a_patched_checkpoint_names_needs_trust(tmp_path: Path, custom_code: Path) -> None:
+    patched, data = _patched_naming_code(tmp_path, "rq_named_code:halve")
+    import sys
+
+    sys.modules.pop("rq_named_code", None)  # imported by patch: forget it
+    custom_code.unlink()
+    out = tmp_path / "net.q.safetensors"
+    message = user_error("burn-in", patched, "-o", out)
+    assert "its recipe runs transform 'rq_named_code:halve'" in message
+    assert message.endswith("if you trust package 'rq_named_code', pass --trust rq_named_code")
+    assert "rq_named_code" in user_error("report", patched)
+    assert "rq_named_code" in user_error("finetune", patched, "--data", data)
+    assert not custom_code.exists() and not out.exists()
+    ok("burn-in", patched, "-o", out, "--trust", "rq_named_code", "-q")
+    assert custom_code.exists()
+
+
+def test_a_loss_named_in_a_checkpoint_needs_trust(tmp_path: Path, custom_code: Path) -> None:
+    patched, data = _patched_naming_code(tmp_path, "deterministic_rounding")
+    message = user_error("finetune", patched, "--data", data)
+    assert "its recipe runs loss 'rq_named_code:loss'" in message
+    assert not custom_code.exists()
+    ok("burn-in", patched, "-o", tmp_path / "q.safetensors", "-q")  # no code of its own
+
+
+def test_report_reads_the_limits_without_importing_the_recipes_code(
+    tmp_path: Path, custom_code: Path
+) -> None:
+    recipe = (
+        "version: 1\nparams:\n  - {family: weights, transform: 'rq_named_code:halve'}\n"
+        "limits: {weights: {signed: true, bits: 8}}\n"
+    )
+    path = tmp_path / "q.safetensors"
+    metadata = {"rockq.format": "burned", "rockq.recipe": recipe}
+    save_file({"fc.weight": torch.tensor([[300.0, 1.0]])}, str(path), metadata=metadata)
+    report = json.loads(ok("report", path, "--json"))
+    assert report["violations"], report
+    assert not custom_code.exists()

@@ -18,12 +18,22 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
-from transform_core.errors import ConfigError, RockqError, did_you_mean
+from transform_core.errors import CheckpointError, ConfigError, RockqError, did_you_mean
 
-__all__ = ["import_reference", "is_dotted_name", "is_reference"]
+__all__ = [
+    "check_trusted",
+    "import_reference",
+    "in_packages",
+    "is_dotted_name",
+    "is_reference",
+    "named_in_file",
+    "trust_hint",
+]
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = re.compile(rf"{_NAME}(\.{_NAME})*")
@@ -38,6 +48,73 @@ def is_dotted_name(text: str) -> bool:
         (True, False)
     """
     return _DOTTED.fullmatch(text) is not None
+
+
+def in_packages(module: str, packages: Iterable[str]) -> bool:
+    """Whether ``module`` is one of ``packages`` or a submodule of one.
+
+    Example:
+        >>> in_packages("mypkg.models", ["mypkg"]), in_packages("mypkg2", ["mypkg"])
+        (True, False)
+    """
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def trust_hint(module: str) -> str:
+    """The fix for code from an untrusted package: trust its top-level package.
+
+    Example:
+        >>> trust_hint("mypkg.models")
+        "if you trust package 'mypkg', pass --trust mypkg"
+    """
+    top = module.split(".")[0]
+    return f"if you trust package '{top}', pass --trust {top}"
+
+
+# While a recipe recorded in a file is read: (the file, the packages the user trusts).
+_NAMED_IN_FILE: ContextVar[tuple[str, tuple[str, ...]] | None] = ContextVar(
+    "named_in_file", default=None
+)
+
+
+@contextmanager
+def named_in_file(label: str, trust: Iterable[str]) -> Iterator[None]:
+    """Within this block, references come from ``label`` and need a trusted package.
+
+    A recipe recorded in a checkpoint names its custom transforms and loss; importing them
+    runs code that the file, not the user, chose. So, as for a pickled network, each
+    reference must come from a package the user passed with ``--trust``.
+
+    Example:
+        >>> with named_in_file("net.patched.safetensors", trust=["mypkg"]):
+        ...     try:
+        ...         import_reference("os:system", noun="function", role="transform")
+        ...     except CheckpointError as err:
+        ...         print(err)
+        net.patched.safetensors: its recipe runs transform 'os:system'; if you trust package 'os', pass --trust os
+    """
+    token = _NAMED_IN_FILE.set((label, tuple(trust)))
+    try:
+        yield
+    finally:
+        _NAMED_IN_FILE.reset(token)
+
+
+def check_trusted(reference: str, role: str) -> None:
+    """Refuse a reference named in a file from a package not trusted (see :func:`named_in_file`).
+
+    Raises:
+        CheckpointError: Inside :func:`named_in_file`, for a module outside its packages.
+    """
+    recorded = _NAMED_IN_FILE.get()
+    if recorded is None:
+        return
+    label, trusted = recorded
+    module = reference.partition(":")[0]
+    if not in_packages(module, trusted):
+        raise CheckpointError(
+            f"its recipe runs {role} '{reference}'; {trust_hint(module)}", path=label
+        )
 
 
 def is_reference(text: str) -> bool:
@@ -87,6 +164,7 @@ def import_reference(
     """
     if not is_reference(reference):
         raise error(f"expected 'package.module:{noun}', got {reference!r}", key=key)
+    check_trusted(reference, role)
     module_name, _, attr_path = reference.partition(":")
     try:
         module = importlib.import_module(module_name)

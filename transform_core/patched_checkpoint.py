@@ -52,7 +52,8 @@ from torch import nn
 
 from transform_core.errors import CheckpointError
 from transform_core.files import PathLike, read_input, sha256_file
-from transform_core.safe_pickle import check_trust, in_packages, module_from_bytes, trust_hint
+from transform_core.imports import in_packages, trust_hint
+from transform_core.safe_pickle import check_trust, module_from_bytes
 from transform_core.safetensors_header import is_safetensors, read_header
 from transform_core.safetensors_io import open_tensors
 from transform_core.safetensors_writer import save_safetensors

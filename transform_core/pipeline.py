@@ -657,10 +657,11 @@ def checkpoint_report(
             differs.
     """
     from transform_core.checkpoint import is_patched, load_patched, load_state_dict_file
-    from transform_core.recipe import parse_recipe
+    from transform_core.imports import named_in_file
+    from transform_core.recipe import parse_recipe, parse_recipe_limits
     from transform_core.safetensors_io import is_safetensors, open_tensors, require_file
 
-    path = Path(path)
+    path, trust = Path(path), tuple(trust)
     if not path.is_dir():
         require_file(path)
     lookup = _reference_tensors(Path(reference), trust) if reference is not None else None
@@ -669,9 +670,9 @@ def checkpoint_report(
         ckpt = load_patched(path, trust=trust)
         if ckpt.network is None:
             raise CheckpointError("holds no network to rebuild", path=str(path))
-        plan = plan_network(
-            ckpt.network, parse_recipe(ckpt.recipe, f"{path} (recipe)"), seed=ckpt.seed
-        )
+        with named_in_file(str(path), trust):
+            recipe = parse_recipe(ckpt.recipe, f"{path} (recipe)")
+        plan = plan_network(ckpt.network, recipe, seed=ckpt.seed)
         _, built = burn_in(patch_network(ckpt.network, plan, inplace=True), plan, meta=meta)
         checked = plan.recipe.limits if limits is None else limits
         return Report.build(built.tensors, limits=checked, meta=meta)
@@ -680,8 +681,9 @@ def checkpoint_report(
         described = _described_tensors(source.metadata, str(path))
         recorded_order = "rockq.families" in source.metadata
         if limits is None and source.metadata.get("rockq.recipe"):
+            # Only the limits: the transforms the rules name are not imported to read them.
             recipe_text = source.metadata["rockq.recipe"]
-            limits = parse_recipe(recipe_text, f"{path} (recipe)").limits
+            limits = parse_recipe_limits(recipe_text, f"{path} (recipe)")
         names: Iterable[tuple[str, Tensor]] = source.iter_tensors()
     else:
         described, recorded_order = {}, False

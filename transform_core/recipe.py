@@ -59,7 +59,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -89,6 +89,7 @@ __all__ = [
     "builtin_recipes",
     "load_recipe",
     "parse_recipe",
+    "parse_recipe_limits",
 ]
 
 RECIPE_VERSION = 1
@@ -97,6 +98,7 @@ RECIPE_VERSION = 1
 _REGEX_PREFIX = "re:"
 _BUILTIN_PACKAGE = "recipes"
 _MAX_VALUE_NODES = 100_000
+_T = TypeVar("_T")
 
 # Top-level keys. New sections (fine-tuning, hardware limits) get a parser here and a field on
 # Recipe; anything not listed stays an error.
@@ -420,8 +422,21 @@ class _Parser:
         return pattern
 
     def parse(self) -> Recipe:
+        return self._guarded(self._parse)
+
+    def parse_limits(self) -> dict[str, tuple[bool, int]]:
+        """Only the version and the ``limits:`` section: nothing the rules name is imported."""
+
+        def limits() -> dict[str, tuple[bool, int]]:
+            root, top = self._top()
+            self.version(root, top)
+            return self.limits(top["limits"][1]) if "limits" in top else {}
+
+        return self._guarded(limits)
+
+    def _guarded(self, parse: Callable[[], _T]) -> _T:
         try:
-            return self._parse()
+            return parse()
         except RecursionError:
             # PyYAML composes, and the checks walk, nested lists and mappings recursively.
             raise RecipeError(
@@ -430,7 +445,8 @@ class _Parser:
                 path=self.source,
             ) from None
 
-    def _parse(self) -> Recipe:
+    def _top(self) -> tuple[Node, dict[str, tuple[Node, Node]]]:
+        """The root node and its entries."""
         try:
             root = yaml.compose(self.text, Loader=_RecipeLoader)
         except ReaderError as exc:
@@ -456,7 +472,10 @@ class _Parser:
                 "the recipe is empty; expected a mapping starting with 'version: 1'",
                 path=self.source,
             )
-        top = self.items(root, None, "a recipe")
+        return root, self.items(root, None, "a recipe")
+
+    def _parse(self) -> Recipe:
+        root, top = self._top()
         version = self.version(root, top)
         self.check_keys(top, _TOP_KEYS, None)
         parsers: dict[str, Callable[[Node], Any]] = {
@@ -708,6 +727,23 @@ def parse_recipe(text: str, source: str = "<string>") -> Recipe:
         r.yaml:1: version: unsupported recipe version 2; this rockq reads 'version: 1' recipes
     """
     return _Parser(text, source).parse()
+
+
+def parse_recipe_limits(text: str, source: str = "<string>") -> dict[str, tuple[bool, int]]:
+    """Read only the ``limits:`` section of recipe text (after its version).
+
+    For a recipe recorded in a file whose limits are all that is needed: the rules are not
+    read, so a custom transform they name is never imported.
+
+    Raises:
+        RecipeError: As :func:`parse_recipe`, for the YAML, the version and the limits.
+
+    Example:
+        >>> text = "version: 1\\nparams: [{transform: 'nowhere.q:fn'}]\\nlimits: {weights: {signed: true, bits: 8}}"
+        >>> parse_recipe_limits(text)
+        {'weights': (True, 8)}
+    """
+    return _Parser(text, source).parse_limits()
 
 
 def _builtin_files() -> dict[str, Any]:

@@ -41,16 +41,14 @@ from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
 from transform_core.errors import CheckpointError
 from transform_core.files import KNOWN_FORMATS, PathLike, read_input
-from transform_core.imports import is_dotted_name
+from transform_core.imports import in_packages, is_dotted_name, trust_hint
 
 __all__ = [
     "check_trust",
     "error_line",
-    "in_packages",
     "load_pickle_bytes",
     "load_pickled_module",
     "module_from_bytes",
-    "trust_hint",
 ]
 
 
@@ -68,27 +66,6 @@ def check_trust(trust: Iterable[str]) -> tuple[str, ...]:
                 key="trust",
             )
     return packages
-
-
-def in_packages(module: str, packages: Iterable[str]) -> bool:
-    """Whether ``module`` is one of ``packages`` or a submodule of one.
-
-    Example:
-        >>> in_packages("mypkg.models", ["mypkg"]), in_packages("mypkg2", ["mypkg"])
-        (True, False)
-    """
-    return any(module == p or module.startswith(p + ".") for p in packages)
-
-
-def trust_hint(module: str) -> str:
-    """The fix for code from an untrusted package: trust its top-level package.
-
-    Example:
-        >>> trust_hint("mypkg.models")
-        "if you trust package 'mypkg', pass --trust mypkg"
-    """
-    top = module.split(".")[0]
-    return f"if you trust package '{top}', pass --trust {top}"
 
 
 def _pickle_globals(data: bytes, label: str) -> list[tuple[str, str]]:
