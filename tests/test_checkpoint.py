@@ -510,6 +510,22 @@ def test_arch_kwargs_must_be_json(tmp_path: Path) -> None:
         load_network(tmp_path / "w.pt", arch="torch.nn:Linear", arch_kwargs={"x": object()})
 
 
+def test_arch_kwargs_without_arch_are_refused(tmp_path: Path) -> None:
+    torch.save(nn.Sequential(nn.Linear(2, 3)), tmp_path / "net.pt")
+    with pytest.raises(CheckpointError, match=r"arch_kwargs: are given without arch \(--arch\)"):
+        load_network(tmp_path / "net.pt", arch_kwargs={"hidden": 8})
+
+
+def test_the_index_of_a_sharded_checkpoint_asks_for_its_folder(tmp_path: Path) -> None:
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {}}')
+    fix = f"is the index of a sharded checkpoint; pass its folder \\({tmp_path}\\) instead"
+    with pytest.raises(CheckpointError, match=fix):
+        load_network(index)
+    with pytest.raises(CheckpointError, match=fix):
+        load_state_dict_file(index)
+
+
 def test_trust_names_are_checked(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="trust: expected a package name"):
         load_network(tmp_path, trust=["not a package"])

@@ -373,3 +373,17 @@ def test_report_reads_the_limits_without_importing_the_recipes_code(
     report = json.loads(ok("report", path, "--json"))
     assert report["violations"], report
     assert not custom_code.exists()
+
+
+def test_arch_kwargs_without_arch_and_a_shard_index_are_refused(tmp_path: Path) -> None:
+    weights = tmp_path / "w.safetensors"
+    save_file(nn.Linear(2, 2).state_dict(), str(weights))
+    out = tmp_path / "q.safetensors"
+    message = user_error("quantize", weights, "int8", "-o", out, "--arch-kwargs", '{"a": 1}')
+    assert "arch_kwargs: are given without arch (--arch)" in message
+    index = tmp_path / "m.safetensors.index.json"
+    index.write_text('{"weight_map": {"weight": "w.safetensors", "bias": "w.safetensors"}}')
+    for command in (["quantize", index, "int8", "-o", out], ["report", index], ["inspect", index]):
+        assert f"pass its folder ({tmp_path}) instead" in user_error(*command)
+    assert "pass its folder" in user_error("report", weights, "--reference", index)
+    assert not out.exists()

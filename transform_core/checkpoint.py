@@ -62,6 +62,7 @@ from transform_core.state_dicts import (
     load_state_dict_file,
     load_state_dict_strict,
     looks_like_safetensors,
+    refuse_shard_index,
 )
 
 __all__ = [
@@ -169,10 +170,17 @@ def load_network(
     """
     trusted = check_trust(trust)
     kwargs = _check_kwargs(arch_kwargs)
+    if arch is None and arch_kwargs is not None:
+        raise CheckpointError(
+            "are given without arch (--arch), the factory they are for; name the factory "
+            "'package.module:function', or leave them out",
+            key="arch_kwargs",
+        )
     label = str(path)
     target = Path(path)
     if not target.exists():
         raise CheckpointError(f"no such file or folder; expected {KNOWN_FORMATS}", path=label)
+    refuse_shard_index(path)
     if arch is not None and target.suffix == ".json" and target.is_file():
         # Rockpool's own parameter file (net.save(path)): names and shapes are checked.
         module = build_from_arch(arch, kwargs)

@@ -41,6 +41,7 @@ __all__ = [
     "load_state_dict_file",
     "load_state_dict_strict",
     "looks_like_safetensors",
+    "refuse_shard_index",
 ]
 
 
@@ -100,6 +101,27 @@ def looks_like_safetensors(path: PathLike) -> bool:
     return target.is_dir() or target.suffix == ".safetensors" or is_safetensors(path)
 
 
+def refuse_shard_index(path: PathLike) -> None:
+    """Refuse the index file of a sharded checkpoint given where its folder belongs.
+
+    Raises:
+        CheckpointError: For a ``*.safetensors.index.json`` file, naming its folder.
+
+    Example:
+        >>> try:
+        ...     refuse_shard_index("shards/model.safetensors.index.json")
+        ... except CheckpointError as err:
+        ...     print(err)
+        shards/model.safetensors.index.json: is the index of a sharded checkpoint; pass its folder (shards) instead
+    """
+    target = Path(path)
+    if target.name.endswith(".safetensors.index.json"):
+        raise CheckpointError(
+            f"is the index of a sharded checkpoint; pass its folder ({target.parent}) instead",
+            path=str(path),
+        )
+
+
 def load_state_dict_file(path: PathLike, *, trust: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.pt``/``.pth`` (``weights_only``), safetensors or a shard folder.
 
@@ -108,6 +130,7 @@ def load_state_dict_file(path: PathLike, *, trust: Iterable[str] = ()) -> dict[s
             something other than a mapping of names to tensors.
     """
     label = str(path)
+    refuse_shard_index(path)
     if looks_like_safetensors(path):
         return open_tensors(path).load_all()
     data = read_input(path)
