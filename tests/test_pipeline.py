@@ -650,6 +650,17 @@ def test_checkpoint_report_on_a_patched_checkpoint(tmp_path: Path, seeded_mlp: n
     assert by_name["0.weight"].distinct <= 3
     assert by_name["0.weight"].max_abs_error is not None
     assert by_name["0.bias"].transform is None
+    # With a reference, errors are measured against it, not against the raw values.
+    ones = tmp_path / "ones.pt"
+    torch.save({k: torch.ones_like(v) for k, v in seeded_mlp.state_dict().items()}, ones)
+    against = {t.name: t for t in checkpoint_report(patched, reference=ones).tensors}
+    assert against.keys() == by_name.keys()
+    assert against["0.weight"].transform == by_name["0.weight"].transform
+    assert against["0.weight"].distinct == by_name["0.weight"].distinct
+    assert against["0.bias"].max_abs_error == pytest.approx(
+        float((seeded_mlp[0].bias.detach() - 1).abs().max())
+    )
+    assert against["0.weight"].max_abs_error != by_name["0.weight"].max_abs_error
 
 
 def test_checkpoint_report_errors(tmp_path: Path, seeded_mlp: nn.Module) -> None:

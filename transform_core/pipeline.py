@@ -641,7 +641,7 @@ def checkpoint_report(
     * A quantised safetensors file written by rockq: families and transforms come from its
       metadata.
     * A patched checkpoint: it is burned in (in memory) and the burned-in values are
-      reported, with the raw values as the reference.
+      reported, with its raw values as the reference unless ``reference`` is given.
     * Any other safetensors file, shard folder or state dict: families come from names.
 
     Args:
@@ -666,6 +666,7 @@ def checkpoint_report(
         require_file(path)
     lookup = _reference_tensors(Path(reference), trust) if reference is not None else None
     meta: dict[str, Any] = {"checkpoint": str(path)}
+    names: Iterable[tuple[str, Tensor]]
     if is_patched(path):
         ckpt = load_patched(path, trust=trust)
         if ckpt.network is None:
@@ -673,10 +674,15 @@ def checkpoint_report(
         with named_in_file(str(path), trust):
             recipe = parse_recipe(ckpt.recipe, f"{path} (recipe)")
         plan = plan_network(ckpt.network, recipe, seed=ckpt.seed)
-        _, built = burn_in(patch_network(ckpt.network, plan, inplace=True), plan, meta=meta)
-        checked = plan.recipe.limits if limits is None else limits
-        return Report.build(built.tensors, limits=checked, meta=meta)
-    if path.is_dir() or is_safetensors(path):
+        net, built = burn_in(patch_network(ckpt.network, plan, inplace=True), plan, meta=meta)
+        limits = plan.recipe.limits if limits is None else limits
+        if lookup is None:  # errors against the checkpoint's own raw values
+            return Report.build(built.tensors, limits=limits, meta=meta)
+        # Errors against the reference: the burned-in values, reported as any other file's.
+        described = {t.name: (t.family, t.transform) for t in built.tensors}
+        recorded_order = True
+        names = net.state_dict().items()
+    elif path.is_dir() or is_safetensors(path):
         source = open_tensors(path)
         described = _described_tensors(source.metadata, str(path))
         recorded_order = "rockq.families" in source.metadata
@@ -684,7 +690,7 @@ def checkpoint_report(
             # Only the limits: the transforms the rules name are not imported to read them.
             recipe_text = source.metadata["rockq.recipe"]
             limits = parse_recipe_limits(recipe_text, f"{path} (recipe)")
-        names: Iterable[tuple[str, Tensor]] = source.iter_tensors()
+        names = source.iter_tensors()
     else:
         described, recorded_order = {}, False
         names = load_state_dict_file(path, trust=trust).items()
