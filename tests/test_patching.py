@@ -583,6 +583,24 @@ def test_act_config_default_selects_leaves() -> None:
     assert make_act_T_config(nn.ReLU(), ROUND) == {"": ROUND}
 
 
+def test_act_transforms_inside_modules_that_never_call_their_children_are_refused() -> None:
+    # MultiheadAttention reads out_proj's weight; the encoder layer's fast path (eval, no
+    # grad) reads every child's tensors: a transform of a child's output would not run.
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    net = nn.Sequential(layer, nn.Linear(8, 2))
+    assert make_act_T_config(net, ROUND) == {"0": {"": ROUND}, "1": {"": ROUND}}
+    assert make_act_T_config(net, ROUND, nn.Linear) == {"1": {"": ROUND}}
+    for tree in ({"0": {"linear1": {"": ROUND}}}, {"0": {"self_attn": {"out_proj": {"": ROUND}}}}):
+        with pytest.raises(ConfigError, match=r"inside TransformerEncoderLayer, which reads"):
+            make_act_T_network(net, tree)
+    A_net = make_act_T_network(net, {"0": {"": _halve}})
+    x = torch.randn(2, 3, 8)
+    net.eval()
+    A_net.eval()
+    with torch.no_grad():  # the fast path: the layer's own output is still transformed
+        assert torch.allclose(A_net(x), net[1](net[0](x) * 0.5), atol=1e-6)
+
+
 def test_act_network_transforms_outputs() -> None:
     net = small_net()
     A_net = make_act_T_network(net, make_act_T_config(net, _halve, nn.Linear))

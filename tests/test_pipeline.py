@@ -248,6 +248,22 @@ def test_unmatched_activation_rule_names_a_module(seeded_mlp: nn.Module) -> None
         plan_network(seeded_mlp, recipe).check()
 
 
+def test_activation_rule_inside_attention_names_the_rule_and_the_fix() -> None:
+    net = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
+    recipe = _recipe(
+        "version: 1\nactivations:\n  - match: 're:.*\\.?out_proj'\n    transform: identity\n"
+    )
+    with pytest.raises(RecipeError) as err:
+        plan_network(net, recipe)
+    assert str(err.value).startswith("r.yaml:3: activations[0]: selects '1.out_proj', inside ")
+    assert "MultiheadAttention '1'" in str(err.value)
+    assert str(err.value).endswith(
+        "narrow the rule (match:), or transform the output of '1' instead"
+    )
+    narrowed = _recipe("version: 1\nactivations:\n  - {match: '0', transform: identity}\n")
+    assert [m.path for m in plan_network(net, narrowed).modules] == ["0"]
+
+
 def test_seed_comes_from_the_argument_then_the_recipe_then_zero(seeded_mlp: nn.Module) -> None:
     assert plan_network(seeded_mlp, _recipe(STOCHASTIC)).seed == 5
     assert plan_network(seeded_mlp, _recipe(STOCHASTIC), seed=9).seed == 9

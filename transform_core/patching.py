@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from transform_core.errors import ConfigError, did_you_mean
 from transform_core.families import FamilyRules, tensor_infos
 from transform_core.rockpool_support import sync_submodule
-from transform_core.tree import Tree, set_nested
+from transform_core.tree import Tree, set_nested, tree_items
 
 __all__ = [
     "ActWrapper",
@@ -653,8 +653,10 @@ def make_act_T_config(
     tree: dict[str, Any] = {}
     if T_fn is None:
         return tree
-    for path, module in _logical_modules(net):
-        leaf = not any(True for _ in _children(module))
+    for path, module in _logical_modules(net, into_readers=False):
+        # A module that reads its children's tensors counts as a leaf: its children's
+        # outputs cannot be transformed (see _validate_act_tree).
+        leaf = isinstance(module, _READS_CHILD_TENSORS) or not any(_children(module))
         if (ModuleClass is None and leaf) or (
             ModuleClass is not None and isinstance(module, ModuleClass)
         ):
@@ -662,14 +664,22 @@ def make_act_T_config(
     return tree
 
 
-def _logical_modules(net: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Like ``named_modules()``, but seeing through wrappers to the modules they wrap."""
+def _logical_modules(
+    net: nn.Module, prefix: str = "", *, into_readers: bool = True
+) -> Iterator[tuple[str, nn.Module]]:
+    """Like ``named_modules()``, but seeing through wrappers to the modules they wrap.
+
+    Without ``into_readers``, the children of modules that read their children's tensors
+    directly (attention, transformer layers) are left out.
+    """
     inner = net
     while isinstance(inner, _Wrapper):
         inner = inner._mod
     yield prefix, inner
+    if not into_readers and isinstance(inner, _READS_CHILD_TENSORS):
+        return
     for name, child in _children(inner):
-        yield from _logical_modules(child, _join(prefix, name))
+        yield from _logical_modules(child, _join(prefix, name), into_readers=into_readers)
 
 
 def make_act_T_network(net: nn.Module, act_T_config: Tree, inplace: bool = False) -> nn.Module:
@@ -714,6 +724,17 @@ def _validate_act_tree(module: nn.Module, tree: Tree, prefix: str) -> None:
             raise ConfigError(
                 f"'{_join(prefix, key)}' names no sub-module of {type(inner).__name__}; it has "
                 f"{names or 'none'}{did_you_mean(key, names)}"
+            )
+        if isinstance(inner, _READS_CHILD_TENSORS) and any(
+            fn is not None for _, fn in tree_items(node)
+        ):
+            # MultiheadAttention never calls out_proj, and the transformer layers' fast
+            # path (eval, no grad) calls none of their children: such a transform would
+            # run only sometimes, or never.
+            raise ConfigError(
+                f"'{_join(prefix, key)}' is inside {type(inner).__name__}, which reads its "
+                "sub-modules' tensors instead of calling them, so a transform of their "
+                f"output would not run; transform the output of '{prefix or '<root>'}' instead"
             )
         _validate_act_tree(child, node, _join(prefix, key))
 

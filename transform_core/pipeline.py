@@ -48,6 +48,7 @@ from transform_core.groups import (
     resolve_scale_groups,
 )
 from transform_core.patching import (
+    _READS_CHILD_TENSORS,
     _logical_modules,
     apply_T,
     make_act_T_network,
@@ -342,15 +343,39 @@ def plan_network(net: nn.Module, recipe: Recipe, *, seed: int | None = None) -> 
     infos = tensor_infos(net, recipe.family_rules()).values()
     modules = []
     if recipe.activations:
+        readers: dict[str, str] = {}  # path -> class, of modules that read their children
         for path, module in _logical_modules(net):
             matched = tuple(
                 r for r in recipe.activations if r.selects(path, None, type(module).__name__)
             )
             if matched:
+                _check_output_runs(path, readers, matched[-1], recipe)
                 modules.append(ModulePlan(path, type(module).__name__, matched[-1], matched))
+            if isinstance(module, _READS_CHILD_TENSORS):
+                readers[path] = type(module).__name__
     tensors = _plan_tensors(infos, recipe)
     groups = resolve_scale_groups(recipe, tensors)
     return Plan(recipe, _seed(recipe, seed), tensors, tuple(modules), groups)
+
+
+def _check_output_runs(path: str, readers: Mapping[str, str], rule: Rule, recipe: Recipe) -> None:
+    """Refuse an activation rule for a module whose parent never calls it.
+
+    MultiheadAttention reads ``out_proj``'s tensors, and the transformer layers' fast path
+    (eval, no grad) all their children's, without calling them: a transform of such a
+    module's output would run sometimes, or never.
+    """
+    for parent, name in readers.items():
+        if path.startswith(f"{parent}." if parent else ""):
+            raise RecipeError(
+                f"selects '{path}', inside {name} '{parent or '<root>'}', which reads its "
+                "sub-modules' tensors instead of calling them, so their outputs cannot be "
+                f"transformed; narrow the rule (match:), or transform the output of "
+                f"'{parent or '<root>'}' instead",
+                path=_recipe_path(recipe),
+                line=rule.line,
+                key=rule.label,
+            )
 
 
 def plan_tensors(
