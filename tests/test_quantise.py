@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -1034,6 +1035,44 @@ def test_class_calc_q_decay_is_callable() -> None:
     x = torch.tensor([0.5, 0.8, 0.95])
     assert quantiser(x).tolist() == [0.5, 0.75, 0.9375]
     assert torch.equal(quantiser(x), quantiser.calc_q_decay(x))
+    assert torch.equal(quantiser(x), quantiser.calc_bitshift_decay(x))  # the original's name
+
+
+@pytest.mark.parametrize(
+    ("transform", "plain", "numpy_args"),
+    [
+        (
+            stochastic_rounding,
+            {"num_levels": 16, "output_range": [-1.0, 1.0]},
+            {"num_levels": np.int64(16), "output_range": np.array([-1, 1], dtype=np.float32)},
+        ),
+        (
+            deterministic_rounding,
+            {"num_levels": 5, "input_range": [-2.0, 2.0]},
+            {"num_levels": np.int32(5), "input_range": np.array([-2.0, 2.0])},
+        ),
+        (int_quant, {"n_bits": 8}, {"n_bits": np.uint8(8)}),
+        (dropout, {"dropout_prob": 0.3}, {"dropout_prob": np.float32(0.3)}),
+        (t_decay, {"dt": 1e-3}, {"dt": np.float32(1e-3)}),
+    ],
+)
+def test_numpy_scalars_and_arrays_are_numbers_too(
+    transform: Callable[..., torch.Tensor], plain: dict[str, Any], numpy_args: dict[str, Any]
+) -> None:
+    x = torch.rand(40_000, generator=torch.Generator().manual_seed(1)) * 0.99
+
+    def run(args: dict[str, Any]) -> torch.Tensor:
+        if transform in (stochastic_rounding, dropout):
+            args = {**args, "generator": torch.Generator().manual_seed(0)}
+        return transform(x, **args)
+
+    assert torch.equal(run(numpy_args), run(plain))
+
+
+@pytest.mark.parametrize("num_levels", [np.float64(2.5), np.bool_(True), np.float32("nan")])
+def test_numpy_values_that_are_not_level_counts_are_refused(num_levels: Any) -> None:
+    with pytest.raises(ValueError, match="num_levels must be an integer >= 2"):
+        stochastic_rounding(torch.ones(3), num_levels=num_levels)
 
 
 @pytest.mark.parametrize("dt", [0, -1e-3, NAN, float("inf"), "1e-3", True])

@@ -37,6 +37,7 @@ from __future__ import annotations
 import decimal
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -152,14 +153,28 @@ def identity(value: Tensor) -> Tensor:
 # Argument checks and ranges
 
 
+def _is_number(value: Any) -> bool:
+    """A real number that is not a boolean: Python's, NumPy's scalars, and the like.
+
+    Example:
+        >>> import numpy as np
+        >>> _is_number(np.float32(0.5)), _is_number(np.int64(3)), _is_number(True)
+        (True, True, False)
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_num_levels(num_levels: Any, name: str = "num_levels") -> int:
-    if isinstance(num_levels, bool) or not isinstance(num_levels, int):
-        if isinstance(num_levels, float) and num_levels.is_integer():
-            return _check_num_levels(int(num_levels), name)
+    whole = _is_number(num_levels) and (
+        isinstance(num_levels, numbers.Integral)
+        or (math.isfinite(num_levels) and float(num_levels).is_integer())
+    )
+    if not whole:
         raise ValueError(f"{name} must be an integer >= 2, got {num_levels!r}")
-    if num_levels < 2:
-        raise ValueError(f"{name} must be an integer >= 2, got {num_levels}")
-    return num_levels
+    levels = int(num_levels)
+    if levels < 2:
+        raise ValueError(f"{name} must be an integer >= 2, got {levels}")
+    return levels
 
 
 def _check_levels_for(num_levels: Any, dtype: torch.dtype) -> int:
@@ -245,7 +260,7 @@ def _check_range(
         if isinstance(bound, Tensor):
             pair.append(bound)
             continue
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+        if not _is_number(bound):
             raise ValueError(f"{name} must hold two numbers, got {bounds!r}")
         if not math.isfinite(bound):
             raise ValueError(f"{name} must be finite, got {bounds!r}")
@@ -1049,12 +1064,9 @@ def dropout(
         >>> dropout(torch.ones(4), dropout_prob=1.0)
         tensor([0., 0., 0., 0.])
     """
-    if (
-        isinstance(dropout_prob, bool)
-        or not isinstance(dropout_prob, (int, float))
-        or not 0.0 <= dropout_prob <= 1.0
-    ):
+    if not _is_number(dropout_prob) or not 0.0 <= dropout_prob <= 1.0:
         raise ValueError(f"dropout_prob must be a number in [0, 1], got {dropout_prob!r}")
+    dropout_prob = float(dropout_prob)  # a NumPy scalar computes in its own precision
     param = _as_float(param)
 
     # Zeroed (masked_fill) rather than multiplied by the mask: a dropped inf or NaN is zero
@@ -1134,11 +1146,8 @@ class class_calc_q_decay:  # the reference API's name, kept
     """
 
     def __init__(self, dt: float) -> None:
-        if (
-            isinstance(dt, bool)
-            or not isinstance(dt, (int, float))
-            or not 0 < dt < math.inf  # an infinite step would turn every decay into 0
-        ):
+        # An infinite step would turn every decay into 0.
+        if not _is_number(dt) or not 0 < dt < math.inf:
             raise ValueError(f"dt must be a positive, finite number of seconds, got {dt!r}")
         self.dt = float(dt)
 
@@ -1165,6 +1174,9 @@ class class_calc_q_decay:  # the reference API's name, kept
 
     def __call__(self, decay: Tensor) -> Tensor:
         return self.calc_q_decay(decay)
+
+    calc_bitshift_decay = calc_q_decay
+    """The original implementation's name for :meth:`calc_q_decay`."""
 
 
 def t_decay(decay: Tensor, dt: float = 0.001) -> Tensor:
