@@ -166,7 +166,7 @@ def test_param_config_without_family_selects_every_parameter_but_no_buffer() -> 
 def test_tree_update_merges_families() -> None:
     net = small_net()
     cfg = make_param_T_config(net, ROUND, "weights")
-    tree_update(cfg, make_param_T_config(net, _halve, "biases"))
+    cfg = tree_update(cfg, make_param_T_config(net, _halve, "biases"))
     assert cfg == {
         "0": {"weight": ROUND, "bias": _halve},
         "2": {"weight": ROUND, "bias": _halve},
@@ -230,7 +230,7 @@ def test_forward_uses_transformed_values_deep_net() -> None:
 def test_buffers_updated_in_forward_persist() -> None:
     net = deep_net().train()
     cfg = make_param_T_config(net, ROUND, "weights")
-    tree_update(cfg, make_param_T_config(net, ROUND, "norms"))
+    cfg = tree_update(cfg, make_param_T_config(net, ROUND, "norms"))
     T_net = make_param_T_network(net, cfg)
     assert isinstance(T_net.stem[1], TWrapper)
     before = T_net.stem[1].running_mean.clone()
@@ -281,7 +281,7 @@ def test_root_module_can_be_patched() -> None:
 def test_remove_restores_classes_keys_and_values() -> None:
     net = deep_net()
     cfg = make_param_T_config(net, ROUND, "weights")
-    tree_update(cfg, make_param_T_config(net, ROUND, "biases"))
+    cfg = tree_update(cfg, make_param_T_config(net, ROUND, "biases"))
     T_net = make_param_T_network(net, cfg)
     plain = remove_T_net(T_net)
     assert module_classes(plain) == module_classes(net)
@@ -510,7 +510,7 @@ def test_optimiser_step_moves_raw_parameters() -> None:
     # Evaluation mode: batch statistics would cancel the gradient of the bias before them.
     net = deep_net().eval()
     cfg = make_param_T_config(net, ROUND, "weights")
-    tree_update(cfg, make_param_T_config(net, ROUND, "biases"))
+    cfg = tree_update(cfg, make_param_T_config(net, ROUND, "biases"))
     T_net = make_param_T_network(net, cfg)
     transformed = {
         f"{name}.{attr}": getattr(m._mod, attr)
@@ -799,7 +799,7 @@ def test_transformer_layer_patched_forward_equals_burn_in(grad: bool) -> None:
     net = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True))
     net.eval()
     cfg = make_param_T_config(net, ROUND, "weights")
-    tree_update(cfg, make_param_T_config(net, _halve, "norms"))
+    cfg = tree_update(cfg, make_param_T_config(net, _halve, "norms"))
     T_net = make_param_T_network(net, cfg).eval()
     burned = remove_T_net(apply_T(T_net)).eval()
     x = torch.randn(2, 5, 8)

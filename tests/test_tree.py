@@ -99,28 +99,37 @@ def test_tree_map_identity_is_an_equal_copy(tree: dict[str, Any]) -> None:
 # tree_update
 
 
-def test_tree_update_merges_branches_deeply() -> None:
+def test_tree_update_merges_branches_deeply_into_a_copy() -> None:
     target = {"fc": {"weight": 1, "sub": {"a": 1}}, "other": 5}
+    before = copy.deepcopy(target)
     result = tree_update(target, {"fc": {"bias": 2, "sub": {"b": 2}}, "new": {"x": 0}})
-    assert result is target  # merged in place
-    assert target == {
+    assert result == {
         "fc": {"weight": 1, "sub": {"a": 1, "b": 2}, "bias": 2},
         "other": 5,
         "new": {"x": 0},
     }
+    assert target == before  # by default the target is left as it was
+    assert not _branch_ids(result) & _branch_ids(target)
+
+
+def test_tree_update_in_place() -> None:
+    target = {"fc": {"weight": 1}}
+    assert tree_update(target, {"fc": {"bias": 2}}, inplace=True) is target
+    assert target == {"fc": {"weight": 1, "bias": 2}}
 
 
 def test_tree_update_replaces_leaves() -> None:
     target = {"fc": {"weight": "old"}, "leaf": 1, "branch": {"x": 1}}
-    tree_update(target, {"fc": {"weight": "new"}, "leaf": {"now": "branch"}, "branch": "now leaf"})
-    assert target == {"fc": {"weight": "new"}, "leaf": {"now": "branch"}, "branch": "now leaf"}
+    merged = tree_update(
+        target, {"fc": {"weight": "new"}, "leaf": {"now": "branch"}, "branch": "now leaf"}
+    )
+    assert merged == {"fc": {"weight": "new"}, "leaf": {"now": "branch"}, "branch": "now leaf"}
 
 
 def test_tree_update_does_not_alias_additional() -> None:
     additional = {"fc": {"bias": 2, "deep": {"x": 1}}}
     snapshot = copy.deepcopy(additional)
-    target: dict[str, Any] = {}
-    tree_update(target, additional)
+    target = tree_update({}, additional)
     assert target == additional
     assert not _branch_ids(target) & _branch_ids(additional)
     # Changing the merged tree leaves the source alone, and the other way round.
@@ -133,24 +142,24 @@ def test_tree_update_does_not_alias_additional() -> None:
 
 def test_tree_update_merges_into_a_read_only_branch() -> None:
     target: dict[str, Any] = {"fc": MappingProxyType({"weight": 1})}
-    tree_update(target, {"fc": {"bias": 2}})
-    assert target == {"fc": {"weight": 1, "bias": 2}}
+    assert tree_update(target, {"fc": {"bias": 2}}, inplace=True) == {
+        "fc": {"weight": 1, "bias": 2}
+    }
+    assert tree_update(MappingProxyType({"a": 1}), {"b": 2}) == {"a": 1, "b": 2}
 
 
 def test_tree_update_with_empty_additional_changes_nothing() -> None:
-    target = _sample()
-    tree_update(target, {})
-    tree_update(target, {"0": {}})
-    assert target == _sample()
+    assert tree_update(_sample(), {}) == _sample()
+    assert tree_update(_sample(), {"0": {}}) == _sample()
 
 
 @TREE_SETTINGS
 @given(_trees, _trees)
 def test_tree_update_properties(first: dict[str, Any], second: dict[str, Any]) -> None:
-    second_before = copy.deepcopy(second)
-    merged = tree_update(copy.deepcopy(first), second)
-    assert second == second_before
-    assert not _branch_ids(merged) & _branch_ids(second)
+    first_before, second_before = copy.deepcopy(first), copy.deepcopy(second)
+    merged = tree_update(first, second)
+    assert first == first_before and second == second_before
+    assert not _branch_ids(merged) & (_branch_ids(first) | _branch_ids(second))
     # Every leaf of the second tree is in the result at the same path.
     for path, leaf in tree_items(second):
         assert get_nested(merged, path) == leaf
@@ -160,57 +169,51 @@ def test_tree_update_properties(first: dict[str, Any], second: dict[str, Any]) -
         shadowed = any(p[: len(path)] == path or path[: len(p)] == p for p in second_paths)
         if not shadowed:
             assert get_nested(merged, path) == leaf
-    # Merging a tree into an empty one copies it.
+    # Merging a tree into an empty one copies it; in place gives the same tree.
     assert tree_update({}, second) == second
+    assert tree_update(copy.deepcopy(first), second, inplace=True) == merged
 
 
 # --------------------------------------------------------------------------------------
 # tree_flatten, tree_unflatten
 
 
-def test_tree_flatten_gives_leaves_and_paths_in_order() -> None:
-    leaves, paths = tree_flatten(_sample())
+def test_tree_flatten_gives_leaves_in_order_and_the_shape() -> None:
+    leaves, treedef = tree_flatten(_sample())
     assert leaves == ["w0", "b0", "w2", 3]
-    assert paths == [("0", "weight"), ("0", "bias"), ("2", "weight"), ("scale",)]
+    assert treedef == {"0": {"weight": None, "bias": None}, "2": {"weight": None}, "scale": None}
 
 
-def test_tree_flatten_of_empty_tree() -> None:
-    assert tree_flatten({}) == ([], [])
-    assert tree_unflatten([], []) == {}
-
-
-def test_empty_branches_do_not_survive_flattening() -> None:
-    # Documented: an empty branch has no leaf, so there is nothing to rebuild it from.
-    assert tree_unflatten(*tree_flatten({"a": {}, "b": {"c": 1}})) == {"b": {"c": 1}}
+def test_tree_flatten_of_empty_trees() -> None:
+    assert tree_flatten({}) == ([], {})
+    assert tree_unflatten({}, []) == {}
+    # An empty branch is part of the shape, so it is rebuilt.
+    assert tree_unflatten(*reversed(tree_flatten({"a": {}, "b": {"c": 1}}))) == {
+        "a": {},
+        "b": {"c": 1},
+    }
 
 
 @TREE_SETTINGS
 @given(_trees)
 def test_flatten_unflatten_round_trip(tree: dict[str, Any]) -> None:
-    leaves, paths = tree_flatten(tree)
-    rebuilt = tree_unflatten(leaves, paths)
+    leaves, treedef = tree_flatten(tree)
+    rebuilt = tree_unflatten(treedef, leaves)
     assert rebuilt == tree
     assert list(tree_items(rebuilt)) == list(tree_items(tree))  # order kept too
-    assert len(set(paths)) == len(paths)
+    assert not _branch_ids(rebuilt) & _branch_ids(tree)
 
 
 def test_unflatten_with_transformed_leaves() -> None:
-    leaves, paths = tree_flatten(_sample())
-    rebuilt = tree_unflatten([str(leaf).upper() for leaf in leaves], paths)
+    leaves, treedef = tree_flatten(_sample())
+    rebuilt = tree_unflatten(treedef, [str(leaf).upper() for leaf in leaves])
     assert rebuilt == {"0": {"weight": "W0", "bias": "B0"}, "2": {"weight": "W2"}, "scale": "3"}
 
 
-@pytest.mark.parametrize(
-    ("leaves", "paths", "match"),
-    [
-        ([1, 2], [("a",)], "got 2 leaves for 1 key paths"),
-        ([1], [()], "at least one key"),
-        ([1, 2], [("a",), ("a", "b")], "a is a leaf"),
-    ],
-)
-def test_unflatten_errors(leaves: list[Any], paths: list[tuple[str, ...]], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        tree_unflatten(leaves, paths)
+@pytest.mark.parametrize("leaves", [[1], [1, 2, 3]])
+def test_unflatten_needs_one_leaf_per_place(leaves: list[Any]) -> None:
+    with pytest.raises(ValueError, match=f"got {len(leaves)} leaves for a tree of 2"):
+        tree_unflatten({"a": None, "b": {"c": None}}, leaves)
 
 
 # --------------------------------------------------------------------------------------
@@ -241,12 +244,19 @@ def test_get_nested_errors_name_the_missing_key(path: tuple[str, ...], message: 
 
 def test_set_nested_creates_branches_and_replaces_leaves() -> None:
     tree: dict[str, Any] = {}
-    set_nested(tree, ("a", "b", "c"), 1)
-    set_nested(tree, ("a", "d"), 2)
-    set_nested(tree, ("a", "b", "c"), 3)
+    assert set_nested(tree, ("a", "b", "c"), 1, inplace=True) is tree
+    set_nested(tree, ("a", "d"), 2, inplace=True)
+    set_nested(tree, ("a", "b", "c"), 3, inplace=True)
     assert tree == {"a": {"b": {"c": 3}, "d": 2}}
-    set_nested(tree, ("a", "b"), "leaf now")
+    set_nested(tree, ("a", "b"), "leaf now", inplace=True)
     assert tree == {"a": {"b": "leaf now", "d": 2}}
+
+
+def test_set_nested_changes_a_copy_by_default() -> None:
+    tree = _sample()
+    changed = set_nested(tree, ("0", "weight"), "new")
+    assert changed["0"] == {"weight": "new", "bias": "b0"}
+    assert tree == _sample()
 
 
 @pytest.mark.parametrize(
@@ -260,7 +270,7 @@ def test_set_nested_creates_branches_and_replaces_leaves() -> None:
 def test_set_nested_errors(path: tuple[str, ...], match: str) -> None:
     tree = _sample()
     with pytest.raises(ValueError, match=match):
-        set_nested(tree, path, 1)
+        set_nested(tree, path, 1, inplace=True)
     assert tree == _sample()  # nothing half-written
 
 
@@ -268,7 +278,7 @@ def test_set_nested_errors(path: tuple[str, ...], match: str) -> None:
 @given(_trees, st.lists(_keys, min_size=1, max_size=4), st.integers())
 def test_set_then_get(tree: dict[str, Any], path: list[str], value: int) -> None:
     try:
-        set_nested(tree, path, value)
+        changed = set_nested(tree, path, value)
     except ValueError:
         # Only when the path runs through an existing leaf.
         assert any(
@@ -277,7 +287,7 @@ def test_set_then_get(tree: dict[str, Any], path: list[str], value: int) -> None
             if _has_path(tree, path[:i])
         )
         return
-    assert get_nested(tree, path) == value
+    assert get_nested(changed, path) == value
 
 
 def _has_path(tree: dict[str, Any], path: list[str]) -> bool:

@@ -354,7 +354,7 @@ def make_param_T_config(
         selected = (not info.is_buffer) if param_family is None else info.family == param_family
         if selected:
             path = (*info.module_path.split("."), info.attr) if info.module_path else (info.attr,)
-            set_nested(tree, path, T_fn)
+            set_nested(tree, path, T_fn, inplace=True)
     return tree
 
 
@@ -660,7 +660,7 @@ def make_act_T_config(
         if (ModuleClass is None and leaf) or (
             ModuleClass is not None and isinstance(module, ModuleClass)
         ):
-            set_nested(tree, (*path.split("."), "") if path else ("",), T_fn)
+            set_nested(tree, (*path.split("."), "") if path else ("",), T_fn, inplace=True)
     return tree
 
 

@@ -462,14 +462,16 @@ def patch_network(net: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Mo
         if bound is not None:
             info = entry.info
             path = (*info.module_path.split("."), info.attr) if info.module_path else (info.attr,)
-            set_nested(params, path, bound)
+            set_nested(params, path, bound, inplace=True)
     patched = make_param_T_network(net, params, inplace=inplace)
     attach_scale_groups(patched, grouped)
     if plan.modules:
         acts: dict[str, Any] = {}
         for module in plan.modules:
             bound = plan.recipe.bind(module.rule, module.path, plan.seed)
-            set_nested(acts, (*module.path.split("."), "") if module.path else ("",), bound)
+            set_nested(
+                acts, (*module.path.split("."), "") if module.path else ("",), bound, inplace=True
+            )
         patched = make_act_T_network(patched, acts, inplace=True)
     return patched
 
