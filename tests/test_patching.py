@@ -487,6 +487,39 @@ def test_bad_wrapper_config_fails() -> None:
         ActWrapper(nn.ReLU(), "round")  # type: ignore[arg-type]
 
 
+def test_none_in_a_param_config_transforms_nothing() -> None:
+    # As in the original: a None leaf is a tensor left as it is, but its name is checked.
+    net = small_net()
+    T_net = make_param_T_network(
+        net, {"0": {"weight": None, "bias": _halve}, "2": {"weight": None}}
+    )
+    assert isinstance(T_net[0], TWrapper) and T_net[0].T_config == {"bias": _halve}
+    assert type(T_net[2]) is nn.Linear
+    assert TWrapper(nn.Linear(2, 2), {"weight": None}).T_config == {}
+    with pytest.raises(ConfigError, match=r"'0\.wieght' names no parameter"):
+        make_param_T_network(net, {"0": {"wieght": None}})
+
+
+def test_patching_parameters_twice_is_refused_with_the_way_out() -> None:
+    net = small_net()
+    T_net = make_param_T_network(net, make_param_T_config(net, ROUND, "weights"))
+    for cfg in (
+        make_param_T_config(net, _halve, "biases"),
+        make_param_T_config(T_net, _halve, "biases"),
+    ):
+        with pytest.raises(
+            ConfigError, match=r"already has parameter transforms \(a TWrapper at '0'\); merge"
+        ):
+            make_param_T_network(T_net, cfg)
+    both = tree_update(
+        make_param_T_config(net, ROUND, "weights"), make_param_T_config(net, _halve, "biases")
+    )
+    assert make_param_T_network(remove_T_net(T_net), both)[0].T_config == {
+        "weight": ROUND,
+        "bias": _halve,
+    }
+
+
 def test_config_error_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="no sub-module"):
         make_param_T_network(small_net(), {"7": {"weight": ROUND}})

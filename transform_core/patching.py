@@ -113,7 +113,8 @@ class TWrapper(_Wrapper):
     Args:
         mod: The module to wrap; it keeps holding its raw parameters.
         T_config: Attribute name of a parameter or buffer of ``mod`` -> transform
-            ``T(x) -> x``. ``None`` or an empty mapping transforms nothing.
+            ``T(x) -> x``, or ``None`` for none. ``None`` or an empty mapping transforms
+            nothing.
 
     Raises:
         ConfigError: If a key names no parameter or buffer of ``mod``, or a value is not
@@ -131,7 +132,7 @@ class TWrapper(_Wrapper):
         config = dict(T_config or {})
         for attr, fn in config.items():
             _check_tensor_attr(mod, attr, fn, attr)
-        self._T_config: dict[str, Transform] = config
+        self._T_config: dict[str, Transform] = {a: f for a, f in config.items() if f is not None}
         self._swapped_in = False  # set while an enclosing wrapper has swapped our tensors in
 
     @property
@@ -274,8 +275,10 @@ def _check_tensor_attr(module: nn.Module, attr: str, fn: Any, where: str) -> Non
             f"'{where}' names no parameter or buffer of {type(module).__name__}; it has "
             f"{attrs or 'none'}{did_you_mean(attr, attrs)}"
         )
-    if not callable(fn):
-        raise ConfigError(f"'{where}' must map to a transform function, got {fn!r}")
+    if fn is not None and not callable(fn):
+        raise ConfigError(
+            f"'{where}' must map to a transform function (or None for none), got {fn!r}"
+        )
 
 
 def _deepcopy(net: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
@@ -382,6 +385,17 @@ def make_param_T_network(net: nn.Module, T_config_tree: Tree, inplace: bool = Fa
         ConfigError: If the tree names a module or tensor that ``net`` does not have,
             naming it.
     """
+    patched = next((p for p, m in net.named_modules() if isinstance(m, TWrapper)), None)
+    if (
+        patched is not None
+        and isinstance(T_config_tree, Mapping)
+        and any(fn is not None for _, fn in tree_items(T_config_tree))
+    ):
+        raise ConfigError(
+            f"the network already has parameter transforms (a TWrapper at "
+            f"'{patched or '<root>'}'); merge the configs with tree_update and patch the "
+            "un-patched network once (remove_T_net gives it back)"
+        )
     _validate_param_tree(net, T_config_tree, "")
     if not inplace:
         net = _deepcopy(net)
@@ -408,7 +422,7 @@ def _validate_param_tree(module: nn.Module, tree: Tree, prefix: str) -> None:
                 )
             _validate_param_tree(child, node, where)
         else:
-            _check_tensor_attr(owner, key, node, where)
+            _check_tensor_attr(owner, key, node, where)  # None: named, not transformed
 
 
 def _owner(module: nn.Module, key: str) -> nn.Module:
@@ -432,7 +446,7 @@ def _patch_params(module: nn.Module, tree: Tree, memo: dict[int, nn.Module]) -> 
             child = owner._modules[key]
             if child is not None:
                 _set_child(owner, key, _patch_params(child, node, memo))
-        else:
+        elif node is not None:  # None: no transform, as in the original
             own[key] = node
     patched: nn.Module = module
     # The parameter wrapper goes inside any activation wrapper, as make_act_T_network
