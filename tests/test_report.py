@@ -290,6 +290,193 @@ def test_reference_shape_mismatch_names_the_tensor() -> None:
         tensor_report("layers.0.weight", torch.zeros(2, 2), reference=torch.zeros(3))
 
 
+# --- values at the ends of their dtype's range ------------------------------------------
+
+
+_WIDE_FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", _WIDE_FLOATS, ids=str)
+def test_values_spanning_more_than_the_dtype_range_are_reported(dtype: torch.dtype) -> None:
+    # max - min is beyond the dtype's range (for float64, beyond any float): pytest turns a
+    # NumPy overflow warning into an error, and the step used to divide by zero.
+    f = torch.finfo(dtype)
+    r = tensor_report("l.clamp", torch.tensor([f.min, f.max], dtype=dtype))
+    assert (r.distinct, r.bits_needed, r.min, r.max) == (2, 1, f.min, f.max)
+    # The one gap, 2 * max, is a float64 unless the dtype is float64 itself.
+    assert r.step == (None if dtype == torch.float64 else 2 * f.max)
+    assert (r.on_integer_grid, r.int_signed, r.int_bits) == (
+        True,
+        True,
+        int(f.max).bit_length() + 1,
+    )
+    three = tensor_report("l.clamp", torch.tensor([f.min, 0.0, f.max], dtype=dtype))
+    assert (three.distinct, three.step) == (3, f.max)
+
+
+@pytest.mark.parametrize("dtype", _WIDE_FLOATS, ids=str)
+def test_extreme_values_next_to_ordinary_ones_have_no_step(dtype: torch.dtype) -> None:
+    f = torch.finfo(dtype)
+    values = torch.tensor([f.min, -1.0, 0.5, 2.0, f.max], dtype=torch.float64).to(dtype)
+    r = tensor_report("l.clamp", values)
+    assert (r.distinct, r.min, r.max, r.step) == (5, f.min, f.max, None)
+
+
+@pytest.mark.parametrize("dtype", _WIDE_FLOATS, ids=str)
+def test_errors_between_the_ends_of_the_range_are_reported(dtype: torch.dtype) -> None:
+    f = torch.finfo(dtype)
+    r = tensor_report(
+        "w",
+        torch.tensor([f.max, f.min], dtype=dtype),
+        reference=torch.tensor([f.min, f.max], dtype=dtype),
+    )
+    # Each error is 2 * max: a float64 for the narrower dtypes, past its range for float64.
+    error = math.inf if dtype == torch.float64 else 2 * f.max
+    assert (r.max_abs_error, r.rmse) == (error, error)
+    assert r.sqnr_db == pytest.approx(10 * math.log10(1 / 4))  # (2 max**2) / (2 * 4 max**2)
+
+
+def test_float64_errors_whose_squares_overflow_are_reported() -> None:
+    r = tensor_report(
+        "w",
+        torch.tensor([1e200, 3e200], dtype=torch.float64),
+        reference=torch.tensor([2e200, 3e200], dtype=torch.float64),
+    )
+    assert r.max_abs_error == 1e200
+    assert r.rmse == pytest.approx(1e200 / math.sqrt(2), rel=1e-12)
+    assert r.sqnr_db == pytest.approx(10 * math.log10((4 + 9) / 1), rel=1e-12)
+    # Huge values with tiny errors: the errors keep their own scale.
+    small = tensor_report(
+        "w",
+        torch.tensor([1e300, 1.0], dtype=torch.float64),
+        reference=torch.tensor([1e300, 1.5], dtype=torch.float64),
+    )
+    assert (small.max_abs_error, small.rmse) == (0.5, pytest.approx(0.5 / math.sqrt(2)))
+    assert small.sqnr_db == pytest.approx(10 * (600 - math.log10(0.25)), rel=1e-12)
+
+
+def test_float64_error_sums_past_the_float64_range_are_reported() -> None:
+    # Each square is finite (1.44e308), their sum is not.
+    r = tensor_report(
+        "w", torch.tensor([1.2e154, -1.2e154], dtype=torch.float64), reference=torch.zeros(2)
+    )
+    assert (r.max_abs_error, r.sqnr_db) == (1.2e154, -math.inf)
+    assert r.rmse == pytest.approx(1.2e154, rel=1e-12)
+
+
+def test_sqnr_far_below_zero_is_reported() -> None:
+    # sum(ref**2) / sum(err**2) is below the smallest float64: the ratio would read 0.
+    r = tensor_report(
+        "w",
+        torch.tensor([1e10], dtype=torch.float64),
+        reference=torch.tensor([1e-160], dtype=torch.float64),
+    )
+    assert r.max_abs_error == 1e10
+    assert r.sqnr_db == pytest.approx(10 * (-320 - 20), abs=0.01)
+
+
+def test_a_report_of_extreme_values_is_strict_json(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from transform_core.pipeline import checkpoint_report
+
+    f = torch.finfo(torch.float32)
+    path = tmp_path / "clamp.safetensors"
+    weight = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    save_file({"l.weight": weight, "l.clamp": torch.tensor([f.min, f.max])}, path)
+    report = checkpoint_report(path)
+    clamp = next(t for t in report.tensors if t.name == "l.clamp")
+    assert (clamp.min, clamp.max, clamp.step) == (f.min, f.max, 2 * f.max)
+    assert Report.from_dict(json.loads(report.to_json())) == report
+
+
+def test_an_error_past_float64_reads_inf_in_json() -> None:
+    f = torch.finfo(torch.float64)
+    big = torch.tensor([f.max], dtype=torch.float64)
+    e = tensor_report("w", big, reference=-big)
+    data = Report.build([e]).to_dict()["tensors"][0]
+    assert (data["max_abs_error"], data["rmse"]) == ("inf", "inf")
+    assert Report.from_dict(json.loads(Report.build([e]).to_json())).tensors[0] == e
+
+
+# --- 64-bit integers --------------------------------------------------------------------
+
+
+def test_int64_range_is_exact_and_fits_int64() -> None:
+    r = tensor_report("step", torch.tensor([-(2**63), 0, 2**63 - 1]))
+    assert (r.min, r.max) == (-(2**63), 2**63 - 1)
+    assert isinstance(r.min, int) and isinstance(r.max, int)
+    assert (r.int_signed, r.int_bits) == (True, 64)
+    # 0 is 2**63 above the minimum, the maximum 2**63 - 1 above 0: no common step.
+    assert r.step is None
+
+
+def test_int64_values_past_2_53_keep_their_differences() -> None:
+    r = tensor_report("idx", torch.tensor([2**53, 2**53 + 1, 2**53 + 3]))
+    assert (r.distinct, r.min, r.max, r.step) == (3, 2**53, 2**53 + 3, 1)
+    assert all(isinstance(v, int) for v in (r.min, r.max, r.step))
+    assert (r.int_signed, r.int_bits) == (False, 54)
+
+
+def test_uint64_range_fits_uint64() -> None:
+    r = tensor_report("u64", torch.tensor([0, 2**64 - 1], dtype=torch.uint64))
+    assert (r.min, r.max, r.step) == (0, 2**64 - 1, 2**64 - 1)
+    assert (r.int_signed, r.int_bits) == (False, 64)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "lo", "hi"),
+    [
+        (torch.int8, -128, 127),
+        (torch.int16, -(2**15), 2**15 - 1),
+        (torch.int32, -(2**31), 2**31 - 1),
+        (torch.uint32, 0, 2**32 - 1),
+    ],
+    ids=str,
+)
+def test_integer_ends_are_python_ints(dtype: torch.dtype, lo: int, hi: int) -> None:
+    r = tensor_report("w", torch.tensor([lo, hi, lo]).to(dtype))
+    assert (r.min, r.max, r.step) == (lo, hi, hi - lo)
+    assert all(type(v) is int for v in (r.min, r.max, r.step))
+    assert r.int_bits == dtype.itemsize * 8
+
+
+def test_integer_grid_off_the_smallest_gap_has_no_step() -> None:
+    assert tensor_report("w", torch.tensor([0, 2, 5])).step is None
+    assert tensor_report("w", torch.tensor([0, 2, 6])).step == 2
+
+
+def test_full_range_int64_is_within_a_signed_64_bit_limit() -> None:
+    e = tensor_report("step", torch.tensor([-(2**63), 2**63 - 1]), family="counters")
+    assert Report.build([e], limits={"counters": (True, 64)}).ok
+    u = tensor_report("u", torch.tensor([0, 2**64 - 1], dtype=torch.uint64), family="counters")
+    assert Report.build([u], limits={"counters": (False, 64)}).ok
+    assert not Report.build([u], limits={"counters": (True, 64)}).ok
+
+
+def test_integer_tensors_are_exact_in_json() -> None:
+    entries = [
+        tensor_report("step", torch.tensor([-(2**63), 0, 2**63 - 1])),
+        tensor_report("idx", torch.tensor([2**53, 2**53 + 1])),
+        tensor_report("u64", torch.tensor([0, 2**64 - 1], dtype=torch.uint64)),
+    ]
+    report = Report.build(entries)
+    text = report.to_json()
+    assert '"min": -9223372036854775808' in text
+    assert '"max": 9007199254740993' in text
+    assert '"max": 18446744073709551615' in text
+    back = Report.from_dict(json.loads(text))
+    assert back == report
+    assert [type(t.step) for t in back.tensors] == [type(None), int, int]
+
+
+def test_from_dict_refuses_a_fraction_for_an_integer_tensor() -> None:
+    data = Report.build([tensor_report("idx", torch.tensor([0, 2]))]).to_dict()
+    data["tensors"][0]["step"] = 0.5
+    with pytest.raises(ConfigError, match=r"tensors\[0\]\.step: expected an integer or null"):
+        Report.from_dict(data)
+
+
 # --- totals and families --------------------------------------------------------------
 
 
@@ -727,3 +914,9 @@ def test_error_sums_follow_their_defined_order_on_every_path(size: int) -> None:
         with kernels.compiled(compiled):
             entry = tensor_report("w", values, reference=reference)
         assert (entry.rmse, entry.sqnr_db) == expected  # bit for bit
+
+
+def test_markdown_shows_integer_values_in_full() -> None:
+    idx = tensor_report("idx", torch.tensor([2**53, 2**53 + 1]))
+    md = Report.build([idx]).to_markdown()
+    assert "[9007199254740992, 9007199254740993]" in md

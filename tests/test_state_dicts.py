@@ -131,3 +131,13 @@ def test_another_dtype_in_the_file_is_copied_into_the_networks_dtype(factories: 
 def test_a_state_dict_that_does_not_fit_is_refused(factories: str) -> None:
     with pytest.raises(CheckpointError, match=r"1 missing key \(bias\)"):
         build_loaded(f"{factories}:reads_values", None, {"weight": torch.ones(2, 2)})
+
+
+def test_several_shape_mismatches_are_counted_in_the_plural() -> None:
+    from transform_core.state_dicts import load_state_dict_strict
+
+    net = nn.Linear(2, 3)
+    state = {"weight": torch.ones(4, 2), "bias": torch.zeros(4)}
+    with pytest.raises(CheckpointError, match=r"2 shape mismatches \(") as err:
+        load_state_dict_strict(net, state)
+    assert "mismatchs" not in str(err.value)

@@ -13,10 +13,11 @@ Markdown text comes from :mod:`transform_core.report_markdown`. The names of
 
 JSON encoding: ``None`` (``null``) means "not applicable" (no step, no reference, no
 finite values). The only non-finite numbers a report holds are an SQNR of ``inf``
-(exact quantisation) or ``-inf`` (an all-zero reference) and a size ratio of ``inf``;
-:meth:`Report.to_dict` writes these as the strings ``"inf"`` and ``"-inf"`` (and a NaN,
-which a report never holds, as ``"nan"``) so the JSON stays strict and
-:meth:`Report.from_dict` reads them back.
+(exact quantisation) or ``-inf`` (an all-zero reference), an error of ``inf`` (beyond the
+float64 range) and a size ratio of ``inf``; :meth:`Report.to_dict` writes these as the
+strings ``"inf"`` and ``"-inf"`` (and a NaN, which a report never holds, as ``"nan"``) so
+the JSON stays strict and :meth:`Report.from_dict` reads them back. An integer tensor's
+``min``, ``max`` and ``step`` are exact JSON integers.
 
 Example:
     >>> import torch

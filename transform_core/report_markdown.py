@@ -102,14 +102,19 @@ def complex_note(names: list[str], limit: int = 3) -> str:
     )
 
 
-def number_text(value: float | None) -> str:
+def number_text(value: int | float | None) -> str:
     """A number as reports show it: six significant digits, ``""`` for ``None``.
 
+    An ``int`` (an integer tensor's value) is shown in full: int64 values differ past six
+    digits.
+
     Example:
-        >>> number_text(0.1 + 0.2), number_text(None)
-        ('0.3', '')
+        >>> number_text(0.1 + 0.2), number_text(None), number_text(2**53 + 1)
+        ('0.3', '', '9007199254740993')
     """
-    return "" if value is None else f"{value:.6g}"
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
 def _ratio(value: float | None) -> str:

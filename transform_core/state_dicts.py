@@ -157,7 +157,9 @@ def _listing(items: Sequence[str], what: str, limit: int = 3) -> str:
     shown = ", ".join(items[:limit]) + (
         f", ... {len(items) - limit} more" if len(items) > limit else ""
     )
-    return f"{len(items)} {what}{'s' if len(items) != 1 else ''} ({shown})"
+    # "shape mismatch" takes -es, "missing key" an -s.
+    plural = "es" if what.endswith(("s", "sh", "ch", "x", "z")) else "s"
+    return f"{len(items)} {what}{plural if len(items) != 1 else ''} ({shown})"
 
 
 _ARCH_FIX = "check that --arch and --arch-kwargs build the network these weights came from"

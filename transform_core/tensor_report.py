@@ -5,11 +5,13 @@ Python loop over elements, as a :class:`TensorReport`; :mod:`transform_core.repo
 those up into the whole report.
 
 JSON encoding: ``None`` (``null``) means "not applicable" (no step, no reference, no
-finite values). The only non-finite number a tensor report holds is an SQNR of ``inf``
-(exact quantisation) or ``-inf`` (an all-zero reference); :meth:`TensorReport.to_dict`
-writes these as the strings ``"inf"`` and ``"-inf"`` (and a NaN, which a report never
-holds, as ``"nan"``) so the JSON stays strict and :meth:`TensorReport.from_dict` reads
-them back.
+finite values). The only non-finite numbers a tensor report holds are an SQNR of ``inf``
+(exact quantisation) or ``-inf`` (an all-zero reference), and a ``max_abs_error`` or
+``rmse`` of ``inf`` when an error is beyond the float64 range (float64 values near
+``±1.8e308``); :meth:`TensorReport.to_dict` writes these as the strings ``"inf"`` and
+``"-inf"`` (and a NaN, which a report never holds, as ``"nan"``) so the JSON stays strict
+and :meth:`TensorReport.from_dict` reads them back. The ``min``, ``max`` and ``step`` of
+an integer tensor are JSON integers, exact however large.
 
 Example:
     >>> import torch
@@ -24,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -53,6 +56,8 @@ _GRID_MAX_FRACTION = 0.05
 _SCREEN = 4096
 
 _TENSOR_FLOATS = ("min", "max", "step", "max_abs_error", "rmse", "sqnr_db")
+# Python ints for a tensor of an integer dtype: int64 values past 2**53 have no exact float.
+_TENSOR_EXACT = ("min", "max", "step")
 # The JSON kinds of the other tensor fields, which from_dict checks.
 _NONE = type(None)
 _TENSOR_KINDS: dict[str, tuple[type, ...]] = {
@@ -114,19 +119,23 @@ class TensorReport:
         transform: Transform text such as ``"stochastic_rounding(num_levels=16)"``, or ``None``.
         distinct: Number of distinct finite values.
         bits_needed: ``ceil(log2(distinct))``; 0 for a constant or empty tensor.
-        min: Smallest finite value, or ``None`` if there is none.
-        max: Largest finite value, or ``None`` if there is none.
+        min: Smallest finite value, or ``None`` if there is none. A Python ``int`` for an
+            integer dtype (exact for all of int64 and uint64), else a ``float``.
+        max: Largest finite value, or ``None`` if there is none; typed as ``min``.
         step: The smallest gap between distinct values, when every value lies on the grid
-            ``min + k * step`` within float tolerance; else ``None`` (also for fewer than two
-            distinct values).
+            ``min + k * step`` within float tolerance (exactly, for an integer dtype); else
+            ``None`` (also for fewer than two distinct values, and for a step beyond the
+            float64 range). Typed as ``min``.
         on_integer_grid: Every finite value is an integer (true for no finite values).
         int_signed: Whether the smallest integer type holding ``[min, max]`` is signed;
             ``None`` unless on the integer grid with at least one finite value.
         int_bits: Width of that type, at least 1 (``[-3, 3]`` needs signed 3 bits,
             ``[0, 255]`` unsigned 8); ``None`` when ``int_signed`` is.
         nonfinite: Number of NaN and infinite elements.
-        max_abs_error: Largest ``|tensor - reference|``, or ``None`` without a reference.
-        rmse: Root mean square of ``tensor - reference``, or ``None``.
+        max_abs_error: Largest ``|tensor - reference|``, or ``None`` without a reference;
+            ``inf`` if it is beyond the float64 range.
+        rmse: Root mean square of ``tensor - reference``, or ``None``; ``inf`` if it is
+            beyond the float64 range.
         sqnr_db: ``10 log10(sum(ref**2) / sum(err**2))``: ``inf`` when exact, ``-inf``
             for an all-zero reference, ``None`` without a reference.
 
@@ -142,9 +151,9 @@ class TensorReport:
     transform: str | None
     distinct: int
     bits_needed: int
-    min: float | None
-    max: float | None
-    step: float | None
+    min: int | float | None
+    max: int | float | None
+    step: int | float | None
     on_integer_grid: bool
     int_signed: bool | None
     int_bits: int | None
@@ -196,14 +205,19 @@ class TensorReport:
             The equal :class:`TensorReport`.
 
         Raises:
-            ConfigError: If a field is missing, unknown or of the wrong kind.
+            ConfigError: If a field is missing, unknown or of the wrong kind (a ``min``,
+                ``max`` or ``step`` of an integer tensor must be an integer or null).
         """
         names = [f.name for f in fields(cls)]
         check_keys(data, required=names, optional=("quantised",), key=key)
+        dtype = data["dtype"]
+        integer = isinstance(dtype, str) and _is_integer(_dtype(dtype, key=f"{key}.dtype"))
         values: dict[str, Any] = {}
         for name in names:
             value = data[name]
-            if name == "shape":
+            if integer and name in _TENSOR_EXACT:
+                value = _decode_int(value, key=f"{key}.{name}")
+            elif name == "shape":
                 if not isinstance(value, list | tuple) or not all(
                     isinstance(n, int) and not isinstance(n, bool) for n in value
                 ):
@@ -266,12 +280,18 @@ def tensor_report(
     values = _as_array(tensor)
     distinct_values, nonfinite = _distinct_finite(values)
     distinct = int(distinct_values.size)
-    lo = hi = None
-    step = None
+    lo: int | float | None = None
+    hi: int | float | None = None
+    step: int | float | None = None
     int_signed: bool | None = None
     int_bits: int | None = None
     on_integer_grid = True
-    if distinct:
+    if distinct and _is_integer(tensor.dtype):
+        # Python ints, not floats: int64 values past 2**53 would lose their differences.
+        lo, hi = int(distinct_values[0]), int(distinct_values[-1])
+        step = _integer_step(distinct_values)
+        int_signed, int_bits = _int_type(lo, hi)
+    elif distinct:
         # Adding 0.0 turns a -0.0 into 0.0, so a range never reads "-0.0".
         lo = float(distinct_values[0]) + 0.0
         hi = float(distinct_values[-1]) + 0.0
@@ -280,6 +300,7 @@ def tensor_report(
         if on_integer_grid:
             int_signed, int_bits = _int_type(int(lo), int(hi))
     errors: tuple[float | None, float | None, float | None] = (None, None, None)
+    magnitude = max(abs(lo), abs(hi)) if lo is not None and hi is not None else 0
     if reference is not None:
         _check_tensor(name, reference, "reference")
         if tuple(reference.shape) != tuple(tensor.shape):
@@ -290,9 +311,9 @@ def tensor_report(
         if tensor.is_complex() != reference.is_complex():
             # Compare as complex numbers: a real tensor's imaginary parts are zero.
             values = _as_array(tensor, as_complex=True)
-            errors = _errors(values, _as_array(reference, as_complex=True))
+            errors = _errors(values, _as_array(reference, as_complex=True), magnitude)
         else:
-            errors = _errors(values, _as_array(reference))
+            errors = _errors(values, _as_array(reference), magnitude)
     return TensorReport(
         name=name,
         family=family,
@@ -405,14 +426,29 @@ def _all_integers(distinct: npt.NDArray[Any]) -> bool:
 
 
 def _grid_step(distinct: npt.NDArray[Any], eps: float) -> float | None:
-    """Return the smallest gap if every sorted distinct value lies on ``min + k * gap``."""
+    """Return the smallest gap if every sorted distinct float lies on ``min + k * gap``.
+
+    Example:
+        >>> big = float(np.finfo(np.float64).max)
+        >>> _grid_step(np.array([-big, 0.0, big]), 2.0**-52) == big
+        True
+    """
     if distinct.size < 2:
         return None
-    if distinct.dtype.kind in "iub":
-        distinct = distinct.astype(np.float64)  # integer differences could wrap
+    # Differences up to twice the dtype's largest value must not overflow (NumPy would
+    # warn and the step come out as inf / inf).
+    unit = 1.0
+    span = float(distinct[-1]) - float(distinct[0])  # float64; inf beyond its range
+    if not math.isfinite(span):
+        # float64 values more than its largest value apart: fit the grid to the halved
+        # values (exact, but for subnormals far below any tolerance here) and double it.
+        distinct = distinct * 0.5
+        unit = 2.0
+        span = float(distinct[-1]) - float(distinct[0])
+    elif span > float(np.finfo(distinct.dtype).max):
+        distinct = distinct.astype(np.float64)  # a narrower float: float64 holds the span
     gaps = np.diff(distinct)
     smallest = float(gaps.min())
-    span = float(distinct[-1]) - float(distinct[0])
     if not smallest > 0 or span / smallest > _MAX_GRID_LEVELS:
         return None
     # Cheap screen: on a grid, the first gaps are whole multiples of the smallest one.
@@ -428,7 +464,33 @@ def _grid_step(distinct: npt.NDArray[Any], eps: float) -> float | None:
     scale = max(abs(float(values[0])), abs(float(values[-1])))
     tolerance = min(_GRID_ULPS * eps * scale, _GRID_MAX_FRACTION * step)
     residual = float(np.abs(values[1:] - (values[0] + levels * step)).max())
-    return step if residual <= tolerance else None
+    if residual > tolerance or step * unit > sys.float_info.max:
+        return None  # off the grid, or a step no float64 holds
+    return step * unit
+
+
+def _integer_step(distinct: npt.NDArray[Any]) -> int | None:
+    """Return the smallest gap of sorted distinct integers if it divides every gap, exactly.
+
+    Grids of more than :data:`_MAX_GRID_LEVELS` levels count as no grid, as for floats.
+
+    Example:
+        >>> _integer_step(np.array([-(2**63), 2**63 - 1])), _integer_step(np.array([0, 2, 5]))
+        (18446744073709551615, None)
+    """
+    if distinct.size < 2:
+        return None
+    if distinct.dtype.kind == "f":
+        distinct = distinct.astype(np.int64)  # 8- and 16-bit integers arrive as exact float32
+    # Sorted, so every gap lies in [1, 2**64 - 1]: 64-bit unsigned arithmetic, which wraps
+    # modulo 2**64, gives it exactly where a signed difference would overflow.
+    wide = np.uint64 if distinct.dtype.kind == "u" else np.int64
+    gaps = np.diff(distinct.astype(wide).view(np.uint64))
+    smallest = gaps.min()
+    span = int(distinct[-1]) - int(distinct[0])
+    if span > _MAX_GRID_LEVELS * int(smallest) or np.count_nonzero(gaps % smallest):
+        return None
+    return int(smallest)
 
 
 def _int_type(lo: int, hi: int) -> tuple[bool, int]:
@@ -506,29 +568,88 @@ def _chunk_sums(
     return err_sq, ref_sq, max_abs, count
 
 
+# Past this magnitude, a float64 error or its square may overflow.
+_OVERFLOW_RISK = 2.0**500
+# The error sums are then done again with every value times 2**-_SHIFT: 2**1024 becomes
+# 2**484, whose error (at most twice that) squared and summed over 2**48 elements is
+# still finite.
+_SHIFT = 540
+
+
 def _errors(
-    values: npt.NDArray[Any], reference: npt.NDArray[Any]
+    values: npt.NDArray[Any], reference: npt.NDArray[Any], magnitude: float = 0.0
 ) -> tuple[float | None, float | None, float | None]:
-    """Return max |err|, RMSE and SQNR (dB) over elements finite in both tensors."""
+    """Return max |err|, RMSE and SQNR (dB) over elements finite in both tensors.
+
+    ``magnitude`` is the largest finite ``|value|`` of the tensor. Where float64 overflows,
+    a second, scaled pass finds what the first could not (see :data:`_SHIFT`).
+
+    Example:
+        >>> big = np.array([1e200, 3e200])
+        >>> _errors(big, np.array([2e200, 3e200]), 3e200)[0]
+        1e+200
+    """
+    max_abs, err_power, ref_power, count = _error_sums(values, reference)
+    err_shift = ref_shift = 0  # the true sums: err_power * 4**err_shift, and so for ref
+    # A float64 error overflows only where the tensor holds a |value| of 2**970 or more
+    # (its pair then counts as non-finite and drops out, unseen); a square or a sum that
+    # overflows shows as inf.
+    if magnitude > _OVERFLOW_RISK or not (math.isfinite(err_power) and math.isfinite(ref_power)):
+        scale = 2.0**-_SHIFT  # exact, but for subnormals far below what dominates here
+        scaled = _error_sums(
+            np.multiply(values, scale, dtype=np.float64),
+            np.multiply(reference, scale, dtype=np.float64),
+        )
+        if scaled[3] > count:  # pairs dropped for an error beyond the float64 range
+            max_abs, count = math.inf, scaled[3]
+            err_power, err_shift = scaled[1], _SHIFT
+            ref_power, ref_shift = scaled[2], _SHIFT
+        else:  # the same pairs: keep what the first pass got right, at full precision
+            if not math.isfinite(err_power):
+                err_power, err_shift = scaled[1], _SHIFT
+            if not math.isfinite(ref_power):
+                ref_power, ref_shift = scaled[2], _SHIFT
+    if not count:
+        return None, None, None
+    rmse = math.sqrt(err_power / count) * 2.0**err_shift  # inf beyond float64's range
+    if err_power == 0.0:
+        sqnr = math.inf
+    elif ref_power == 0.0:
+        sqnr = -math.inf
+    else:
+        ratio = ref_power / err_power
+        if err_shift == ref_shift and sys.float_info.min <= ratio <= sys.float_info.max:
+            sqnr = 10.0 * math.log10(ratio)
+        else:  # the ratio would overflow, lose precision or read 0: add logarithms
+            shift = 2 * (ref_shift - err_shift) * math.log10(2.0)
+            sqnr = 10.0 * (math.log10(ref_power) - math.log10(err_power) + shift)
+    return max_abs, rmse, sqnr
+
+
+def _error_sums(
+    values: npt.NDArray[Any], reference: npt.NDArray[Any]
+) -> tuple[float, float, float, int]:
+    """Max |err|, sum of err**2, sum of reference**2 and pair count, as float64 gives them."""
     compiled = _compiled_kernels(values, reference)
     if compiled is not None:
         err_sq, ref_sq, max_abs, count = compiled.error_sums(values, reference)
     else:
         with kernels.chain_timer():
             err_sq, ref_sq, max_abs, count = error_block_sums(values, reference)
-    if not count:
-        return None, None, None
     # Blocks add up in order (NumPy's reduction along the first axis), lanes exactly.
-    err_power = math.fsum(np.add.reduce(err_sq, axis=0).tolist())
-    ref_power = math.fsum(np.add.reduce(ref_sq, axis=0).tolist())
-    rmse = math.sqrt(err_power / count)
-    if err_power == 0.0:
-        sqnr = math.inf
-    elif ref_power == 0.0:
-        sqnr = -math.inf
-    else:
-        sqnr = 10.0 * math.log10(ref_power / err_power)
-    return max_abs, rmse, sqnr
+    with np.errstate(over="ignore"):  # an overflow reads inf, which _errors looks for
+        err_lanes = np.add.reduce(err_sq, axis=0).tolist()
+        ref_lanes = np.add.reduce(ref_sq, axis=0).tolist()
+    return max_abs, _exact_sum(err_lanes), _exact_sum(ref_lanes), count
+
+
+def _exact_sum(parts: list[float]) -> float:
+    """``math.fsum`` of non-negative parts, ``inf`` where the sum is past float64's range
+    (fsum raises on that rather than returning inf)."""
+    try:
+        return math.fsum(parts)
+    except OverflowError:
+        return math.inf
 
 
 def _compiled_kernels(*arrays: npt.NDArray[Any]) -> Any:
@@ -542,11 +663,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtype_bits(name: str, *, key: str = "dtype") -> int:
+def _dtype(name: str, *, key: str = "dtype") -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"expected a torch dtype name such as 'float32', got {name!r}", key=key)
-    return dtype.itemsize * 8
+    return dtype
+
+
+def _dtype_bits(name: str, *, key: str = "dtype") -> int:
+    return _dtype(name, key=key).itemsize * 8
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    """An integer dtype (bool, whose values arrive as floats, is not one here)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def encode_float(value: float | None) -> float | str | None:
@@ -569,6 +699,14 @@ def _decode_float(value: object, *, key: str) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     raise ConfigError(f"expected a number, null, 'inf', '-inf' or 'nan', got {value!r}", key=key)
+
+
+def _decode_int(value: object, *, key: str) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ConfigError(
+        f"expected an integer or null for a tensor of an integer dtype, got {value!r}", key=key
+    )
 
 
 def expect_mapping(value: object, key: str) -> Mapping[str, Any]:
