@@ -108,8 +108,10 @@ def demo(
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    from rich.markup import escape
+
     console(quiet).print(
-        f"\nNext: rockq report {quantised} --reference {model}   (files are in {folder})"
+        escape(f"\nNext: rockq report {quantised} --reference {model}   (files are in {folder})")
     )
 
 
@@ -117,13 +119,15 @@ def _demo_steps(
     model: Path, recipe: str, patched: Path, quantised: Path, quiet: bool, debug: bool
 ) -> None:
     """The demo's commands on the example network saved at ``model``."""
+    from rich.markup import escape
+
     from cli.quantise_commands import burn_in_command, inspect, patch
 
     out = console(quiet)
-    out.print(f"[bold]1. example network[/] saved to {model}")
+    out.print(f"[bold]1. example network[/] saved to {escape(str(model))}")
     if not quiet:
         inspect(model, debug=debug)
-    out.print(f"[bold]2. plan[/] for recipe '{recipe}'")
+    out.print(f"[bold]2. plan[/] for recipe '{escape(recipe)}'")
     patch(model, recipe, dry_run=True, quiet=quiet, debug=debug)
     out.print("[bold]3. patch[/]")
     patch(model, recipe, output=patched, quiet=quiet, debug=debug)

@@ -9,14 +9,18 @@ the commands, so ``rockq --help`` stays fast.
 Exit codes: 0 success, 1 internal error, 2 bad input (one line on stderr, naming the file,
 key or tensor and the fix; ``--debug`` shows the traceback), 3 ``report --check`` found a
 tensor outside its hardware limit, 130 interrupted (Ctrl-C), 143 and 129 stopped by SIGTERM
-and SIGHUP. An interrupted command leaves no file half-written.
+and SIGHUP, 141 stdout closed (``rockq inspect big.pt | head``: quietly, as SIGPIPE ends other
+tools). An interrupted command leaves no file half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
 import sys
+import unicodedata
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -37,6 +41,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130
+# A closed stdout exits as a process killed by SIGPIPE (13) shows in the shell, 128 + 13,
+# like `yes | head -1` under `set -o pipefail`: scripts already treat 141 as "the reader
+# stopped". Python's own suggestion, exit 1, would read here as rockq's internal error.
+EXIT_BROKEN_PIPE = 141
 
 
 def _version_callback(value: bool) -> None:
@@ -64,9 +72,56 @@ def main(
     """Quantise neural-network checkpoints with a transformation-in-training pipeline."""
 
 
+def one_line(message: str) -> str:
+    """``message`` with line breaks and other control characters escaped, as ``repr`` does.
+
+    A tensor name or an exception from user code may hold a newline; the error must stay
+    one line, and a terminal escape in a name must not restyle the terminal.
+
+    Example:
+        >>> print(one_line("nl.safetensors: a\\nb.weight: holds 1 NaN"))
+        nl.safetensors: a\\nb.weight: holds 1 NaN
+    """
+    # Cc: control characters (newline, tab, escape, NEL); Zl, Zp: Unicode line and
+    # paragraph separators, which terminals and editors may also break lines on.
+    return "".join(
+        repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in message
+    )
+
+
 def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"rockq: error: {message}", err=True)
+    typer.echo(f"rockq: error: {one_line(message)}", err=True)
     return typer.Exit(code)
+
+
+def _from_closed_pipe(err: SystemExit) -> bool:
+    """Whether ``err`` reports a closed stdout rather than code that called ``sys.exit``.
+
+    Rich ends a print to a closed pipe with ``SystemExit(1)`` raised while it handles the
+    ``BrokenPipeError`` (``Console.on_broken_pipe``), and so does Typer for a write outside
+    a command: that ``SystemExit`` has the ``BrokenPipeError`` as its context.
+    """
+    return isinstance(err.__context__, BrokenPipeError)
+
+
+def _closed_pipe() -> typer.Exit:
+    """End quietly after stdout was closed: nothing on stderr, exit 141.
+
+    stdout goes to devnull first, as Python's note on SIGPIPE advises, so that the flush
+    at exit does not print "Exception ignored ... BrokenPipeError".
+    """
+    with contextlib.suppress(OSError, ValueError):  # the closed pipe, or a closed stdout
+        sys.stdout.flush()
+    try:
+        fileno = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):  # not a real file, as under CliRunner
+        return typer.Exit(EXIT_BROKEN_PIPE)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fileno)
+    finally:
+        os.close(devnull)
+    return typer.Exit(EXIT_BROKEN_PIPE)
 
 
 def _interrupted(err: KeyboardInterrupt) -> typer.Exit:
@@ -95,7 +150,12 @@ def handle_errors(command: F) -> F:
             raise
         except KeyboardInterrupt as err:
             raise _interrupted(err) from None
+        except BrokenPipeError:
+            # A reader that stopped (`| head`) is no error, and what was written stays.
+            raise _closed_pipe() from None
         except SystemExit as err:
+            if _from_closed_pipe(err):
+                raise _closed_pipe() from None
             # rockq itself never calls sys.exit inside a command: this came from the user's
             # code it imported, and would otherwise end the command with that code, silently.
             if kwargs.get("debug"):
@@ -170,17 +230,26 @@ def run() -> None:
     process.claim()
     try:
         code = app(standalone_mode=False)
+        # Output still buffered (a short --json) meets a closed pipe here, where it can be
+        # handled, rather than in the flush at exit.
+        sys.stdout.flush()
     except click_error as err:
         ctx = getattr(err, "ctx", None)
         command = f"{ctx.command_path} " if ctx is not None else "rockq "
         format_message = getattr(err, "format_message", None)
-        message = str(format_message() if callable(format_message) else err)
+        message = one_line(str(format_message() if callable(format_message) else err))
         if message.strip():  # empty when the help was shown for a bare `rockq`
             typer.echo(f"rockq: error: {message} (see '{command}--help')", err=True)
         sys.exit(getattr(err, "exit_code", 2))
     except typer.Abort:
         typer.echo("rockq: error: interrupted; no file was left half-written", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:  # outside a command: --version, --help
+        code = _closed_pipe().exit_code
+    except SystemExit as err:
+        if not _from_closed_pipe(err):
+            raise
+        code = _closed_pipe().exit_code
     finally:
         process.freeze_imports()  # what the command made, too: the exit walks nothing
     sys.exit(code if isinstance(code, int) else 0)

@@ -14,16 +14,23 @@ from typing import Any
 
 
 def console(quiet: bool = False) -> Any:
-    """A Rich console on stdout; wide off a terminal so that piped tables do not wrap."""
+    """A Rich console on stdout; wide off a terminal so that piped tables do not wrap.
+
+    Emoji codes are off: a path or tensor name such as ``a:fire:.weight`` is shown as
+    given. Markup stays on for rockq's own styles, so the user's strings that reach it
+    (paths, names, rule text) go through :func:`rich.markup.escape` first.
+    """
     from rich.console import Console
 
-    return Console(quiet=quiet, width=None if sys.stdout.isatty() else 160)
+    return Console(quiet=quiet, width=None if sys.stdout.isatty() else 160, emoji=False)
 
 
 def show_report(report: Any, quiet: bool, target: Path | None = None) -> None:
     """Print a report's table, and the files written when ``target`` is given."""
     if quiet:
         return
+    from rich.markup import escape
+
     from cli import render
     from transform_core.outputs import report_files
 
@@ -31,7 +38,7 @@ def show_report(report: Any, quiet: bool, target: Path | None = None) -> None:
     render.report(out, report.to_dict())
     if target is not None:
         _, json_file, markdown_file = report_files(target)
-        out.print(f"wrote {target} and {json_file.name}, {markdown_file.name}")
+        out.print(escape(f"wrote {target} and {json_file.name}, {markdown_file.name}"))
 
 
 @contextmanager
@@ -49,7 +56,13 @@ def _bar(quiet: bool, label: str, fields: str) -> Iterator[Any]:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(fields))
+    # No markup: the fields show tensor names, which may hold brackets ('w[0]').
+    columns = (
+        TextColumn(label, markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(fields, markup=False),
+    )
     with Progress(*columns, console=err, transient=True) as progress:
         yield progress
 

@@ -1,7 +1,10 @@
 """Rich rendering of plans, reports, inventories and listings.
 
 Everything here takes plain data (the ``to_dict()`` of a plan or report, lists of tensor
-infos) and prints it; nothing computes.
+infos) and prints it; nothing computes. Rich reads a string given to a table or to
+``print`` as markup, so every string that comes from the user (a path, a tensor, module,
+family or recipe name, rule text) goes through :func:`~rich.markup.escape`: a tensor named
+``w[0]`` or a file ``runs/[exp1]/model.pt`` is shown as it is.
 """
 
 from __future__ import annotations
@@ -25,17 +28,29 @@ def _number(value: Any, digits: int = 4) -> str:
 
 
 def _size(bits: int) -> str:
-    size = bits / 8
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+    """Bytes that ``bits`` need, whole bytes rounded up: 590 bits take 74 bytes."""
+    size: float = -(-bits // 8)
+    if size < 1024:
+        return f"{int(size)} B"
+    for unit in ("KiB", "MiB", "GiB"):
         size /= 1024
-    return f"{size:.1f} GiB"
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"
+
+
+def _smaller(before: int, after: int) -> str:
+    """How many times smaller ``after`` is than ``before``, as the size lines say it."""
+    if not before:
+        return "no values"
+    if not after:
+        return "no bits needed"
+    return f"{before / after:.3g}x smaller"
 
 
 def inventory(console: Console, rows: Sequence[Mapping[str, Any]], title: str) -> None:
     """Every tensor of a network with its family, then totals per family."""
-    table = Table(title=title, show_lines=False)
+    table = Table(title=escape(title), show_lines=False)
     for column in ("name", "module", "family", "shape", "dtype", "size", "kind"):
         table.add_column(column, justify="right" if column == "size" else "left")
     totals: dict[str, list[int]] = {}
@@ -58,13 +73,13 @@ def inventory(console: Console, rows: Sequence[Mapping[str, Any]], title: str) -
     for column in ("family", "tensors", "elements"):
         summary.add_column(column, justify="left" if column == "family" else "right")
     for family, (tensors, elements) in sorted(totals.items()):
-        summary.add_row(family, str(tensors), str(elements))
+        summary.add_row(escape(family), str(tensors), str(elements))
     console.print(summary)
 
 
 def plan(console: Console, data: Mapping[str, Any]) -> None:
     """A dry run: matches per rule, unmatched tensors, overlaps and sizes."""
-    table = Table(title=f"recipe {data['recipe']} (seed {data['seed']})")
+    table = Table(title=escape(f"recipe {data['recipe']} (seed {data['seed']})"))
     for column in ("rule", "selector", "transform", "matches"):
         table.add_column(column)
     for rule in data["rules"]:
@@ -74,7 +89,9 @@ def plan(console: Console, data: Mapping[str, Any]) -> None:
         )
         if not matches:
             shown = "[yellow]nothing (optional)[/]" if rule["optional"] else "[red]nothing[/]"
-        table.add_row(rule["rule"], escape(rule["selector"]), escape(rule["transform"]), shown)
+        table.add_row(
+            escape(rule["rule"]), escape(rule["selector"]), escape(rule["transform"]), shown
+        )
     console.print(table)
     unmatched = data["unmatched_tensors"]
     if unmatched:
@@ -88,10 +105,9 @@ def plan(console: Console, data: Mapping[str, Any]) -> None:
             f"{escape(', '.join(overlap['rules']))}; {escape(str(overlap['winner']))} wins"
         )
     before, after = data["size_bits"]["before"], data["size_bits"]["after"]
-    ratio = before / after if after else float("inf")
     console.print(
         f"size: {_size(before)} before, {_size(after)} at the recipe's bit widths "
-        f"({ratio:.2f}x smaller)"
+        f"({_smaller(before, after)})"
     )
 
 
@@ -100,7 +116,7 @@ def report(console: Console, data: Mapping[str, Any], title: str = "quantisation
     from transform_core.report_markdown import complex_note
 
     with_reference = any(t.get("max_abs_error") is not None for t in data["tensors"])
-    table = Table(title=title)
+    table = Table(title=escape(title))
     columns = [
         "tensor",
         "family",
@@ -146,7 +162,7 @@ def report(console: Console, data: Mapping[str, Any], title: str = "quantisation
         f"quantised: {totals['quantised_parameters']} of {totals['parameters']} values "
         f"({100 * totals['quantised_share']:.1f}%) in {totals['tensors']} tensors; "
         f"size {_size(totals['float32_bits'])} at float32, {_size(totals['reported_bits'])} "
-        f"at the reported bit widths ({_number(totals['ratio'], 3)}x smaller)"
+        f"at the reported bit widths ({_smaller(totals['float32_bits'], totals['reported_bits'])})"
     )
     missing = data.get("meta", {}).get("not_in_reference")
     if missing:
@@ -167,7 +183,7 @@ def transforms(console: Console, specs: Iterable[Any]) -> None:
         args = ", ".join(
             f"{a.name}: {a.type}" + ("" if a.required else f" = {a.default!r}") for a in spec.args
         )
-        table.add_row(spec.name, escape(args or "-"), escape(spec.summary))
+        table.add_row(escape(spec.name), escape(args or "-"), escape(spec.summary))
     console.print(table)
 
 
@@ -177,7 +193,7 @@ def recipes(console: Console, listing: Mapping[str, str]) -> None:
     table.add_column("name")
     table.add_column("description")
     for name, description in listing.items():
-        table.add_row(name, escape(description))
+        table.add_row(escape(name), escape(description))
     console.print(table)
 
 
