@@ -433,6 +433,40 @@ def test_rounding_gradient_scales_with_rescaling(fn: Callable[..., Tensor]) -> N
     assert torch.allclose(x.grad, torch.full((3,), 10.0))
 
 
+@pytest.mark.parametrize(
+    "round_to",
+    [
+        lambda x, s: stochastic_rounding(x, [-1.0, 1.0], [-s, s], num_levels=9, generator=_gen()),
+        lambda x, s: deterministic_rounding(x, [-1.0, 1.0], [-s, s], num_levels=9),
+        lambda x, s: stochastic_channel_rounding(x, [-s, s], num_levels=9, generator=_gen()),
+        lambda x, s: deterministic_channel_rounding(x, [-s, s], num_levels=9),
+    ],
+    ids=["stochastic", "deterministic", "stochastic channel", "deterministic channel"],
+)
+def test_a_learned_output_scale_gets_its_gradient(round_to: Callable[..., Tensor]) -> None:
+    # out = k * 2s / (n - 1) - s, so d out / d s = out / s at every element.
+    x = torch.empty(40_000).uniform_(-1, 1, generator=_gen()).reshape(200, 200)
+    x[0, :3] = torch.tensor([math.inf, -math.inf, math.nan])
+    weights = torch.rand(200, 200, generator=_gen())
+    scale = torch.tensor(3.0, requires_grad=True)
+    out = round_to(x.clone().requires_grad_(), scale)
+    plain = round_to(x, 3.0)
+    assert torch.equal(out.detach().nan_to_num(7.0), plain.nan_to_num(7.0))  # values unchanged
+    (out.nan_to_num(0.0) * weights).sum().backward()
+    expected = (weights * plain / 3.0).nan_to_num(0.0).double().sum()  # inf inputs too
+    assert scale.grad is not None and math.isclose(scale.grad, expected, rel_tol=1e-4)
+
+
+def test_a_learned_input_range_gets_a_finite_gradient_past_inf_and_nan() -> None:
+    x = torch.tensor([0.3, -0.7, math.inf, -math.inf, math.nan])
+    width = torch.tensor(1.0, requires_grad=True)
+    out = deterministic_rounding(x, [-width, width], [-1.0, 1.0], num_levels=5)
+    assert torch.equal(out[:4], torch.tensor([0.5, -0.5, 1.0, -1.0])) and out[4].isnan()
+    out[:4].sum().backward()
+    # d/dw of round(2 (x + w) / w) * 0.5 - 1, straight through: -x / w**2 per finite x.
+    assert width.grad is not None and math.isclose(width.grad, 0.4, rel_tol=1e-6)
+
+
 def test_rounding_without_grad_records_no_graph() -> None:
     x = torch.tensor([0.2, 0.4], requires_grad=True)
     with torch.no_grad():

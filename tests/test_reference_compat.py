@@ -129,6 +129,25 @@ def test_rounding_gradient_matches_with_explicit_ranges(fn: str) -> None:
     assert torch.allclose(grads[0], torch.full((50,), 7.5))
 
 
+@pytest.mark.parametrize("ranges", ["output", "input", "input, output by default"])
+def test_tensor_ranges_that_require_grad_get_the_references_gradient(ranges: str) -> None:
+    x = torch.empty(50).uniform_(-1.4, 1.4, generator=torch.Generator().manual_seed(4))
+    weights = torch.linspace(0, 1, 50)
+    grads = []
+    for module in (ours, reference):
+        scale = torch.tensor(2.0, requires_grad=True)
+        kwargs: dict[str, Any] = {
+            "output": {"input_range": [-1.5, 1.5], "output_range": [-scale, scale]},
+            "input": {"input_range": [-scale, scale], "output_range": [-2.0, 2.0]},
+            "input, output by default": {"input_range": [-scale, scale]},
+        }[ranges]
+        out = module.deterministic_rounding(x.clone().requires_grad_(), num_levels=5, **kwargs)
+        (out * weights).sum().backward()
+        grads.append(scale.grad)
+    assert grads[0] is not None and grads[1] is not None
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------
 # int_quant and t_decay
 

@@ -731,6 +731,38 @@ def _nearest_level_to_zero(out_lo: Bound, out_quantum: Bound, steps: int) -> Bou
     return float(min(max(round(-out_lo / out_quantum), 0), steps))
 
 
+def _with_range_gradients(result: Tensor, value: Tensor, plan: _Plan | _DataRangePlan) -> Tensor:
+    """``result``, with the gradient it has with respect to range bounds that need one.
+
+    Ranges given as tensors that require a gradient (a learned scale) receive the gradient
+    of ``k * out_quantum + out_lo``, with ``k`` the level index and straight through the
+    rounding of ``(x - in_lo) / in_quantum``, as in the original; ``value``'s own gradient
+    is :func:`_straight_through`'s. The values are ``result``'s, unchanged.
+    """
+    if not isinstance(plan, _Plan) or not torch.is_grad_enabled():
+        return result
+    bounds = (plan.in_lo, plan.in_quantum, plan.out_lo, plan.out_quantum)
+    if not any(isinstance(b, Tensor) and b.requires_grad for b in bounds):
+        return result
+    out_lo, out_quantum = plan.out_lo, plan.out_quantum
+    with torch.no_grad():
+        # The level index of each result, exact: results lie on out_lo + k * out_quantum.
+        level = torch.sub(result, out_lo).div_(out_quantum).round_()
+        # No inf or NaN in the expressions below: such elements get no gradient from them.
+        on_level, finite_x = torch.isfinite(level), torch.isfinite(value)
+        level = torch.where(on_level, level, 0.0)
+        x = torch.where(finite_x, value, 0.0)
+    u = (x - plan.in_lo) / plan.in_quantum  # differentiable in the input range only
+    out_quantum_value = out_quantum.detach() if isinstance(out_quantum, Tensor) else out_quantum
+    from_input = (u - u.detach()) * out_quantum_value
+    from_output = level * out_quantum + out_lo
+    from_output = from_output - from_output.detach()
+    # Zero in value: the ranges' gradient in the backward pass, and nothing else.
+    return result + (
+        torch.where(finite_x & on_level, from_input, 0.0) + torch.where(on_level, from_output, 0.0)
+    )
+
+
 def _plan(
     value: Tensor,
     input_range: Range | None,
@@ -798,7 +830,8 @@ def stochastic_rounding(
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=True, generator=generator)
 
-    return _straight_through(value, compute, lambda: plan.scale).to(dtype)
+    rounded = _straight_through(value, compute, lambda: plan.scale)
+    return _with_range_gradients(rounded, value, plan).to(dtype)
 
 
 def deterministic_rounding(
@@ -838,7 +871,8 @@ def deterministic_rounding(
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=False)
 
-    return _straight_through(value, compute, lambda: plan.scale).to(dtype)
+    rounded = _straight_through(value, compute, lambda: plan.scale)
+    return _with_range_gradients(rounded, value, plan).to(dtype)
 
 
 def stochastic_channel_rounding(
@@ -885,7 +919,8 @@ def stochastic_channel_rounding(
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=True, generator=generator)
 
-    return _straight_through(value, compute, lambda: plan.scale).to(dtype)
+    rounded = _straight_through(value, compute, lambda: plan.scale)
+    return _with_range_gradients(rounded, value, plan).to(dtype)
 
 
 def deterministic_channel_rounding(
@@ -932,7 +967,8 @@ def deterministic_channel_rounding(
     def compute(x: Tensor) -> Tensor:
         return plan.round(x, stochastic=False)
 
-    return _straight_through(value, compute, lambda: plan.scale).to(dtype)
+    rounded = _straight_through(value, compute, lambda: plan.scale)
+    return _with_range_gradients(rounded, value, plan).to(dtype)
 
 
 def _channel_plan(
