@@ -263,6 +263,19 @@ def test_wrapped_modules_keep_rockpool_interface() -> None:
     assert isinstance(T_net[0], TWrapper) and isinstance(T_net[2][0], TWrapper)
 
 
+@pytest.mark.parametrize("kind", ["param", "act"])
+def test_a_rockpool_module_patched_at_the_root_keeps_its_parameter_tree(kind: str) -> None:
+    lif = LIFTorch(4)
+    if kind == "param":
+        T_net = tt.make_param_T_network(lif, tt.make_param_T_config(lif, torch.round, "taus"))
+    else:
+        T_net = tt.make_act_T_network(lif, tt.make_act_T_config(lif, torch.round))
+    assert isinstance(T_net, TWrapper if kind == "param" else ActWrapper)
+    assert sorted(T_net.parameters("taus")) == ["tau_mem", "tau_syn"]  # the family filter
+    assert len(list(T_net.parameters().astorch())) == len(list(lif.parameters().astorch()))
+    assert len(list(torch.nn.Module.parameters(T_net))) == 4
+
+
 def test_patching_in_place_updates_rockpool_registry() -> None:
     net = seeded(walkthrough_net)
     config = tt.make_param_T_config(net, tt.identity, "taus")

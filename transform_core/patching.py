@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from transform_core.errors import ConfigError, did_you_mean
 from transform_core.families import FamilyRules, tensor_infos
-from transform_core.rockpool_support import sync_submodule
+from transform_core.rockpool_support import is_rockpool_module, sync_submodule
 from transform_core.tree import Tree, set_nested, tree_items
 
 __all__ = [
@@ -88,6 +88,18 @@ class _Wrapper(nn.Module):
             if callable(value) and getattr(value, "__self__", None) is inner:
                 return _returning_wrapper(value, inner, self)
             return value
+
+    def parameters(self, *args: Any, **kwargs: Any) -> Any:
+        """As the wrapped module's: a Rockpool module's takes a family and gives a tree.
+
+        The wrapper holds no tensor of its own, so the parameters are the same either way;
+        a Rockpool network patched at its root keeps ``parameters("taus")`` and
+        ``parameters().astorch()`` working.
+        """
+        inner = self._mod
+        if is_rockpool_module(inner):
+            return inner.parameters(*args, **kwargs)
+        return super().parameters(*args, **kwargs)
 
 
 def _returning_wrapper(method: Callable[..., Any], inner: nn.Module, wrapper: nn.Module) -> Any:
