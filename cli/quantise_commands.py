@@ -52,27 +52,30 @@ def inspect(
     debug: Debug = False,
 ) -> None:
     """List every parameter and buffer with its module, family, shape, dtype and size."""
-    from transform_core.families import family_for_name, tensor_infos
+    from transform_core.families import family_for_name, tensor_infos, tied_names
     from transform_core.recipe import load_recipe
 
     rules = load_recipe(recipe).family_rules() if recipe else None
     loaded = load_model(model, arch, arch_kwargs, trust)
+    tied: dict[str, str] = {}
     if loaded.module is not None:
         infos = tensor_infos(loaded.module, rules).values()
         rows = [
             _row(i.name, i.module_class, i.family, i.shape, i.dtype, i.is_buffer) for i in infos
         ]
+        tied = {other: listed for other, (listed, _) in tied_names(loaded.module).items()}
     else:
         rows = [
             _row(s.name, None, family_for_name(s.name, rules), s.shape, str(s.dtype))
             for s in loaded.tensors.infos()
         ]
     if json_output:
-        typer.echo(json.dumps({"source": loaded.source.to_dict(), "tensors": rows}, indent=2))
+        listing = {"source": loaded.source.to_dict(), "tensors": rows, "tied": tied}
+        typer.echo(json.dumps(listing, indent=2))
         return
     from cli import render
 
-    render.inventory(console(), rows, title=str(model))
+    render.inventory(console(), rows, title=str(model), tied=tied)
 
 
 def _row(

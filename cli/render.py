@@ -48,8 +48,16 @@ def _smaller(before: int, after: int) -> str:
     return f"{before / after:.3g}x smaller"
 
 
-def inventory(console: Console, rows: Sequence[Mapping[str, Any]], title: str) -> None:
-    """Every tensor of a network with its family, then totals per family."""
+def inventory(
+    console: Console,
+    rows: Sequence[Mapping[str, Any]],
+    title: str,
+    tied: Mapping[str, str] | None = None,
+) -> None:
+    """Every tensor of a network with its family, then totals per family.
+
+    ``tied`` maps each other name of a tensor held in several places to its listed name.
+    """
     table = Table(title=escape(title), show_lines=False)
     for column in ("name", "module", "family", "shape", "dtype", "size", "kind"):
         table.add_column(column, justify="right" if column == "size" else "left")
@@ -75,6 +83,9 @@ def inventory(console: Console, rows: Sequence[Mapping[str, Any]], title: str) -
     for family, (tensors, elements) in sorted(totals.items()):
         summary.add_row(escape(family), str(tensors), str(elements))
     console.print(summary)
+    if tied:
+        pairs = ", ".join(f"{other} is {listed}" for other, listed in tied.items())
+        console.print(f"[bold]tied[/] (one tensor, listed once): {escape(pairs)}")
 
 
 def plan(console: Console, data: Mapping[str, Any]) -> None:

@@ -254,6 +254,28 @@ def test_inspect_network_json(inputs: Inputs) -> None:
         ("2.bias", "biases", "Linear"),
     ]
     assert data["tensors"][0]["numel"] == 24
+    assert data["tied"] == {}
+
+
+def test_tied_tensors_are_named_in_inspect_and_by_a_rule_that_selects_the_other_name(
+    tmp_path: Path,
+) -> None:
+    emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    torch.save(nn.Sequential(emb, nn.ReLU(), head), tmp_path / "tied.pt")
+    data = json.loads(ok("inspect", tmp_path / "tied.pt", "--json"))
+    assert [r["name"] for r in data["tensors"]] == ["0.weight"]
+    assert data["tied"] == {"2.weight": "0.weight"}
+    assert "tied (one tensor, listed once): 2.weight is 0.weight" in ok(
+        "inspect", tmp_path / "tied.pt"
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nparams:\n  - {match: '2.weight', transform: identity}\n")
+    message = user_error("quantize", tmp_path / "tied.pt", recipe, "-o", tmp_path / "q.safetensors")
+    assert message.endswith(
+        "params[0]: selects '2.weight', which is the same tensor as '0.weight' (tied), and "
+        "rules see it under that name only; select '0.weight' instead"
+    )
 
 
 def test_inspect_table_and_recipe_families(inputs: Inputs, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from transform_core.families import (
     name_matches,
     param_families,
     tensor_infos,
+    tied_names,
 )
 
 # --------------------------------------------------------------------------------------
@@ -305,3 +306,17 @@ def test_lazy_module_before_its_first_forward_is_a_clear_error() -> None:
     net = nn.Sequential(nn.LazyLinear(3))
     with pytest.raises(ConfigError, match=r"'0.weight' of LazyLinear is not initialised"):
         tensor_infos(net)
+
+
+def test_tied_names_lists_the_other_names_of_shared_tensors() -> None:
+    emb, head = nn.Embedding(10, 4), nn.Linear(4, 10)
+    head.weight = emb.weight
+    shared = nn.Linear(2, 2)
+    net = nn.Sequential(emb, head, shared, shared)
+    assert tied_names(net) == {
+        "1.weight": ("0.weight", "Linear"),
+        "3.weight": ("2.weight", "Linear"),
+        "3.bias": ("2.bias", "Linear"),
+    }
+    assert set(tensor_infos(net)) == {"0.weight", "1.bias", "2.weight", "2.bias"}
+    assert tied_names(nn.Linear(2, 2)) == {}

@@ -45,6 +45,7 @@ __all__ = [
     "name_matches",
     "param_families",
     "tensor_infos",
+    "tied_names",
 ]
 
 BUILTIN_FAMILIES = ("weights", "biases", "norms")
@@ -221,6 +222,35 @@ def tensor_infos(net: nn.Module, rules: FamilyRules | None = None) -> dict[str, 
             dtype=str(tensor.dtype).removeprefix("torch."),
         )
     return infos
+
+
+def tied_names(net: nn.Module) -> dict[str, tuple[str, str]]:
+    """The other names of tensors held in several places (tied weights, shared modules).
+
+    :func:`tensor_infos` lists such a tensor once, under its first name; ``state_dict``
+    has it under every name.
+
+    Returns:
+        Each other name -> (the name it is listed under, the class of the module holding
+        it under the other name).
+
+    Example:
+        >>> emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        >>> head.weight = emb.weight
+        >>> tied_names(nn.Sequential(emb, head))
+        {'1.weight': ('0.weight', 'Linear')}
+    """
+    listed: dict[int, str] = {}
+    tied: dict[str, tuple[str, str]] = {}
+    for module_path, module in net.named_modules(remove_duplicate=False):
+        for attr, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is None:
+                continue
+            name = _join(module_path, attr)
+            first = listed.setdefault(id(tensor), name)
+            if first != name:
+                tied.setdefault(name, (first, type(module).__name__))
+    return tied
 
 
 def param_families(net: nn.Module, rules: FamilyRules | None = None) -> dict[str, str | None]:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from transform_core import kernels
 from transform_core.errors import CheckpointError, RecipeError
-from transform_core.families import TensorInfo, family_for_name, tensor_infos
+from transform_core.families import TensorInfo, family_for_name, tensor_infos, tied_names
 from transform_core.groups import (
     GroupInstance,
     attach_scale_groups,
@@ -133,6 +133,8 @@ class Plan:
         tensors: One entry per tensor, in the network's order.
         modules: One entry per module whose output is transformed.
         groups: The scale-group instances (see :mod:`transform_core.groups`).
+        tied: ``(other name, listed name, module class)`` for each other name of a tensor
+            held in several places (see :func:`~transform_core.families.tied_names`).
     """
 
     recipe: Recipe
@@ -140,6 +142,7 @@ class Plan:
     tensors: tuple[TensorPlan, ...]
     modules: tuple[ModulePlan, ...] = ()
     groups: tuple[GroupInstance, ...] = ()
+    tied: tuple[tuple[str, str, str], ...] = ()
 
     def transform_for(self, entry: TensorPlan) -> BoundTransform | None:
         """The transform bound for one tensor, seeded from the plan's seed and its name."""
@@ -169,6 +172,7 @@ class Plan:
         """
         for rule in self.unmatched_rules():
             if not rule.optional:
+                self._check_tied_selection(rule)
                 what = "tensor" if rule.section == "params" else "module"
                 skipped = self._never_transformed(rule)
                 if skipped:
@@ -195,6 +199,21 @@ class Plan:
             probe = torch.linspace(low, high, math.prod(shape), dtype=dtype).reshape(shape)
             with torch.no_grad():
                 bound(probe)
+
+    def _check_tied_selection(self, rule: Rule) -> None:
+        """Refuse a rule that selects a tied tensor only under a name it is not listed by."""
+        if rule.section != "params":
+            return
+        families = {entry.info.name: entry.info.family for entry in self.tensors}
+        for other, listed, module_class in self.tied:
+            if rule.selects(other, families.get(listed), module_class):
+                raise RecipeError(
+                    f"selects '{other}', which is the same tensor as '{listed}' (tied), and "
+                    f"rules see it under that name only; select '{listed}' instead",
+                    path=_recipe_path(self.recipe),
+                    line=rule.line,
+                    key=rule.label,
+                )
 
     def _never_transformed(self, rule: Rule) -> str:
         """The tensors ``rule`` selects by name that are never transformed, and why; or ``''``.
@@ -355,7 +374,8 @@ def plan_network(net: nn.Module, recipe: Recipe, *, seed: int | None = None) -> 
                 readers[path] = type(module).__name__
     tensors = _plan_tensors(infos, recipe)
     groups = resolve_scale_groups(recipe, tensors)
-    return Plan(recipe, _seed(recipe, seed), tensors, tuple(modules), groups)
+    tied = tuple((other, *listed) for other, listed in tied_names(net).items())
+    return Plan(recipe, _seed(recipe, seed), tensors, tuple(modules), groups, tied)
 
 
 def _check_output_runs(path: str, readers: Mapping[str, str], rule: Rule, recipe: Recipe) -> None:
