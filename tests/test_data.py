@@ -141,6 +141,11 @@ def test_loader_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         "    return 3\n"
         "def broken():\n"
         "    raise RuntimeError('no disk')\n"
+        "def broken_lines():\n"
+        "    raise ValueError('bad config\\n line two')\n"
+        "def val_once():\n"
+        "    batches = [(torch.zeros(2, 3), torch.zeros(2))]\n"
+        "    return batches, iter(batches)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "myloaders", raising=False)
@@ -149,12 +154,18 @@ def test_loader_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert isinstance(load_data("myloaders:one"), LoaderData)
     for name, expected in [
         ("once", "one-shot iterator"),
+        # Evaluation iterates the validation loader once per evaluation too.
+        ("val_once", "returned a one-shot iterator as its validation loader"),
         ("number", "returned a int as its training loader"),
         ("broken", "raised RuntimeError: no disk"),
         ("bothh", "has no function 'bothh' (did you mean 'both'?)"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(expected)):
             load_data(f"myloaders:{name}")
+    # The error stays one line: the exception's first.
+    with pytest.raises(ConfigError) as info:
+        load_data("myloaders:broken_lines")
+    assert str(info.value) == "--data: 'myloaders:broken_lines' raised ValueError: bad config"
     with pytest.raises(ConfigError, match=re.escape("cannot import module 'nosuchpackage.mod'")):
         load_data("nosuchpackage.mod:fn")
 

@@ -25,7 +25,9 @@ from transform_core.errors import ConfigError, RecipeError
 from transform_core.finetune import (
     CheckpointTarget,
     FinetuneConfig,
+    evaluate,
     finetune,
+    finetune_patched,
     log_path_for,
     lr_factor,
 )
@@ -55,9 +57,9 @@ finetune:
 """
 
 
-def _net() -> nn.Module:
+def _net(seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         # Dropout draws from torch's global generator: resuming must restore it too.
         return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
 
@@ -163,7 +165,15 @@ def test_section_parses_into_a_config() -> None:
             "schedule.min_lr: must be at most the optimizer's lr (0.01), got 0.1",
         ),
         ("{schedule: {name: linear, min_lr: 0.01}}", "min_lr: must be at most the optimizer's lr"),
-        ("{schedule: {name: step, gamma: .nan}}", "schedule.gamma: must be a finite number >= 0"),
+        ("{schedule: {name: step, gamma: .nan}}", "schedule.gamma: must be a finite number from"),
+        # A step schedule's gamma is a decay factor: more than 1 would grow the rate past
+        # float's range.
+        (
+            "{schedule: {name: step, gamma: 10}}",
+            "finetune.schedule.gamma: must be a finite number from 0 to 1 (the factor each "
+            "step_size steps multiplies the rate by), got 10",
+        ),
+        ("{schedule: {name: step, gamma: 1.0e+300}}", "schedule.gamma: must be a finite number"),
         # A number given as a string is refused, as in transform args, with how to write it.
         (
             "{grad_clip: '1e30'}",
@@ -499,7 +509,7 @@ def test_targets_the_loss_cannot_use_fail_before_writing(tmp_path: Path) -> None
     recipe, loaded = _setup(tmp_path)
     data = _data()
     bad = TensorData(data.inputs, data.targets + 5, data.val_inputs, data.val_targets + 5)
-    with pytest.raises(ConfigError, match="targets: loss 'cross_entropy' cannot compare"):
+    with pytest.raises(ConfigError, match="targets: sample 0 holds class index 5, but the"):
         _run(recipe, loaded, tmp_path / "a.safetensors", bad)
     assert not (tmp_path / "a.safetensors").exists()
     assert not log_path_for(tmp_path / "a.safetensors").exists()
@@ -857,6 +867,311 @@ def test_weights_that_become_infinite_are_never_checkpointed(tmp_path: Path) -> 
     ):
         finetune(patch_network(net.module, plan), plan, config, _data(), target=target)
     assert (out.read_bytes(), log_path_for(out).read_bytes()) == good
+
+
+# --- resuming, evaluating and refusing what cannot train -----------------------------------
+
+
+def test_cli_resume_with_another_network_exits_2(cli_dir: Path) -> None:
+    first = _invoke(*_PATCH, "--data", "data.safetensors", "-o", "out.safetensors")
+    assert first.exit_code == 0, first.output
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        other_arch = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    before = {p.name: p.read_bytes() for p in cli_dir.iterdir()}
+    for other in (other_arch, _net(seed=1)):
+        torch.save(other, cli_dir / "other.pt")
+        args = ("patch", "other.pt", "r.yaml", "--finetune", "--data", "data.safetensors")
+        result = _invoke(*args, "-o", "out.safetensors", "--resume")
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith(
+            "rockq: error: out.safetensors: --resume: was written by a run with another network"
+        ), result.output
+        assert len(result.output.splitlines()) == 1
+        after = {p.name: p.read_bytes() for p in cli_dir.iterdir() if p.name != "other.pt"}
+        assert after == before
+
+
+def _patched_run(folder: Path, out: Path, seed: int | None, *, resume: bool = False) -> Any:
+    loaded = load_network(folder / "net.pt")
+    recipe = parse_recipe((folder / "r.yaml").read_text())
+    plan = plan_network(loaded.module, recipe, seed=seed)
+    target = CheckpointTarget(out, loaded.source, recipe.text, loaded.network_bytes)
+
+    def stop(event: dict[str, Any]) -> None:
+        if not resume and seed == 5 and out.name == "cut.safetensors" and event["step"] == 5:
+            raise _Stop
+
+    return finetune_patched(
+        loaded.module,
+        plan,
+        data=str(folder / "data.safetensors"),
+        target=target,
+        device="cpu",
+        resume=resume,
+        on_event=stop,
+    )
+
+
+def test_resume_keeps_the_seed_the_run_started_with(tmp_path: Path) -> None:
+    _cli_files(tmp_path)
+    _patched_run(tmp_path, tmp_path / "full.safetensors", 5)
+    with pytest.raises(_Stop):
+        _patched_run(tmp_path, tmp_path / "cut.safetensors", 5)
+    cut = tmp_path / "cut.safetensors"
+    kept = cut.read_bytes()
+    # Another seed, given explicitly, is refused naming both.
+    with pytest.raises(ConfigError) as info:
+        _patched_run(tmp_path, cut, 7, resume=True)
+    assert str(info.value) == (
+        f"{cut}: --seed: the run was started with seed 5, not 7; drop --seed (a resumed run "
+        "keeps its seed), or drop --resume and pick another -o"
+    )
+    assert cut.read_bytes() == kept
+    # No --seed (the recipe's seed 3): the run goes on with its own seed 5.
+    _patched_run(tmp_path, cut, None, resume=True)
+    _assert_identical(tmp_path / "full.safetensors", cut)
+    resumed = load_patched(cut)
+    assert resumed.seed == 5 and resumed.state["finetune"]["seed"] == 5
+
+
+def test_cli_resume_with_other_data_exits_2(cli_dir: Path) -> None:
+    first = _invoke(*_PATCH, "--data", "data.safetensors", "-o", "out.safetensors")
+    assert first.exit_code == 0, first.output
+    _save_first(30, "fewer.safetensors")
+    before = {p.name: p.read_bytes() for p in cli_dir.iterdir()}
+    result = _invoke(*_PATCH, "--data", "fewer.safetensors", "-o", "out.safetensors", "--resume")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(
+        "rockq: error: --data: fewer.safetensors is not the data the run in out.safetensors "
+        "was trained on (50 training and 20 validation samples, sha256 "
+    ), result.output
+    assert "; this one: 30 training samples, sha256 " in result.output
+    assert result.output.rstrip().endswith(
+        "resume with the same --data, or drop --resume and pick another -o"
+    )
+    assert {p.name: p.read_bytes() for p in cli_dir.iterdir()} == before
+    # The same data under another name is the same data.
+    (cli_dir / "copy.safetensors").write_bytes((cli_dir / "data.safetensors").read_bytes())
+    again = _invoke(*_PATCH, "--data", "copy.safetensors", "-o", "out.safetensors", "--resume")
+    assert again.exit_code == 0, again.output
+
+
+def _val_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    data = _data()
+    assert data.val_inputs is not None and data.val_targets is not None
+    return [(data.val_inputs, data.val_targets)]
+
+
+def _never_ending(events: list[dict[str, Any]]) -> Any:
+    def on_event(event: dict[str, Any]) -> None:
+        events.append(event)
+        if len(events) > 50:
+            raise AssertionError("the run loops without training")
+
+    return on_event
+
+
+@pytest.mark.parametrize("length", ["steps", "epochs"])
+def test_an_empty_training_loader_is_refused(length: str) -> None:
+    net = _net()
+    plan = plan_network(net, parse_recipe(RECIPE))
+    config = FinetuneConfig(epochs=None, steps=5) if length == "steps" else FinetuneConfig()
+    events: list[dict[str, Any]] = []
+    with pytest.raises(ConfigError) as info:
+        finetune(
+            patch_network(net, plan),
+            plan,
+            config,
+            LoaderData([], _val_batches(), "pkg.data:empty"),
+            on_event=_never_ending(events),
+        )
+    assert str(info.value) == (
+        "--data: the training loader of 'pkg.data:empty' yielded no batches; it must yield "
+        "(inputs, targets) batches each time it is iterated"
+    )
+    assert events == []
+
+
+class _RunsDry:
+    """A loader that yields its batches the first two times it is iterated (the check
+    before the run, and the first epoch), then nothing."""
+
+    def __init__(self) -> None:
+        data = _data()
+        self.batches = [
+            (data.inputs[:16], data.targets[:16]),
+            (data.inputs[16:], data.targets[16:]),
+        ]
+        self.left = 2
+
+    def __iter__(self) -> Any:
+        self.left -= 1
+        return iter(self.batches if self.left >= 0 else [])
+
+
+def test_a_loader_that_stops_yielding_is_refused() -> None:
+    net = _net()
+    plan = plan_network(net, parse_recipe(RECIPE))
+    events: list[dict[str, Any]] = []
+    with pytest.raises(ConfigError) as info:
+        finetune(
+            patch_network(net, plan),
+            plan,
+            FinetuneConfig(epochs=None, steps=5),
+            LoaderData(_RunsDry(), _val_batches(), "pkg.data:once"),
+            on_event=_never_ending(events),
+        )
+    assert str(info.value).startswith(
+        "--data: the training loader of 'pkg.data:once' yielded no batches in epoch 2"
+    )
+
+
+def _save_first(samples: int, name: str) -> None:
+    """The first ``samples`` of the test data, as a data file in the current folder."""
+    data = _data()
+    save_file({"inputs": data.inputs[:samples], "targets": data.targets[:samples]}, name)
+
+
+def _bn_net() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize(("samples", "batch_size"), [(17, 16), (20, 1)])
+def test_cli_batchnorm_with_a_batch_of_one_sample_exits_2(
+    cli_dir: Path, samples: int, batch_size: int
+) -> None:
+    torch.save(_bn_net(), cli_dir / "net.pt")
+    _save_first(samples, "d.safetensors")
+    (cli_dir / "r.yaml").write_text(RECIPE.replace("batch_size: 16", f"batch_size: {batch_size}"))
+    result = _invoke(*_PATCH, "--data", "d.safetensors", "-o", "out.safetensors")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(
+        "rockq: error: d.safetensors: inputs: the network fails in training mode on a batch of "
+        "1 sample"
+    ), result.output
+    assert "ValueError: Expected more than 1 value per channel when training" in result.output
+    assert "finetune.batch_size" in result.output and len(result.output.splitlines()) == 1
+    assert not (cli_dir / "out.safetensors").exists()
+
+
+def test_a_network_failing_mid_run_names_the_step_and_the_data() -> None:
+    net = _bn_net()
+    plan = plan_network(net, parse_recipe(RECIPE))
+    data = _data(17)
+    loader = [(data.inputs[:16], data.targets[:16]), (data.inputs[16:], data.targets[16:])]
+    with pytest.raises(ConfigError) as info:
+        finetune(
+            patch_network(net, plan),
+            plan,
+            FinetuneConfig(epochs=None, steps=4),
+            LoaderData(loader, None, "pkg.data:loaders"),
+        )
+    message = str(info.value)
+    assert message.startswith(
+        "pkg.data:loaders: inputs: the network failed in training at step 2 of 4 (epoch 1) on "
+        "a batch of 1 sample of shape (4,) (float32): ValueError: Expected more than 1 value"
+    ), message
+    assert "drop_last=True" in message
+
+
+def test_accuracy_needs_classes() -> None:
+    net = nn.Sequential(nn.Linear(4, 1))
+    plan = plan_network(net, parse_recipe(RECIPE))
+    data = _data()
+    regression = TensorData(data.inputs, data.inputs[:, :1] * 2.0)
+    config = FinetuneConfig(loss="mse", metric="accuracy", batch_size=16)
+    with pytest.raises(ConfigError) as info:
+        finetune(patch_network(net, plan), plan, config, regression)
+    assert str(info.value) == (
+        "finetune.metric: 'accuracy' needs (batch, classes) outputs with 2 or more classes and "
+        "class-index or one-hot targets, got outputs (16, 1) and targets (16, 1) (float32); set "
+        "'metric: loss'"
+    )
+    batches = [(regression.inputs, regression.targets)]
+    assert evaluate(net, batches, config, torch.device("cpu"))["accuracy"] is None
+    # Probabilities over the classes (one-hot here) keep their accuracy.
+    net = _net()
+    plan = plan_network(net, parse_recipe(RECIPE))
+    one_hot = TensorData(data.inputs, nn.functional.one_hot(data.targets, 3).float())
+    result = finetune(patch_network(net, plan), plan, config, one_hot)
+    assert result.metrics["finetuned"] is not None
+
+
+def test_evaluating_does_not_change_what_is_trained(tmp_path: Path) -> None:
+    for every in (1, 1000):
+        recipe, loaded = _setup(tmp_path, RECIPE.replace("eval_every: 3", f"eval_every: {every}"))
+        _run(recipe, loaded, tmp_path / f"e{every}.safetensors", _data())
+    _assert_identical(tmp_path / "e1.safetensors", tmp_path / "e1000.safetensors")
+    first = load_patched(tmp_path / "e1.safetensors").extra_tensors
+    for key, tensor in load_patched(tmp_path / "e1000.safetensors").extra_tensors.items():
+        assert torch.equal(tensor, first[key]), key
+
+
+def test_the_finetuned_metric_is_that_of_the_burned_in_file(tmp_path: Path) -> None:
+    recipe, loaded = _setup(tmp_path)
+    out = tmp_path / "a.safetensors"
+    result = _run(recipe, loaded, out, _data())
+    burned = CliRunner().invoke(app, ["burn-in", str(out), "-o", str(tmp_path / "q.safetensors")])
+    assert burned.exit_code == 0, burned.output
+    from safetensors.torch import load_file
+
+    net = _net()
+    net.load_state_dict(load_file(str(tmp_path / "q.safetensors")))
+    data = _data()
+    assert recipe.finetune is not None
+    val = [(data.val_inputs, data.val_targets)]
+    figures = evaluate(net, val, recipe.finetune, torch.device("cpu"))
+    assert result.metrics["finetuned"] == figures["accuracy"]
+    log = [json.loads(line) for line in log_path_for(out).read_text().splitlines()]
+    last = [line for line in log if line["kind"] == "eval"][-1]
+    assert last["step"] == result.steps
+    assert (last["loss"], last["accuracy"]) == (figures["loss"], figures["accuracy"])
+
+
+class _BadSamples(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        return 50
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index == 40:
+            raise KeyError("label")
+        data = _data()
+        return data.inputs[index], data.targets[index]
+
+
+def data_with_a_bad_sample() -> Any:
+    return torch.utils.data.DataLoader(_BadSamples(), batch_size=16), _val_batches()
+
+
+def test_cli_a_loader_failing_mid_run_exits_2(cli_dir: Path) -> None:
+    reference = "tests.test_finetune:data_with_a_bad_sample"
+    result = _invoke(*_PATCH, "--data", reference, "-o", "out.safetensors")
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        f"rockq: error: --data: the training loader of '{reference}' raised KeyError: 'label' "
+        "at step 3 of 12 (epoch 1); fix the loader\n"
+    )
+
+
+def test_cli_a_bad_class_index_anywhere_is_refused_before_training(cli_dir: Path) -> None:
+    data = _data()
+    targets = data.targets.clone()
+    targets[40] = 7
+    tensors = {"inputs": data.inputs, "targets": targets}
+    assert data.val_inputs is not None and data.val_targets is not None
+    tensors |= {"val_inputs": data.val_inputs, "val_targets": data.val_targets}
+    save_file(tensors, "bad.safetensors")
+    result = _invoke(*_PATCH, "--data", "bad.safetensors", "-o", "out.safetensors")
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        "rockq: error: bad.safetensors: targets: sample 40 holds class index 7, but the network "
+        "gives 3 classes (indices 0 to 2); fix the targets, or give the network as many outputs "
+        "as there are classes\n"
+    )
+    assert not (cli_dir / "out.safetensors").exists()
 
 
 # --- more than one process ---------------------------------------------------------------------

@@ -10,7 +10,13 @@ Two kinds of data source, picked by :func:`load_data`:
 * **``"package.module:function"``**: a function, called with no arguments, that returns
   ``(train_loader, val_loader)`` (``val_loader`` may be ``None``) or just a training
   loader. A loader is any re-iterable of ``(inputs, targets)`` batches, such as a
-  ``torch.utils.data.DataLoader``.
+  ``torch.utils.data.DataLoader``; a one-shot iterator (a generator) is refused as either
+  loader, since training iterates one once per epoch and evaluation once per evaluation. An
+  exception a loader raises while it is iterated (:func:`loader_batches`) is a one-line
+  :class:`~transform_core.errors.ConfigError` naming ``--data``.
+
+:func:`data_identity` says what data a run trained on, so that a resumed run can refuse
+other data.
 
 Example:
     >>> import tempfile, torch
@@ -26,7 +32,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +41,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from transform_core.errors import ConfigError, did_you_mean
+from transform_core.errors import ConfigError, RockqError, did_you_mean
 from transform_core.imports import import_reference, is_reference
 
-__all__ = ["DATA_TENSORS", "LoaderData", "TensorData", "load_data", "split_batch"]
+__all__ = [
+    "DATA_TENSORS",
+    "LoaderData",
+    "TensorData",
+    "data_identity",
+    "describe_identity",
+    "first_line",
+    "load_data",
+    "loader_batches",
+    "split_batch",
+]
 
 DATA_TENSORS = ("inputs", "targets", "val_inputs", "val_targets")
 """The tensor names a data file may hold."""
@@ -109,8 +126,166 @@ class LoaderData:
     val: Iterable[Any] | None
     source: str
 
+    def __post_init__(self) -> None:
+        for name, loader in (("training", self.train), ("validation", self.val)):
+            if isinstance(loader, Iterator):
+                uses = (
+                    "training iterates it once per epoch"
+                    if name == "training"
+                    else "evaluation iterates it once per evaluation"
+                )
+                raise ConfigError(
+                    f"'{self.source}' returned a one-shot iterator as its {name} loader; "
+                    f"{uses}, so return a DataLoader or a list of batches",
+                    key="--data",
+                )
+
 
 Data = TensorData | LoaderData
+
+
+def first_line(err: BaseException) -> str:
+    """``type: first line of the message`` of an exception from the user's code, for a
+    one-line error.
+
+    An error a ``DataLoader`` worker re-raises holds the worker's traceback in its message;
+    its last line is the original error.
+
+    Example:
+        >>> first_line(ValueError("bad config\\n line two")), first_line(KeyError("label"))
+        ('ValueError: bad config', "KeyError: 'label'")
+        >>> first_line(ValueError("Caught ValueError in DataLoader worker process 0.\\n"
+        ...                       "Original Traceback (most recent call last):\\n"
+        ...                       '  File "d.py", line 4\\nValueError: no label'))
+        'ValueError: no label (in DataLoader worker process 0)'
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines()]
+    if len(lines) > 2 and lines[0].startswith("Caught ") and lines[1].startswith("Original Tr"):
+        where = lines[0].split(" in ", 1)[-1].rstrip(".")
+        return f"{lines[-1]} (in {where})"
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def loader_batches(
+    loader: Iterable[Any],
+    source: str,
+    role: str = "training",
+    where: Callable[[], str] | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The ``(inputs, targets)`` batches of a user's loader.
+
+    ``iter(loader)`` is called at once (a ``DataLoader`` draws its shuffle from torch's
+    global generator then), the batches are fetched lazily.
+
+    Args:
+        loader: The user's loader.
+        source: Its ``package.module:function`` reference.
+        role: ``training`` or ``validation``, for messages.
+        where: Says where the run is (``"at step 3 of 12 (epoch 1)"``), for messages.
+
+    Raises:
+        ConfigError: The loader raised an exception (naming ``--data``, the exception's
+            first line and ``where``), or yielded something that is not a batch.
+
+    Example:
+        >>> def broken():
+        ...     yield torch.zeros(2, 3), torch.zeros(2)
+        ...     raise KeyError("label")
+        >>> class Loader:
+        ...     def __iter__(self):
+        ...         return broken()
+        >>> batches = loader_batches(Loader(), "pkg.data:loaders")
+        >>> tuple(next(batches)[0].shape)
+        (2, 3)
+        >>> try:
+        ...     next(batches)
+        ... except ConfigError as err:
+        ...     print(err)
+        --data: the training loader of 'pkg.data:loaders' raised KeyError: 'label'; fix the loader
+    """
+
+    def failed(err: Exception) -> ConfigError:
+        at = where() if where is not None else ""
+        return ConfigError(
+            f"the {role} loader of '{source}' raised {first_line(err)}{' ' + at if at else ''}; "
+            "fix the loader",
+            key="--data",
+        )
+
+    def fetch(iterator: Iterator[Any]) -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RockqError:
+                raise
+            except Exception as err:  # the user's loader can raise anything
+                raise failed(err) from err
+            yield split_batch(batch, source)
+
+    try:
+        iterator = iter(loader)
+    except RockqError:
+        raise
+    except Exception as err:
+        raise failed(err) from err
+    return fetch(iterator)
+
+
+def data_identity(data: TensorData | LoaderData) -> dict[str, Any]:
+    """What identifies the data a run trains on, as JSON: recorded in a run's checkpoint so
+    that a resumed run can refuse other data.
+
+    For tensors: the sample counts and a SHA-256 of the tensors (their dtypes, shapes and
+    bytes), so the same data under another file name is the same data. For a loader
+    function: its reference and its number of batches (``None`` without ``len()``).
+
+    Example:
+        >>> data = TensorData(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+        >>> identity = data_identity(data)
+        >>> identity["samples"], len(identity["sha256"])
+        (4, 64)
+        >>> describe_identity(data_identity(LoaderData([(data.inputs, data.targets)], None, "p.m:f")))
+        "'p.m:f' with 1 batch(es) per epoch"
+    """
+    if isinstance(data, TensorData):
+        digest = hashlib.sha256()
+        for tensor in (data.inputs, data.targets, data.val_inputs, data.val_targets):
+            if tensor is None:
+                digest.update(b"none;")
+                continue
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)};".encode())
+            raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            for chunk in torch.split(raw, 1 << 26):  # 64 MiB copies at a time
+                digest.update(chunk.numpy().tobytes())
+        val = None if data.val_inputs is None else int(data.val_inputs.shape[0])
+        return {
+            "kind": "tensors",
+            "samples": data.num_samples,
+            "val_samples": val,
+            "sha256": digest.hexdigest(),
+        }
+    try:
+        batches: int | None = len(data.train)  # type: ignore[arg-type]
+    except TypeError:
+        batches = None
+    return {"kind": "loader", "source": data.source, "batches": batches}
+
+
+def describe_identity(identity: dict[str, Any]) -> str:
+    """A :func:`data_identity` in words, for messages."""
+    if identity.get("kind") == "tensors":
+        val = identity.get("val_samples")
+        counts = f"{identity.get('samples')} training" + (
+            f" and {val} validation samples" if val else " samples"
+        )
+        return f"{counts}, sha256 {str(identity.get('sha256'))[:12]}"
+    if identity.get("kind") == "loader":
+        batches = identity.get("batches")
+        count = "no len()" if batches is None else f"{batches} batch(es) per epoch"
+        return f"'{identity.get('source')}' with {count}"
+    return "unknown data"
 
 
 def split_batch(batch: Any, source: str) -> tuple[Tensor, Tensor]:
@@ -257,9 +432,8 @@ def _load_function(reference: str) -> LoaderData:
     try:
         result = function()
     except Exception as err:  # the user's function can raise anything
-        raise ConfigError(
-            f"'{reference}' raised {type(err).__name__}: {err}", key="--data"
-        ) from None
+        # Its first line: the error stays one line, whatever the function's message.
+        raise ConfigError(f"'{reference}' raised {first_line(err)}", key="--data") from None
     except SystemExit as err:  # which would end rockq with the function's exit code
         call = "sys.exit()" if err.code is None else f"sys.exit({err.code!r})"
         raise ConfigError(
@@ -277,12 +451,7 @@ def _load_function(reference: str) -> LoaderData:
                 "expected an iterable of (inputs, targets) batches such as a DataLoader",
                 key="--data",
             )
-    if isinstance(train, Iterator):
-        raise ConfigError(
-            f"'{reference}' returned a one-shot iterator as its training loader; training "
-            "iterates it once per epoch, so return a DataLoader or a list of batches",
-            key="--data",
-        )
+    # LoaderData refuses one-shot iterators.
     return LoaderData(train, val, source=reference)
 
 
@@ -301,7 +470,8 @@ def load_data(ref: str | Path) -> TensorData | LoaderData:
     Raises:
         ConfigError: A missing file, an unknown, missing or malformed tensor (naming it,
             with its shape or dtype), a tensor holding NaN or Inf, a function that cannot be
-            imported or returns something that is not a loader.
+            imported, raises, or returns something that is not a loader (a one-shot iterator
+            included).
     """
     path = Path(ref)
     if path.is_file():

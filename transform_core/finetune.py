@@ -19,13 +19,23 @@ The recipe's ``finetune:`` section (parsed into
 
 The patched network trains its raw parameters; the forward pass sees the transformed values
 and the transforms pass gradients straight through. Every evaluation burns in a copy of the
-network, so the metric is the one the deployed, quantised network will have.
+network as ``rockq burn-in`` burns in the run's checkpoint, with the same random draws
+(:func:`~transform_core.finetune_eval.burned_copy`), so the metric is the one of the file
+``rockq burn-in`` writes. Evaluating leaves training's random streams alone: how often a
+run evaluates does not change what it trains.
 
 Exactness: the data order is drawn from ``seed`` and the epoch alone, the learning rate is a
 function of the step, and each checkpoint stores the optimiser state, the position (epoch,
 batch, step), the random transforms' generator states and torch's global random state. A run
 stopped and resumed from its last checkpoint therefore ends with the same bits as one that
-was never stopped.
+was never stopped. A resumed run keeps the seed its checkpoint recorded, and refuses another
+network or other data than the run started with.
+
+Before training, data the run cannot use is refused: an empty training loader, inputs the
+network cannot take (in evaluation or training mode: a batch of one sample, which BatchNorm
+refuses in training), a class index out of range anywhere in tensor data, and ``metric:
+accuracy`` for outputs without classes. An exception the network or the user's loader
+raises during training is a one-line error naming the step and ``--data``.
 
 A loss that becomes NaN or Inf stops the run with an error naming the step, and the weights
 are checked before each checkpoint, so a run that diverges never writes NaN weights over its
@@ -64,16 +74,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from transform_core.data import LoaderData, TensorData, split_batch
-from transform_core.errors import CheckpointError, ConfigError, did_you_mean
+from transform_core.data import LoaderData, TensorData, data_identity, loader_batches
+from transform_core.errors import CheckpointError, ConfigError, RockqError, did_you_mean
 from transform_core.finetune_checkpoints import (
     STATE_KEY,
     CheckpointTarget,
     Position,
     RunLog,
+    check_resume,
+    check_same_network,
     check_target,
     log_path_for,
     restore_training_state,
+    resumed_seed,
     save_training_state,
 )
 from transform_core.finetune_config import (
@@ -87,11 +100,12 @@ from transform_core.finetune_config import (
     parse_finetune_section,
 )
 from transform_core.finetune_eval import (
+    apply_loss,
     burned_copy,
     check_data_fits,
-    compute_loss,
     evaluate,
     loss_function,
+    network_failed,
     prepare_output,
     train_eval_batches,
     validation_batches,
@@ -210,6 +224,13 @@ def _total_steps(config: FinetuneConfig, per_epoch: int | None) -> int:
             "give 'steps' in the finetune section instead",
             key="finetune.epochs",
         )
+    if per_epoch == 0:
+        # Epochs of no steps would "train" by doing nothing.
+        raise ConfigError(
+            "the training loader's len() is 0, so 'epochs' come to no steps; make len() the "
+            "number of batches it yields, or give 'steps' in the finetune section instead",
+            key="--data",
+        )
     return (config.epochs or 1) * per_epoch
 
 
@@ -237,8 +258,8 @@ def finetune(
             weights, as they are before training).
         target: Where to write checkpoints and the log; ``None`` writes nothing.
         resume: A :class:`~transform_core.checkpoint.PatchedCheckpoint` written by an
-            earlier run of the same recipe and data, to continue from. ``T_net`` must have
-            been patched from its network.
+            earlier run of the same recipe, seed and data, to continue from. ``T_net`` must
+            have been patched from its network.
         device: Where to train.
         on_event: Called with each progress record (on every rank).
 
@@ -246,9 +267,12 @@ def finetune(
         The metrics and counts of the run.
 
     Raises:
-        ConfigError: Data the network or loss cannot use, a ``resume`` checkpoint without
-            training state, or a loss or weights that become NaN or Inf (the last checkpoint
-            written is kept).
+        ConfigError: Data the network, the loss or the metric cannot use (see
+            :func:`~transform_core.finetune_eval.check_data_fits`); a ``resume``
+            checkpoint without training state, or written by a run with another seed,
+            network (the target's source) or data; an exception the network or the
+            loader raises during training; a loss or weights that become NaN or Inf (the
+            last checkpoint written is kept).
         CheckpointError: The checkpoint or its log may not be written (see
             :func:`~transform_core.finetune_checkpoints.check_target`).
     """
@@ -285,8 +309,10 @@ def finetune_patched(
 
     What ``rockq patch --finetune`` and ``rockq finetune`` run. With ``resume``, training
     continues from the patched checkpoint at ``target.path`` (written by an interrupted
-    run of the same recipe and network) and ends bit-identical to an uninterrupted run.
-    Under ``torchrun`` every process calls this; only rank 0 writes.
+    run of the same recipe, network and data) and ends bit-identical to an uninterrupted
+    run. A resumed run keeps the seed the checkpoint recorded: ``plan``'s seed is replaced
+    by it, and refused where it was set to another value (it differs from the recipe's
+    own seed). Under ``torchrun`` every process calls this; only rank 0 writes.
 
     Args:
         net: The un-patched network ``plan`` was made for.
@@ -304,8 +330,9 @@ def finetune_patched(
 
     Raises:
         RecipeError: The recipe has no ``finetune:`` section.
-        ConfigError: No data; ``resume`` without a checkpoint of the same recipe; a loss
-            that becomes NaN or Inf.
+        ConfigError: No data; ``resume`` without a checkpoint of the same recipe,
+            network, seed and data; a loss that becomes NaN or Inf; and see
+            :func:`finetune`.
         CheckpointError: The checkpoint or its log would overwrite an input (the data file
             included) or, on a fresh run without ``force``, an existing file.
     """
@@ -339,15 +366,23 @@ def finetune_patched(
                 key="--resume",
             )
         checkpoint = load_patched(target.path, trust=trust)
-        if checkpoint.recipe != recipe.text or checkpoint.network is None:
+        if checkpoint.recipe != recipe.text:
             raise ConfigError(
-                "was written by a run with another recipe or network; resume with the same "
-                "recipe, or drop --resume and pick another -o",
+                "was written by a run with another recipe; resume with the same recipe, or "
+                "drop --resume and pick another -o",
                 path=str(target.path),
                 key="--resume",
             )
+        if checkpoint.network is None:
+            raise ConfigError(
+                "holds no network to resume training; drop --resume and pick another -o",
+                path=str(target.path),
+                key="--resume",
+            )
+        check_same_network(checkpoint, target, net)
+        seed = resumed_seed(checkpoint.seed, plan.seed, recipe.seed, target.path)
         net = checkpoint.network
-        plan = plan_network(net, recipe, seed=plan.seed)
+        plan = plan_network(net, recipe, seed=seed)
         # The float network is measured once, on a fresh run; a resumed run keeps the
         # figure its checkpoint recorded.
         float_net = None
@@ -363,6 +398,23 @@ def finetune_patched(
         device=torch_device,
         on_event=on_event,
     )
+
+
+def _smallest_share(data: TensorData | LoaderData, batch_size: int, world: _World) -> int | None:
+    """The fewest samples any process trains on in one step (none counted), for tensor data.
+
+    Example:
+        >>> data = TensorData(torch.zeros(17, 2), torch.zeros(17))
+        >>> _smallest_share(data, 16, _World()), _smallest_share(data, 8, _World(0, 2))
+        (1, 1)
+    """
+    if not isinstance(data, TensorData):
+        return None
+    n = data.num_samples
+    sizes = {min(batch_size, n)} | ({n % batch_size} if n % batch_size else set())
+    shares = {len(range(rank, size, world.size)) for size in sizes for rank in range(world.size)}
+    shares.discard(0)
+    return min(shares) if shares else None
 
 
 def _run(
@@ -389,20 +441,39 @@ def _run(
     loss_fn = loss_function(config.loss)
     # One batch through the network and the loss first, before torch's global generator is
     # seeded or restored: data the network cannot take is refused naming the data.
-    check_data_fits(T_net, data, config, loss_fn, device)
-    val = validation_batches(data, config.batch_size)
-    evaluated_on = "validation" if val is not None else "training"
+    check_data_fits(
+        T_net,
+        data,
+        config,
+        loss_fn,
+        device,
+        plan=plan,
+        smallest_batch=_smallest_share(data, config.batch_size, world),
+        processes=world.size,
+    )
+    identity = data_identity(data) if target is not None or resume is not None else None
+    if resume is not None and identity is not None:
+        check_resume(resume, target, seed, identity, data)
+    has_val = (
+        data.val is not None if isinstance(data, LoaderData) else data.validation() is not None
+    )
+    evaluated_on = "validation" if has_val else "training"
 
     def eval_batches() -> Iterable[tuple[Tensor, Tensor]]:
         batches = validation_batches(data, config.batch_size)
         return batches if batches is not None else train_eval_batches(data, config.batch_size)
 
     def measure(net: nn.Module) -> dict[str, float | None]:
-        figures = evaluate(net, eval_batches(), config, device, data.source)
+        # Evaluation draws nothing from training's streams: a user's DataLoader draws its
+        # seed from torch's global generator whenever it is iterated, so the global state
+        # is put back, and how often a run evaluates does not change what it trains.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            figures = evaluate(net, eval_batches(), config, device, data.source)
         if config.metric == "accuracy" and figures["accuracy"] is None:
             raise ConfigError(
-                "metric 'accuracy' needs (batch, classes) outputs and class-index or one-hot "
-                "targets; set 'metric: loss'",
+                "'accuracy' needs (batch, classes) outputs with 2 or more classes and "
+                f"class-index or one-hot targets, which the {evaluated_on} data does not "
+                "give; set 'metric: loss'",
                 key="finetune.metric",
             )
         return figures
@@ -413,7 +484,7 @@ def _run(
     else:
         base = float_net if float_net is not None else remove_T_net(T_net, inplace=False)
         before = measure(base.to(device))
-        after = measure(burned_copy(T_net))
+        after = measure(burned_copy(T_net, plan))
         _check_losses_finite(before["loss"], after["loss"], evaluated_on)
         metrics = {"float": before[config.metric], "post_training": after[config.metric]}
     per_epoch = _steps_per_epoch(data, config.batch_size)
@@ -441,6 +512,8 @@ def _run(
         pos.step if resume is not None else None,
     )
     info = {"metrics": metrics, "metric": config.metric, "total_steps": total, "seed": seed}
+    if identity is not None:
+        info["data"] = identity
 
     def emit(event: Event) -> None:
         event = {"epoch": pos.epoch, "step": pos.step, "total_steps": total, **event}
@@ -467,18 +540,33 @@ def _run(
             dist.barrier()
 
     def run_eval() -> None:
-        figures = measure(burned_copy(T_net))
+        figures = measure(burned_copy(T_net, plan))
         emit({"kind": "eval", "metric": figures[config.metric], **figures})
 
+    def where() -> str:
+        return f"at step {pos.step + 1} of {total} (epoch {pos.epoch + 1})"
+
     while pos.step < total:
-        batches, rest_rng = _epoch_batches(data, config, pos, seed, world, epoch_rng)
+        first_batch = pos.batch
+        batches, rest_rng = _epoch_batches(data, config, pos, seed, world, epoch_rng, where)
         if pos.batch == 0:
             epoch_rng = rest_rng
         ended = True
         for x, y, scale in batches:
             lr = config.lr * lr_factor(config, pos.step, total)
             loss = _train_step(
-                model, T_net, optimizer, x, y, scale, lr, config, loss_fn, device, data.source
+                model,
+                T_net,
+                optimizer,
+                x,
+                y,
+                scale,
+                lr,
+                config,
+                loss_fn,
+                device,
+                data.source,
+                where,
             )
             pos.step += 1
             pos.batch += 1
@@ -493,6 +581,9 @@ def _run(
             if pos.step >= total:
                 ended = per_epoch is not None and pos.batch >= per_epoch
                 break
+        if first_batch == 0 and pos.batch == 0:
+            # A whole epoch without a batch: the next would be the same, for ever.
+            raise _no_batches(data, pos)
         if ended:
             pos.epoch += 1
             pos.batch = 0
@@ -501,7 +592,7 @@ def _run(
                 run_eval()
             if config.checkpoint_every is None and pos.step < total:
                 checkpoint()
-    metrics["finetuned"] = measure(burned_copy(T_net))[config.metric]
+    metrics["finetuned"] = measure(burned_copy(T_net, plan))[config.metric]
     info["metrics"] = metrics
     checkpoint()
     return FinetuneResult(
@@ -514,6 +605,18 @@ def _run(
     )
 
 
+def _no_batches(data: TensorData | LoaderData, pos: Position) -> ConfigError:
+    """The error for an epoch that yields no batch at all."""
+    if isinstance(data, TensorData):
+        return ConfigError("holds no training samples; give at least one", path=data.source)
+    earlier = " (it yielded batches in earlier epochs)" if pos.step else ""
+    return ConfigError(
+        f"the training loader of '{data.source}' yielded no batches in epoch {pos.epoch + 1}"
+        f"{earlier}; it must yield (inputs, targets) batches each time it is iterated",
+        key="--data",
+    )
+
+
 def _epoch_batches(
     data: TensorData | LoaderData,
     config: FinetuneConfig,
@@ -521,8 +624,12 @@ def _epoch_batches(
     seed: int,
     world: _World,
     epoch_rng: Tensor,
+    where: Callable[[], str],
 ) -> tuple[Iterator[tuple[Tensor, Tensor, float]], Tensor]:
-    """This epoch's remaining batches ``(inputs, targets, loss scale)`` for this rank."""
+    """This epoch's remaining batches ``(inputs, targets, loss scale)`` for this rank.
+
+    ``where`` says where the run is, for the error about a loader that raises.
+    """
     if isinstance(data, TensorData):
         indices = data.batch_indices(config.batch_size, pos.epoch, seed, shuffle=config.shuffle)
 
@@ -540,13 +647,18 @@ def _epoch_batches(
     if pos.batch > 0:
         torch.set_rng_state(epoch_rng)
     start = torch.get_rng_state()
-    iterator = iter(data.train)
-    for _ in range(pos.batch):
-        next(iterator)
+    iterator = loader_batches(data.train, data.source, "training", where)
+    for done in range(pos.batch):
+        if next(iterator, None) is None:
+            raise ConfigError(
+                f"the training loader of '{data.source}' yielded {done} batches in epoch "
+                f"{pos.epoch + 1}, but the checkpoint was written after {pos.batch}; resume "
+                "with a loader that yields the same batches",
+                key="--data",
+            )
     if pos.batch > 0:
         torch.set_rng_state(now)
-    source = data.source
-    return ((*split_batch(b, source), 1.0) for b in iterator), start
+    return ((x, y, 1.0) for x, y in iterator), start
 
 
 def _train_step(
@@ -561,15 +673,22 @@ def _train_step(
     loss_fn: Callable[..., Tensor],
     device: torch.device,
     source: str,
+    where: Callable[[], str],
 ) -> Tensor:
     model.train()
     x, y = x.to(device), y.to(device)
-    if x.shape[0] == 0:
-        # A rank with no samples in a small last batch still runs forward and backward, so
-        # it joins the gradient average, with a zero loss.
-        loss = prepare_output(model(x), y, config.reduce_time).sum() * 0.0
-    else:
-        loss, _ = compute_loss(model, x, y, config, loss_fn, source)
+    try:
+        output = model(x)
+    except (RuntimeError, ValueError, IndexError) as err:
+        if isinstance(err, (RockqError, torch.cuda.OutOfMemoryError)):
+            raise
+        fix = "drop the last partial batch (DataLoader(drop_last=True)) or change the batch size"
+        raise network_failed(err, x, source, f"failed in training {where()}", fix) from err
+    out = prepare_output(output, y, config.reduce_time)
+    # A rank with no samples in a small last batch still runs forward and backward, so it
+    # joins the gradient average, with a zero loss.
+    empty = x.shape[0] == 0
+    loss = out.sum() * 0.0 if empty else apply_loss(out, y, config, loss_fn, source)
     optimizer.zero_grad(set_to_none=True)
     torch.autograd.backward(loss * scale)
     if config.grad_clip is not None:

@@ -3,10 +3,13 @@
 A run's checkpoint is a patched checkpoint (:mod:`transform_core.patched_checkpoint`)
 whose extra state holds everything needed to continue bit for bit: the optimiser state
 (tensors as ``__rockq__/optim/INDEX/NAME``, the rest as JSON), the position (step, epoch,
-batch), the random transforms' generator states (``__rockq__/gen/WHERE/DEVICE``) and
-torch's global random states (``__rockq__/rng/...``). The JSON-lines log beside it is
-trimmed back to the checkpoint's step when a run resumes. A fresh run writes its log only
-once its first checkpoint is on disk, so a run that fails before that leaves nothing behind.
+batch), the random transforms' generator states (``__rockq__/gen/WHERE/DEVICE``),
+torch's global random states (``__rockq__/rng/...``), the seed and what identifies the
+data (:func:`~transform_core.data.data_identity`). A run resumes only from a checkpoint of
+the same network, seed and data (:func:`check_same_network`, :func:`resumed_seed`,
+:func:`check_resume`). The JSON-lines log beside it is trimmed back to the checkpoint's
+step when a run resumes. A fresh run writes its log only once its first checkpoint is on
+disk, so a run that fails before that leaves nothing behind.
 
 Example:
     >>> from pathlib import Path
@@ -26,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from transform_core.data import LoaderData, TensorData, describe_identity
+from transform_core.errors import ConfigError
 from transform_core.patching import ActWrapper, TWrapper
 from transform_core.registry import BoundTransform
 
@@ -38,10 +43,13 @@ __all__ = [
     "CheckpointTarget",
     "Position",
     "RunLog",
+    "check_resume",
+    "check_same_network",
     "check_target",
     "json_safe",
     "log_path_for",
     "restore_training_state",
+    "resumed_seed",
     "save_training_state",
 ]
 
@@ -116,6 +124,145 @@ def check_target(target: CheckpointTarget, *, fresh: bool) -> None:
         check_output_path(path, force=target.force or not fresh, inputs=target.inputs)
 
 
+def _network_identity(source: Any) -> Any:
+    """What identifies a source's network: its record without the paths (a file may have
+    moved) and the packages trusted while loading it."""
+    data = source.to_dict() if hasattr(source, "to_dict") else source
+    if not isinstance(data, dict):
+        return data
+    return {
+        key: _network_identity(value) if key == "origin" else value
+        for key, value in data.items()
+        if key not in ("path", "trust")
+    }
+
+
+def _describe_source(source: Any) -> str:
+    arch = f", {source.arch}" if source.arch else ""
+    return f"{source.kind} {source.path}{arch}, sha256 {source.sha256[:12]}"
+
+
+def _state_dict_difference(saved: dict[str, Tensor], net: nn.Module) -> str:
+    """How ``net``'s state dict differs from a checkpoint's in names and shapes, or ``''``."""
+    mine = net.state_dict()
+    for name, tensor in saved.items():
+        if name not in mine:
+            return f"the checkpoint has tensor '{name}', this network has not"
+        if tuple(mine[name].shape) != tuple(tensor.shape):
+            return (
+                f"tensor '{name}' is {tuple(tensor.shape)} in the checkpoint but "
+                f"{tuple(mine[name].shape)} in this network"
+            )
+    extra = [name for name in mine if name not in saved]
+    return f"this network has tensor '{extra[0]}', the checkpoint has not" if extra else ""
+
+
+def check_same_network(resume: Any, target: CheckpointTarget, net: nn.Module | None = None) -> None:
+    """Refuse to resume from a checkpoint that a run with another network wrote.
+
+    The resumed run rewrites the checkpoint with ``target``'s source and embedded network
+    around the checkpoint's weights: another network would make a file nobody can load.
+
+    Args:
+        resume: The :class:`~transform_core.checkpoint.PatchedCheckpoint` to resume.
+        target: Where the resumed run writes, with the source it records.
+        net: The network the resumed run was given, to compare tensor names and shapes.
+
+    Raises:
+        ConfigError: The sources differ (kind, digest, factory and its arguments; not the
+            path), the embedded networks differ, or ``net``'s tensors do not match the
+            checkpoint's.
+    """
+    why = ""
+    if _network_identity(resume.source) != _network_identity(target.source):
+        why = (
+            f"it records {_describe_source(resume.source)}; this run has "
+            f"{_describe_source(target.source)}"
+        )
+    elif (
+        resume.network_bytes is not None
+        and target.network_bytes is not None
+        and resume.network_bytes != target.network_bytes
+    ):
+        why = "its embedded network differs from this run's"
+    elif net is not None:
+        why = _state_dict_difference(resume.state_dict, net)
+    if why:
+        raise ConfigError(
+            f"was written by a run with another network ({why}); resume with the network "
+            "the run started from, or drop --resume and pick another -o",
+            path=str(target.path),
+            key="--resume",
+        )
+
+
+def resumed_seed(saved: int | None, given: int, recipe_seed: int | None, path: Path) -> int:
+    """The seed a resumed run goes on with: the checkpoint's.
+
+    ``given`` (the plan's) differs from the recipe's own seed only when it was set (with
+    ``--seed``); another seed than the checkpoint's is then refused, naming both.
+
+    Example:
+        >>> resumed_seed(5, 3, 3, Path("out.safetensors"))
+        5
+        >>> try:
+        ...     resumed_seed(5, 7, 3, Path("out.safetensors"))
+        ... except ConfigError as err:
+        ...     print(err)
+        out.safetensors: --seed: the run was started with seed 5, not 7; drop --seed (a resumed run keeps its seed), or drop --resume and pick another -o
+    """
+    if saved is None:
+        return given
+    default = recipe_seed if recipe_seed is not None else 0
+    if given not in (saved, default):
+        raise ConfigError(
+            f"the run was started with seed {saved}, not {given}; drop --seed (a resumed run "
+            "keeps its seed), or drop --resume and pick another -o",
+            path=str(path),
+            key="--seed",
+        )
+    return saved
+
+
+def check_resume(
+    resume: Any,
+    target: CheckpointTarget | None,
+    seed: int,
+    identity: dict[str, Any],
+    data: TensorData | LoaderData,
+) -> None:
+    """Refuse to resume a checkpoint of a run with another seed, network or data.
+
+    Args:
+        resume: The :class:`~transform_core.checkpoint.PatchedCheckpoint` to resume.
+        target: Where the resumed run writes, or ``None``.
+        seed: The run's data-order seed.
+        identity: The run's data, from :func:`~transform_core.data.data_identity`.
+        data: The run's data, for messages.
+
+    Raises:
+        ConfigError: Another seed, network (see :func:`check_same_network`) or data.
+    """
+    saved = resume.state[STATE_KEY]
+    if saved.get("seed") is not None and saved["seed"] != seed:
+        raise ConfigError(
+            f"was written by a run with seed {saved['seed']}, not {seed}; resume with the seed "
+            "the run started with",
+            path=str(resume.path),
+        )
+    if target is not None:
+        check_same_network(resume, target)
+    # Checkpoints written before the data was recorded are not checked.
+    recorded = saved.get("data")
+    if isinstance(recorded, dict) and recorded != identity:
+        raise ConfigError(
+            f"{data.source} is not the data the run in {resume.path} was trained on "
+            f"({describe_identity(recorded)}; this one: {describe_identity(identity)}); resume "
+            "with the same --data, or drop --resume and pick another -o",
+            key="--data",
+        )
+
+
 def _raw_state_dict(T_net: nn.Module) -> dict[str, Tensor]:
     """The state dict under the un-patched network's names (wrappers' ``_mod`` removed)."""
     return {
@@ -167,7 +314,7 @@ def save_training_state(
         plan: The plan it was patched with (for the seed).
         optimizer: The run's optimiser.
         pos: Where the run is.
-        info: JSON facts of the run (metrics so far, metric, total steps, seed).
+        info: JSON facts of the run (metrics so far, metric, total steps, seed, data).
         epoch_rng: Torch's global random state at the start of the current epoch.
         device: The training device (its CUDA random state is saved too).
     """

@@ -3,8 +3,9 @@
 :func:`parse_finetune_section` checks every key of the section (each key is shown in
 :mod:`transform_core.finetune`) and builds a :class:`FinetuneConfig`; unknown keys, wrong
 types and out-of-range values are refused with the line and key path. Every number must be
-finite, every count at most ``2**63 - 1`` and ``seed`` what ``torch.manual_seed`` takes
-(``-2**63`` to ``2**64 - 1``); a number given as a string (``'1e-3'``) is refused, as
+finite, every count at most ``2**63 - 1``, ``seed`` what ``torch.manual_seed`` takes
+(``-2**63`` to ``2**64 - 1``) and a step schedule's ``gamma`` (a decay factor) from 0 to 1,
+so that no learning rate can overflow; a number given as a string (``'1e-3'``) is refused, as
 transform arguments are, saying to write it without quotes. Optimiser arguments are checked
 against the torch optimiser's own signature, then by building it on a dummy parameter and
 taking one step.
@@ -106,7 +107,7 @@ class FinetuneConfig:
         warmup_steps: Steps of linear warm-up before the schedule.
         min_lr: The final learning rate of ``cosine`` and ``linear``.
         step_size: For ``step``: steps between decays.
-        gamma: For ``step``: the decay factor.
+        gamma: For ``step``: the decay factor, from 0 to 1.
         loss: ``cross_entropy``, ``mse`` or ``"package.module:function"``.
         reduce_time: How a ``(batch, time, channels)`` output becomes ``(batch, channels)``:
             ``sum``, ``mean``, ``last``, or ``None`` to leave it.
@@ -448,7 +449,14 @@ def _parse_schedule(
             if arg == "min_lr" and not problem and value > lr:
                 # The schedule would raise the rate from lr to min_lr.
                 problem = f"must be at most the optimizer's lr ({lr:g}), got {value:g}"
+            if arg == "gamma" and (problem or value > 1):
+                # A decay factor: one above 1 would grow the rate past float's range.
+                problem = (
+                    "must be a finite number from 0 to 1 (the factor each step_size steps "
+                    f"multiplies the rate by), got {describe_value(value)}"
+                )
             if problem:
                 raise fail(problem, key, value_node)
+            value = float(value)
         values[arg] = value
     return values
