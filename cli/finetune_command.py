@@ -88,8 +88,11 @@ def run_finetune(
     target: Any,
     trust: list[str] | None,
     quiet: bool,
+    seed: int | None = None,
 ) -> None:
     """Fine-tune ``net`` patched by ``plan``, writing checkpoints at ``target``.
+
+    ``seed`` is the ``--seed`` given, if any: a resumed run refuses another than its own.
 
     Under ``torchrun`` every process trains; only rank 0 prints.
     """
@@ -105,6 +108,7 @@ def run_finetune(
             device=device,
             resume=resume,
             trust=trust or (),
+            seed=seed,
             on_event=on_event,
         )
     if quiet or not rank0:

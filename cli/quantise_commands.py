@@ -182,6 +182,7 @@ def patch(
             ),
             trust=trust,
             quiet=quiet,
+            seed=seed,
         )
         return
     # Patching builds every wrapper and binds every transform: a recipe that cannot

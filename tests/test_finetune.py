@@ -909,6 +909,7 @@ def _patched_run(folder: Path, out: Path, seed: int | None, *, resume: bool = Fa
         target=target,
         device="cpu",
         resume=resume,
+        seed=seed,
         on_event=stop,
     )
 
@@ -933,6 +934,9 @@ def test_resume_keeps_the_seed_the_run_started_with(tmp_path: Path) -> None:
     _assert_identical(tmp_path / "full.safetensors", cut)
     resumed = load_patched(cut)
     assert resumed.seed == 5 and resumed.state["finetune"]["seed"] == 5
+    # An explicit --seed equal to the recipe's own seed is another seed too.
+    with pytest.raises(ConfigError, match="started with seed 5, not 3"):
+        _patched_run(tmp_path, cut, 3, resume=True)
 
 
 def test_cli_resume_with_other_data_exits_2(cli_dir: Path) -> None:

@@ -303,6 +303,7 @@ def finetune_patched(
     device: str = "auto",
     resume: bool = False,
     trust: Iterable[str] = (),
+    seed: int | None = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> FinetuneResult:
     """Patch ``net`` with ``plan``, fine-tune it with the recipe's section, checkpoint it.
@@ -311,8 +312,8 @@ def finetune_patched(
     continues from the patched checkpoint at ``target.path`` (written by an interrupted
     run of the same recipe, network and data) and ends bit-identical to an uninterrupted
     run. A resumed run keeps the seed the checkpoint recorded: ``plan``'s seed is replaced
-    by it, and refused where it was set to another value (it differs from the recipe's
-    own seed). Under ``torchrun`` every process calls this; only rank 0 writes.
+    by it, and a ``seed`` set to another value is refused. Under ``torchrun`` every
+    process calls this; only rank 0 writes.
 
     Args:
         net: The un-patched network ``plan`` was made for.
@@ -323,6 +324,7 @@ def finetune_patched(
         device: ``auto``, ``cpu`` or ``cuda``.
         resume: Continue from the checkpoint at ``target.path``.
         trust: Packages a checkpoint's network may use, for ``resume``.
+        seed: The seed set for this run (``--seed``), if any; ``plan`` was made with it.
         on_event: Called with each progress record.
 
     Returns:
@@ -380,7 +382,7 @@ def finetune_patched(
                 key="--resume",
             )
         check_same_network(checkpoint, target, net)
-        seed = resumed_seed(checkpoint.seed, plan.seed, recipe.seed, target.path)
+        seed = resumed_seed(checkpoint.seed, seed, plan.seed, target.path)
         net = checkpoint.network
         plan = plan_network(net, recipe, seed=seed)
         # The float network is measured once, on a fresh run; a resumed run keeps the

@@ -196,25 +196,31 @@ def check_same_network(resume: Any, target: CheckpointTarget, net: nn.Module | N
         )
 
 
-def resumed_seed(saved: int | None, given: int, recipe_seed: int | None, path: Path) -> int:
+def resumed_seed(saved: int | None, given: int | None, planned: int, path: Path) -> int:
     """The seed a resumed run goes on with: the checkpoint's.
 
-    ``given`` (the plan's) differs from the recipe's own seed only when it was set (with
-    ``--seed``); another seed than the checkpoint's is then refused, naming both.
+    Args:
+        saved: The seed the checkpoint recorded (``None`` in files from before seeds were
+            recorded: ``planned`` is used).
+        given: The seed set for this run (``--seed``), or ``None``.
+        planned: The seed of the run's plan.
+        path: The checkpoint, for the message.
+
+    Raises:
+        ConfigError: ``given`` is not the checkpoint's seed.
 
     Example:
-        >>> resumed_seed(5, 3, 3, Path("out.safetensors"))
+        >>> resumed_seed(5, None, 3, Path("out.safetensors"))
         5
         >>> try:
-        ...     resumed_seed(5, 7, 3, Path("out.safetensors"))
+        ...     resumed_seed(5, 7, 7, Path("out.safetensors"))
         ... except ConfigError as err:
         ...     print(err)
         out.safetensors: --seed: the run was started with seed 5, not 7; drop --seed (a resumed run keeps its seed), or drop --resume and pick another -o
     """
     if saved is None:
-        return given
-    default = recipe_seed if recipe_seed is not None else 0
-    if given not in (saved, default):
+        return planned
+    if given is not None and given != saved:
         raise ConfigError(
             f"the run was started with seed {saved}, not {given}; drop --seed (a resumed run "
             "keeps its seed), or drop --resume and pick another -o",
