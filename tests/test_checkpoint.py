@@ -794,10 +794,37 @@ def test_output_never_overwrites_a_file_in_an_input_folder(tmp_path: Path) -> No
     state = {f"layer{i}.weight": torch.zeros(2) for i in range(4)}
     weight_map = _write_shards(tmp_path, state)
     shard = tmp_path / sorted(set(weight_map.values()))[0]
-    with pytest.raises(CheckpointError, match="is also an input"):
-        save_safetensors({"w": torch.ones(2)}, shard, force=True, inputs=[tmp_path])
+    for part in (shard, tmp_path / "model.safetensors.index.json"):
+        with pytest.raises(CheckpointError, match="is also an input"):
+            save_safetensors({"w": torch.ones(2)}, part, force=True, inputs=[tmp_path])
+    # A file in the folder that is not part of the input (an earlier output) may be replaced.
     save_safetensors({"w": torch.ones(2)}, tmp_path / "new.safetensors", inputs=[tmp_path])
+    save_safetensors(
+        {"w": torch.ones(3)}, tmp_path / "new.safetensors", force=True, inputs=[tmp_path]
+    )
     assert open_tensors(tmp_path).get("layer0.weight").tolist() == [0.0, 0.0]
+
+
+def test_output_never_overwrites_a_shard_behind_a_link_or_in_a_subfolder(tmp_path: Path) -> None:
+    # The Hugging Face cache: a snapshot folder of links to blobs; and shards in a subfolder.
+    blobs, snapshot, nested = tmp_path / "blobs", tmp_path / "snapshot", tmp_path / "nested"
+    for folder in (blobs, snapshot, nested / "sub"):
+        folder.mkdir(parents=True)
+    weight_map = _write_shards(blobs, {f"layer{i}.weight": torch.zeros(2) for i in range(4)})
+    for name in (*set(weight_map.values()), "model.safetensors.index.json"):
+        (snapshot / name).symlink_to(blobs / name)
+    shard = sorted(set(weight_map.values()))[0]
+    for target in (blobs / shard, snapshot / shard):
+        with pytest.raises(CheckpointError, match="is also an input"):
+            save_safetensors({"w": torch.ones(2)}, target, force=True, inputs=[snapshot])
+    save_file({"w": torch.zeros(2)}, str(nested / "sub" / "part.safetensors"))
+    index = {"weight_map": {"w": "sub/part.safetensors"}}
+    (nested / "m.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="is also an input"):
+        save_safetensors(
+            {"w": torch.ones(2)}, nested / "sub" / "part.safetensors", force=True, inputs=[nested]
+        )
+    assert open_tensors(nested).get("w").tolist() == [0.0, 0.0]
 
 
 def test_output_folder_must_exist_and_target_must_not_be_a_folder(tmp_path: Path) -> None:

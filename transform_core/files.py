@@ -211,8 +211,11 @@ def _check_output_path(target: Path, label: str, force: bool, inputs: Iterable[P
 
 def _same_file(a: Path, b: Path) -> bool:
     if b.is_dir():
-        # A sharded input: any existing file inside the folder counts as part of it.
-        return a.exists() and a.resolve().parent == b.resolve()
+        # A sharded input: its index and every shard it names, wherever they are (a
+        # subfolder) and whatever they link to (the Hugging Face cache's symlinks).
+        from transform_core.safetensors_io import folder_files  # it builds on this module
+
+        return a.exists() and any(_same_file(a, part) for part in folder_files(b))
     with contextlib.suppress(OSError):
         if a.exists() and b.exists() and os.path.samefile(a, b):
             return True
@@ -233,7 +236,7 @@ def atomic_output(
         path: The output file.
         force: Replace an existing file.
         inputs: Files (or shard folders) this run reads; writing over one of them, or
-            over an existing file in an input folder, is refused even with ``force``.
+            over a folder's index or shards, is refused even with ``force``.
 
     Raises:
         CheckpointError: The target is an input, exists without ``force``, is a folder or

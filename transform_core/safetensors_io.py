@@ -76,6 +76,7 @@ __all__ = [
     "WriteBehind",
     "atomic_output",
     "check_output_path",
+    "folder_files",
     "is_safetensors",
     "open_tensors",
     "read_header",
@@ -303,6 +304,25 @@ def open_tensors(path: PathLike) -> TensorSource:
             path=str(path),
         )
     return _open_sharded(root, indexes[0])
+
+
+def folder_files(root: PathLike) -> list[Path]:
+    """The files a shard folder is read from: its index and its shards (``[]`` if unreadable).
+
+    Example:
+        >>> import tempfile, json, torch
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> save_safetensors({"a": torch.zeros(1)}, folder / "part.safetensors")
+        >>> _ = (folder / "m.safetensors.index.json").write_text(
+        ...     json.dumps({"weight_map": {"a": "part.safetensors"}}))
+        >>> [p.name for p in folder_files(folder)]
+        ['m.safetensors.index.json', 'part.safetensors']
+    """
+    try:
+        source = open_tensors(root)
+    except CheckpointError:
+        return []
+    return [p for p in (source.index_file, *source.files) if p is not None]
 
 
 def _open_sharded(root: Path, index_file: Path) -> TensorSource:
