@@ -387,3 +387,25 @@ def test_arch_kwargs_without_arch_and_a_shard_index_are_refused(tmp_path: Path) 
         assert f"pass its folder ({tmp_path}) instead" in user_error(*command)
     assert "pass its folder" in user_error("report", weights, "--reference", index)
     assert not out.exists()
+
+
+def test_outputs_keep_the_inputs_metadata_and_say_format_pt(tmp_path: Path) -> None:
+    # Hugging Face loaders refuse a safetensors file without 'format: pt'.
+    from safetensors import safe_open
+
+    tensors = tmp_path / "t.safetensors"
+    save_file({"w.weight": torch.randn(4, 4)}, str(tensors), {"format": "pt", "origin": "hub"})
+    stale = {"rockq.format": "burned", "rockq.seed": "99"}
+    save_file({"w.weight": torch.randn(4, 4)}, str(tmp_path / "q0.safetensors"), stale)
+    torch.save(nn.Sequential(nn.Linear(2, 2)), tmp_path / "net.pt")
+    for source, expected in (
+        (tensors, {"format": "pt", "origin": "hub"}),
+        (tmp_path / "q0.safetensors", {"format": "pt"}),
+        (tmp_path / "net.pt", {"format": "pt"}),
+    ):
+        out = tmp_path / f"{source.stem}.q.safetensors"
+        ok("quantize", source, "int8", "-o", out, "-q")
+        with safe_open(str(out), "pt") as handle:
+            metadata = handle.metadata()
+        assert {k: v for k, v in metadata.items() if not k.startswith("rockq.")} == expected
+        assert metadata["rockq.seed"] == "0"  # rockq's own entries are this run's

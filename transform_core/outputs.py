@@ -160,14 +160,14 @@ def write_burned_tensors(
             # The digest goes into the header, written first: when it comes only at the
             # end, a placeholder of its length holds its place until then.
             early = _DIGEST_PLACEHOLDER if callable(source) else source.sha256
-            writer = SafetensorsWriter(handle, specs, _metadata(plan, early))
+            writer = SafetensorsWriter(handle, specs, _metadata(plan, early, reader.metadata))
             with WriteBehind(writer, sync=not handle.direct) as behind, _core_left_for_io():
                 report = burn_in_tensors(
                     checked(), plan, behind.write, wait=behind.wait, progress=progress
                 )
             known = source() if callable(source) else source
             if known.sha256 != early:
-                writer.replace_metadata(_metadata(plan, known.sha256))
+                writer.replace_metadata(_metadata(plan, known.sha256, reader.metadata))
             writer.close()
         if refuse_nonfinite:
             _refuse_nonfinite(report)  # before anything is moved into place
@@ -252,8 +252,14 @@ _DIGEST_PLACEHOLDER = "0" * 64
 """As long as a hex SHA-256."""
 
 
-def _metadata(plan: Plan, input_sha256: str | None) -> dict[str, str]:
+def _metadata(
+    plan: Plan, input_sha256: str | None, kept: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The output's ``__metadata__``: ``format: pt`` (which Hugging Face loaders require),
+    the input's own entries (``kept``; none of rockq's), then rockq's."""
     from transform_core import __version__
     from transform_core.pipeline import output_metadata
 
-    return output_metadata(plan, version=__version__, input_sha256=input_sha256)
+    own = {k: v for k, v in (kept or {}).items() if not k.startswith("rockq.")}
+    rockq = output_metadata(plan, version=__version__, input_sha256=input_sha256)
+    return {"format": "pt", **own, **rockq}
