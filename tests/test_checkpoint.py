@@ -378,6 +378,10 @@ def _make_bad(tmp_path: Path, case: str) -> Path:
         raw = b"{not json}      "
         (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
         return tmp_path / "bad.safetensors"
+    if case in ("deep-json-safetensors", "surrogate-safetensors"):
+        raw = b"[" * 100_000 if case.startswith("deep") else rb'{"w\ud800.weight": 1}'
+        (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+        return tmp_path / "bad.safetensors"
     if case == "text-as-safetensors":
         (tmp_path / "text.safetensors").write_text("just some text that is long enough")
         return tmp_path / "text.safetensors"
@@ -395,6 +399,8 @@ def _make_bad(tmp_path: Path, case: str) -> Path:
         ("zip-not-torch", "not a torch.save checkpoint"),
         ("truncated-safetensors", "is truncated"),
         ("bad-json-safetensors", "header is not valid JSON"),
+        ("deep-json-safetensors", "header is JSON nested too deeply to read"),
+        ("surrogate-safetensors", r"header holds a lone surrogate ('w\ud800.weight')"),
         ("text-as-safetensors", "is not a safetensors file or is truncated"),
     ],
 )
@@ -657,6 +663,7 @@ def test_a_file_truncated_after_opening_is_an_error(tmp_path: Path) -> None:
         ("unlisted-tensor", "holds 1 tensor ('layer5.weight') that the index does not list"),
         ("missing-tensor", "puts 1 tensor ('ghost') in it but the shard does not hold them"),
         ("bad-json", "is not valid JSON"),
+        ("deep-json", "its text is JSON nested too deeply to read"),
         ("no-weight-map", "non-empty 'weight_map'"),
         ("escape", "points outside the folder"),
         ("two-indexes", "found a.safetensors.index.json, model.safetensors.index.json"),
@@ -676,6 +683,8 @@ def test_sharded_folder_errors(tmp_path: Path, case: str, phrase: str) -> None:
         index_path.write_text(json.dumps({"weight_map": weight_map}))
     elif case == "bad-json":
         index_path.write_text("{")
+    elif case == "deep-json":
+        index_path.write_text("[" * 100_000)
     elif case == "no-weight-map":
         index_path.write_text(json.dumps({"metadata": {}}))
     elif case == "escape":
@@ -859,6 +868,8 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
         "u8": torch.arange(9, dtype=torch.uint8),
         "f64": torch.randn(2).double(),
         "fp8": torch.randn(4).to(torch.float8_e4m3fn),
+        "e8m0": torch.tensor([0.5, 1.0, 64.0]).to(torch.float8_e8m0fnu),
+        "e4fnuz": torch.randn(2).to(torch.float8_e4m3fnuz),
         "a_f32": torch.ones(1),
     }
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ __all__ = [
     "StoredTensor",
     "count_names",
     "is_safetensors",
+    "load_json_text",
     "read_header",
 ]
 
@@ -53,6 +54,7 @@ _DTYPE_ORDER = [
     ("I8", "int8"),
     ("F8_E5M2", "float8_e5m2"),
     ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E8M0", "float8_e8m0fnu"),  # the shared scales of MX formats
     ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
     ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
     ("I16", "int16"),
@@ -136,6 +138,55 @@ def is_safetensors(path: PathLike) -> bool:
     return 0 < length <= _MAX_HEADER and head[8:9] == b"{"
 
 
+def load_json_text(raw: bytes, label: str, what: str, expected: str = KNOWN_FORMATS) -> Any:
+    r"""Parse UTF-8 JSON bytes that a file holds, refusing what no safetensors reader takes.
+
+    Refused, as one line naming the file: invalid UTF-8 or JSON, nesting too deep to
+    parse, and escaped lone surrogates (``"\ud800"``), which make names that cannot be
+    written back as UTF-8.
+
+    Example:
+        >>> try:
+        ...     load_json_text(b'{"w\\ud800": 1}', "t.safetensors", "its header")
+        ... except CheckpointError as err:
+        ...     print(err.message)
+        its header holds a lone surrogate ('w\ud800'), which is not text; re-create the file
+    """
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{what} is not valid JSON ({err}); expected {expected}", path=label
+        ) from None
+    except RecursionError:
+        raise CheckpointError(
+            f"{what} is JSON nested too deeply to read; re-create the file", path=label
+        ) from None
+    for text in _strings(value):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointError(
+                f"{what} holds a lone surrogate ({text!r}), which is not text; re-create the file",
+                path=label,
+            ) from None
+    return value
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in parsed JSON, keys included."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def read_header(path: PathLike) -> SafetensorsHeader:
     """Read and validate the header of a safetensors file without reading tensor data.
 
@@ -169,13 +220,7 @@ def read_header(path: PathLike) -> SafetensorsHeader:
                 path=label,
             )
         raw = handle.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(
-            f"is not a safetensors file: its header is not valid JSON ({err}); expected {KNOWN_FORMATS}",
-            path=label,
-        ) from None
+    header = load_json_text(raw, label, "is not a safetensors file: its header")
     if not isinstance(header, dict):
         raise CheckpointError(
             f"is not a safetensors file: its header is a JSON {type(header).__name__}, expected an object",

@@ -53,6 +53,7 @@ from transform_core.safetensors_header import (
     StoredTensor,
     count_names,
     is_safetensors,
+    load_json_text,
     read_header,
 )
 from transform_core.safetensors_writer import (
@@ -330,14 +331,10 @@ def _open_sharded(root: Path, index_file: Path) -> TensorSource:
     # Checked before it is opened: reading a named pipe would wait for a writer.
     require_file(index_file, expected="a safetensors index (JSON with a 'weight_map')")
     try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(
-            f"is not valid JSON ({err}); expected a safetensors index with a 'weight_map'",
-            path=label,
-        ) from None
+        raw = index_file.read_bytes()
     except OSError as err:
         raise unreadable(index_file, err) from None
+    index = load_json_text(raw, label, "its text", "a safetensors index with a 'weight_map'")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not (
         isinstance(weight_map, dict)
