@@ -14,7 +14,17 @@ from typing import Annotated, Any
 import typer
 
 from cli.inputs import default_output, load_patched_plan, read_files
-from cli.options import Data, Debug, Device, Force, PatchedCheckpoint, Quiet, Resume, Trust
+from cli.options import (
+    Data,
+    Debug,
+    Device,
+    Force,
+    PatchedCheckpoint,
+    Quiet,
+    Resume,
+    Trust,
+    output_file,
+)
 from cli.output import training_progress
 
 
@@ -26,6 +36,7 @@ def finetune_command(
         typer.Option(
             "--output",
             "-o",
+            parser=output_file,
             help="Fine-tuned patched checkpoint (default CHECKPOINT.finetuned.safetensors).",
         ),
     ] = None,

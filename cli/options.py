@@ -6,6 +6,7 @@ Each name is an :data:`typing.Annotated` type for a command's parameter, for exa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -59,3 +60,20 @@ Resume = Annotated[
     bool,
     typer.Option("--resume", help="Continue an interrupted run from the output's last checkpoint."),
 ]
+
+
+def output_file(value: str) -> Path:
+    """Parse an output file option; a path that ends in a separator names a folder.
+
+    ``Path("out/")`` drops the separator, so without this check ``-o newdir/`` would write
+    a file named ``newdir``.
+
+    Example:
+        >>> output_file("out/model.safetensors")
+        PosixPath('out/model.safetensors')
+    """
+    if value.endswith(("/", os.sep)):
+        raise typer.BadParameter(
+            f"'{value}' names a folder; give a file path, such as '{value}model.safetensors'"
+        )
+    return Path(value)

@@ -32,6 +32,7 @@ from cli.options import (
     Resume,
     Seed,
     Trust,
+    output_file,
 )
 from cli.output import console, show_report, tensor_progress
 from cli.process import let_openmp_threads_sleep, map_large_blocks
@@ -107,7 +108,10 @@ def patch(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="Patched checkpoint (default MODEL.patched.safetensors)."
+            "--output",
+            "-o",
+            parser=output_file,
+            help="Patched checkpoint (default MODEL.patched.safetensors).",
         ),
     ] = None,
     arch: Arch = None,
@@ -207,7 +211,10 @@ def burn_in_command(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="Output safetensors (default CHECKPOINT.quantised.safetensors)."
+            "--output",
+            "-o",
+            parser=output_file,
+            help="Output safetensors (default CHECKPOINT.quantised.safetensors).",
         ),
     ] = None,
     trust: Trust = None,
@@ -256,7 +263,10 @@ def quantize(
         Path, typer.Argument(metavar="MODEL", help="Network or tensor file to quantise.")
     ],
     recipe: RecipeArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output safetensors file.")],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", parser=output_file, help="Output safetensors file."),
+    ],
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     trust: Trust = None,

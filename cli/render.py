@@ -13,8 +13,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as _escape_markup
 from rich.table import Table
+
+from cli.main import one_line
+
+
+def escape(text: str) -> str:
+    """A user's string (a path, a tensor or module name) as plain text on one line: Rich
+    markup escaped, and line breaks and control characters shown as ``\\n`` and so on."""
+    return _escape_markup(one_line(text))
 
 
 def _number(value: Any, digits: int = 4) -> str:

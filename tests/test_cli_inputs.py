@@ -15,11 +15,14 @@ from typing import Any
 
 import pytest
 import torch
-from cli_runs import ok, user_error
+import typer
+from cli_runs import ok, runner, user_error
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cli.inputs import check_finite
+from cli.main import app
+from cli.options import output_file
 from transform_core.errors import CheckpointError
 
 
@@ -409,3 +412,16 @@ def test_outputs_keep_the_inputs_metadata_and_say_format_pt(tmp_path: Path) -> N
             metadata = handle.metadata()
         assert {k: v for k, v in metadata.items() if not k.startswith("rockq.")} == expected
         assert metadata["rockq.seed"] == "0"  # rockq's own entries are this run's
+
+
+def test_an_output_path_ending_in_a_separator_is_a_folder_not_a_file(tmp_path: Path) -> None:
+    weights = tmp_path / "w.safetensors"
+    save_file({"w.weight": torch.randn(2, 2)}, str(weights))
+    folder = f"{tmp_path / 'newdir'}/"
+    # A usage error: click reports it here, and the installed command as one line.
+    result = runner().invoke(app, ["quantize", str(weights), "int8", "-o", folder])
+    assert result.exit_code == 2
+    assert "names a folder; give a file path" in result.output
+    with pytest.raises(typer.BadParameter, match=r"^'out/' names a folder; give a file path"):
+        output_file("out/")
+    assert not (tmp_path / "newdir").exists() and not (tmp_path / "newdir.report.json").exists()

@@ -263,3 +263,11 @@ def test_sizes_round_up_to_whole_bytes_and_ratios_read_sensibly() -> None:
     assert _smaller(32, 8) == "4x smaller"
     assert _smaller(0, 0) == "no values"
     assert _smaller(32, 0) == "no bits needed"
+
+
+def test_names_with_line_breaks_stay_on_one_table_row(tmp_path: Path) -> None:
+    path = tmp_path / "nl.safetensors"
+    save_file({"a\nb.weight": torch.randn(2, 2)}, str(path))
+    listing = ok("inspect", path)
+    assert "a\\nb.weight" in listing
+    assert not any(line.strip("│ ").startswith("b.weight") for line in listing.splitlines())
