@@ -768,6 +768,33 @@ def test_files_that_belong_together_are_replaced_all_or_none(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(t.name for t in targets)
 
 
+def test_ctrl_c_while_old_outputs_are_deleted_waits_until_they_are_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from transform_core.files import atomic_outputs
+
+    targets = [tmp_path / name for name in ("t.safetensors", "t.report.json", "t.report.md")]
+    for target in targets:
+        target.write_text("old " + target.name)
+    real_unlink = Path.unlink
+
+    def interrupted_after(path: Path, missing_ok: bool = False) -> None:
+        real_unlink(path, missing_ok)
+        if ".old-" in path.name:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the old files are deleted
+
+    monkeypatch.setattr(Path, "unlink", interrupted_after)
+    with pytest.raises(KeyboardInterrupt), atomic_outputs(targets, force=True) as temps:
+        for temp in temps:
+            temp.write_text("new")
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    # The interrupt came once all was done: the new files, and no old one left behind.
+    assert [t.read_text() for t in targets] == ["new"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(t.name for t in targets)
+
+
 def test_an_output_the_system_refuses_is_named_with_the_fix(tmp_path: Path) -> None:
     from transform_core.files import atomic_output
 

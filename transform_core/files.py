@@ -26,7 +26,9 @@ import errno
 import hashlib
 import os
 import secrets
+import signal
 import stat
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -303,28 +305,58 @@ def atomic_outputs(
 
 
 def _replace_all(temps: list[Path], targets: list[Path]) -> None:
-    """Rename each temporary file onto its target; on a failure, undo the ones done."""
+    """Rename each temporary file onto its target; on a failure, undo the ones done.
+
+    Ctrl-C and stop signals wait until the files are all in place and the old ones gone
+    (deleting a large old file takes a moment): stopped half-way through, the command
+    would leave set-aside ``.old-`` files behind, or report a failure after succeeding.
+    """
     placed: list[Path] = []
     set_aside: list[tuple[Path, Path]] = []  # a target's old file, and where it went
+    with _stops_deferred():
+        try:
+            for temp, target in zip(temps, targets, strict=True):
+                with _writing(target):
+                    if len(targets) > 1 and target.exists():
+                        old = _free_name(target, "old")
+                        os.replace(target, old)
+                        set_aside.append((target, old))
+                    os.replace(temp, target)
+                    placed.append(target)
+        except BaseException:
+            for target in placed:
+                target.unlink()
+            for target, old in set_aside:
+                os.replace(old, target)
+            raise
+        for _, old in set_aside:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+        for folder in {target.parent for target in targets}:
+            _fsync_dir(folder)
+
+
+_STOP_SIGNALS = {
+    signal.SIGINT,
+    signal.SIGTERM,
+    *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []),
+}
+
+
+@contextlib.contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and stop signals until the block ends (main thread, POSIX only)."""
+    if (
+        not hasattr(signal, "pthread_sigmask")
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        for temp, target in zip(temps, targets, strict=True):
-            with _writing(target):
-                if len(targets) > 1 and target.exists():
-                    old = _free_name(target, "old")
-                    os.replace(target, old)
-                    set_aside.append((target, old))
-                os.replace(temp, target)
-                placed.append(target)
-    except BaseException:
-        for target in placed:
-            target.unlink()
-        for target, old in set_aside:
-            os.replace(old, target)
-        raise
-    for _, old in set_aside:
-        old.unlink()
-    for folder in {target.parent for target in targets}:
-        _fsync_dir(folder)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
