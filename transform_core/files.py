@@ -336,27 +336,41 @@ def _replace_all(temps: list[Path], targets: list[Path]) -> None:
             _fsync_dir(folder)
 
 
-_STOP_SIGNALS = {
+_STOP_SIGNALS = (
     signal.SIGINT,
     signal.SIGTERM,
     *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []),
-}
+)
 
 
 @contextlib.contextmanager
 def _stops_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and stop signals until the block ends (main thread, POSIX only)."""
-    if (
-        not hasattr(signal, "pthread_sigmask")
-        or threading.current_thread() is not threading.main_thread()
-    ):
+    """Hold Ctrl-C and stop signals until the block ends, then act on the first one.
+
+    Python runs signal handlers in the main thread whichever thread the system delivers
+    a signal to, so a handler that only notes the signal holds it reliably (blocking it
+    in the main thread would not: another thread may receive it).
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    caught: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    previous = {}
+    for number in _STOP_SIGNALS:
+        handler = signal.getsignal(number)
+        if handler is not None:  # None: set outside Python, left as it is
+            previous[number] = signal.signal(number, hold)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # handled now as it would have been
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
