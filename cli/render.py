@@ -123,6 +123,14 @@ def plan(console: Console, data: Mapping[str, Any]) -> None:
             f"[bold]overlap[/] {escape(str(what))}: matched by "
             f"{escape(', '.join(overlap['rules']))}; {escape(str(overlap['winner']))} wins"
         )
+    for instance in data.get("scale_groups", ()):
+        members = ", ".join(
+            m["name"] + ("" if m["sets_range"] else " (scaled along)") for m in instance["members"]
+        )
+        console.print(
+            f"[bold]scale group[/] {escape(instance['group'])} (per {escape(instance['per'])}): "
+            f"{escape(members)}"
+        )
     before, after = data["size_bits"]["before"], data["size_bits"]["after"]
     console.print(
         f"size: {_size(before)} before, {_size(after)} at the recipe's bit widths "

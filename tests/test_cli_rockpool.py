@@ -193,6 +193,14 @@ def test_dry_run_lists_the_scale_group_pairs(files: dict[str, Path]) -> None:
         ["0_LinearTorch.weight", "1_LIFTorch.w_rec", "1_LIFTorch.threshold"],
         ["2_LinearTorch.weight", "3_LIFTorch.threshold"],
     ]
+    table = rockq("patch", files["state"], "xylo", "--arch", ARCH, "--dry-run")
+    lines = [line for line in table.stdout.splitlines() if line.startswith("scale group")]
+    assert lines == [
+        "scale group neuron_inputs (per neuron): 0_LinearTorch.weight, 1_LIFTorch.w_rec, "
+        "1_LIFTorch.threshold (scaled along)",
+        "scale group neuron_inputs (per neuron): 2_LinearTorch.weight, 3_LIFTorch.threshold "
+        "(scaled along)",
+    ]
 
 
 def test_report_check_exits_3_on_a_tensor_out_of_range(tmp_path: Path) -> None:
