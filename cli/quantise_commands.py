@@ -368,6 +368,15 @@ def report(
         check_output_path(markdown, force=force, inputs=read)  # before the work
     chosen = load_recipe(limits).limits if limits is not None else None
     built = checkpoint_report(checkpoint, reference=reference, limits=chosen, trust=trust or ())
+    if check and not built.limits:
+        from transform_core.errors import CheckpointError
+
+        raise CheckpointError(
+            "has no limits to check: it records no recipe with a 'limits' section; pass "
+            "--limits RECIPE",
+            path=str(checkpoint),
+            key="--check",
+        )
     if markdown is not None:
         with atomic_output(markdown, force=force, inputs=read) as tmp:
             tmp.write_text(built.to_markdown())

@@ -199,6 +199,18 @@ def report(console: Console, data: Mapping[str, Any], title: str = "quantisation
         console.print(escape(f"not in the reference, so without error figures: {shown}"))
     for violation in data.get("violations", []):
         console.print(f"[red]limit[/] {escape(violation['name'])}: {escape(violation['reason'])}")
+    present = {t["family"] for t in data["tensors"]}
+    unused = [family for family in data.get("limits", {}) if family not in present]
+    if unused:
+        # A misspelt family would otherwise check nothing without a word.
+        from transform_core.errors import did_you_mean
+
+        named = ", ".join(
+            f"'{f}'{did_you_mean(f, [p for p in present if p is not None])}" for f in unused
+        )
+        console.print(
+            f"[yellow]limits[/] for {escape(named)} checked no tensor: none has that family"
+        )
 
 
 def transforms(console: Console, specs: Iterable[Any]) -> None:

@@ -425,3 +425,20 @@ def test_an_output_path_ending_in_a_separator_is_a_folder_not_a_file(tmp_path: P
     with pytest.raises(typer.BadParameter, match=r"^'out/' names a folder; give a file path"):
         output_file("out/")
     assert not (tmp_path / "newdir").exists() and not (tmp_path / "newdir.report.json").exists()
+
+
+def test_report_check_without_limits_and_limits_that_check_nothing_say_so(tmp_path: Path) -> None:
+    plain = tmp_path / "w.safetensors"
+    save_file({"fc.weight": torch.tensor([[300.0, 1.0]])}, str(plain))
+    message = user_error("report", plain, "--check")
+    assert message.endswith(
+        "--check: has no limits to check: it records no recipe with a "
+        "'limits' section; pass --limits RECIPE"
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\nparams: [{family: weights, transform: identity}]\n"
+        "limits: {weight: {signed: true, bits: 4}}\n"
+    )
+    shown = " ".join(ok("report", plain, "--limits", recipe, "--check").split())
+    assert "limits for 'weight' (did you mean 'weights'?) checked no tensor" in shown

@@ -213,8 +213,8 @@ def test_report_check_exits_3_on_a_tensor_out_of_range(tmp_path: Path) -> None:
     shown = rockq("report", bad, "--limits", "xylo", "--json")
     assert shown.exit_code == 0
     assert [v["name"] for v in json.loads(shown.stdout)["violations"]] == ["fc.weight"]
-    # A file without a recorded recipe and no --limits has nothing to check.
-    assert rockq("report", bad, "--check").exit_code == 0
+    # A file without a recorded recipe and no --limits has nothing to check: --check says so.
+    assert rockq("report", bad, "--check").exit_code == 2
 
 
 def test_a_json_parameter_file_without_arch_asks_for_it(files: dict[str, Path]) -> None:
