@@ -118,7 +118,7 @@ ERROR_CASES = {
           - family: weights
             transform: deterministic_rounding
             args:
-              num_levels: yes
+              num_levels: true
         """,
         "r.yaml:6: params[0].args.num_levels: must be an integer, got true (a boolean)",
     ),
@@ -865,3 +865,316 @@ def test_family_rules_feed_param_families() -> None:
     families = param_families(torch.nn.Sequential(Leaky()), recipe.family_rules())
     assert families["0.alpha"] == "decays"
     assert families["0.fc.weight"] == "weights"
+
+
+# --- YAML 1.2 scalars --------------------------------------------------------------------
+
+ARGS = "version: 1\nparams:\n  - family: weights\n    transform: {}\n    args: {}\n"
+
+
+@pytest.mark.parametrize(
+    ("spelling", "value"),
+    [
+        ("010", 10),  # YAML 1.1 read this as octal 8
+        ("0o10", 8),
+        ("0x10", 16),
+        ("0xfF", 255),
+        ("+16", 16),
+        ("-0", 0),
+    ],
+)
+def test_integers_are_read_as_yaml_1_2_reads_them(spelling: str, value: int) -> None:
+    recipe = parse_recipe(
+        f"version: 1\nseed: {spelling}\nparams: [{{family: w, transform: identity}}]"
+    )
+    assert recipe.seed == value and type(recipe.seed) is int
+
+
+def test_a_leading_zero_is_not_octal() -> None:
+    recipe = parse_recipe(ARGS.format("deterministic_rounding", "{num_levels: 010}"))
+    assert recipe.params[0].args == {"num_levels": 10}
+
+
+@pytest.mark.parametrize(
+    ("spelling", "value"),
+    [
+        (".5", 0.5),
+        ("-.5", -0.5),
+        ("+.5", 0.5),
+        ("+1", 1.0),
+        ("1.", 1.0),
+        ("1e3", 1000.0),
+        ("-1E-3", -0.001),
+        ("2.5e+3", 2500.0),
+        (".5e1", 5.0),
+    ],
+)
+def test_floats_are_read_as_yaml_1_2_reads_them(spelling: str, value: float) -> None:
+    recipe = parse_recipe(
+        ARGS.format("deterministic_rounding", f"{{input_range: [{spelling}, 1e6]}}")
+    )
+    assert recipe.params[0].args == {"input_range": [value, 1e6]}
+
+
+def test_special_floats_and_null_are_read_as_yaml_1_2_reads_them() -> None:
+    error = recipe_error(ARGS.format("t_decay", "{dt: .inf}"))
+    assert str(error) == (
+        "r.yaml:5: params[0].args.dt: must be a positive, finite number of seconds, got inf"
+    )
+    for spelling in ("-.Inf", ".NaN", ".nan", "+.INF"):
+        error = recipe_error(ARGS.format("t_decay", f"{{dt: {spelling}}}"))
+        assert error.key == "params[0].args.dt" and "finite" in error.message
+    for spelling in ("~", "null", "Null", "NULL", ""):
+        recipe = parse_recipe(ARGS.format("deterministic_rounding", f"{{input_range: {spelling}}}"))
+        assert recipe.params[0].args == {"input_range": None}
+
+
+def test_a_number_written_without_quotes_is_never_called_quoted() -> None:
+    recipe = parse_recipe(ARGS.format("deterministic_rounding", "{input_range: [-.5, .5]}"))
+    assert recipe.params[0].args == {"input_range": [-0.5, 0.5]}
+    error = recipe_error(ARGS.format("deterministic_rounding", "{num_levels: 1_000}"))
+    assert (
+        str(error)
+        == "r.yaml:5: params[0].args.num_levels: must be an integer, got '1_000' (a string)"
+    )
+    error = recipe_error(ARGS.format("deterministic_rounding", "{num_levels: '16'}"))
+    assert error.message.endswith("(a string; write the number without quotes)")
+
+
+@pytest.mark.parametrize("spelling", ["true", "True", "TRUE", "false", "False", "FALSE"])
+def test_only_true_and_false_are_booleans(spelling: str) -> None:
+    recipe = parse_recipe(ARGS.format("int_quant", f"{{map_to_max: {spelling}}}"))
+    assert recipe.params[0].args == {"map_to_max": spelling.lower() == "true"}
+
+
+@pytest.mark.parametrize("spelling", ["yes", "no", "on", "off", "Y", "n"])
+def test_yes_no_on_and_off_are_words(spelling: str) -> None:
+    error = recipe_error(ARGS.format("int_quant", f"{{map_to_max: {spelling}}}"))
+    assert str(error) == (
+        f"r.yaml:5: params[0].args.map_to_max: must be true or false, got '{spelling}' (a string)"
+    )
+    error = recipe_error(
+        f"version: 1\nparams:\n  - family: weights\n    transform: identity\n    optional: {spelling}\n"
+    )
+    assert str(error) == f"r.yaml:5: params[0].optional: must be true or false, got '{spelling}'"
+    # a family or module named like one is a name, as it reads
+    recipe = parse_recipe(f"version: 1\nparams: [{{family: {spelling}, transform: identity}}]")
+    assert recipe.params[0].family == spelling
+
+
+def test_dates_and_other_yaml_1_1_types_are_text() -> None:
+    recipe = parse_recipe(
+        "version: 1\ndescription: 2024-01-31\n"
+        "params: [{match: =, transform: identity}, {match: '1:30', module: 1:30, transform: identity}]"
+    )
+    assert recipe.description == "2024-01-31"
+    assert (recipe.params[0].match, recipe.params[1].module) == ("=", "1:30")
+
+
+def test_a_huge_integer_for_a_float_is_one_recipe_error() -> None:
+    huge = "1" + "0" * 400
+    error = recipe_error(ARGS.format("t_decay", f"{{dt: {huge}}}"))
+    assert error.line == 5 and error.key == "params[0].args.dt"
+    assert "larger than the largest number (about 1.8e308)" in error.message
+    assert huge not in str(error)
+    error = recipe_error(ARGS.format("deterministic_rounding", f"{{input_range: [0, {huge}]}}"))
+    assert error.line == 5 and error.key == "params[0].args.input_range"
+    error = recipe_error(ARGS.format("int_quant", "{n_bits: " + "9" * 5000 + "}"))
+    assert error.line == 5 and error.key == "params[0].args.n_bits"
+    assert error.message.startswith("cannot read this value: ")
+
+
+# --- merge keys --------------------------------------------------------------------------
+
+
+def test_merge_keys_in_args() -> None:
+    recipe = parse_recipe(
+        textwrap.dedent(
+            """
+            version: 1
+            params:
+              - family: weights
+                transform: deterministic_rounding
+                args: &common {num_levels: 15, maintain_zero: false}
+              - family: biases
+                transform: deterministic_rounding
+                args:
+                  <<: *common
+                  num_levels: 255
+            """
+        )
+    )
+    weights, biases = recipe.params
+    assert weights.args == {"num_levels": 15, "maintain_zero": False}
+    assert biases.args == {"num_levels": 255, "maintain_zero": False}
+
+
+def test_merge_keys_in_rules() -> None:
+    recipe = parse_recipe(
+        textwrap.dedent(
+            """
+            version: 1
+            params:
+              - &w
+                family: weights
+                transform: deterministic_rounding
+                args: {num_levels: 15}
+              - <<: *w
+                family: biases
+              - {<<: [*w, {optional: true, module: Linear}], module: Conv*}
+            """
+        )
+    )
+    _, biases, merged = recipe.params
+    assert (biases.family, biases.transform.name, biases.args, biases.line) == (
+        "biases",
+        "deterministic_rounding",
+        {"num_levels": 15},
+        8,
+    )
+    # an earlier mapping of a merge list wins over a later one; the rule's own keys over both
+    assert (merged.family, merged.optional, merged.module) == ("weights", True, "Conv*")
+
+
+def test_errors_in_merged_mappings_point_at_the_right_line() -> None:
+    text = """
+        version: 1
+        params:
+          - family: weights
+            transform: deterministic_rounding
+            args: &common {num_levels: 1}
+          - family: biases
+            transform: deterministic_rounding
+            args:
+              <<: *common
+              num_levels: 255
+              num_levels: 3
+        """
+    error = recipe_error(text)  # the anchored mapping's own value
+    assert str(error) == "r.yaml:5: params[0].args.num_levels: must be an integer >= 2, got 1"
+    error = recipe_error(text.replace("{num_levels: 1}", "{num_levels: 4}"))
+    assert str(error) == (
+        "r.yaml:11: params[1].args.num_levels: duplicate key 'num_levels' (first given on "
+        "line 10); keep one"
+    )
+    error = recipe_error(  # valid where it is written, refused where it is merged
+        """
+        version: 1
+        params:
+          - family: weights
+            transform: deterministic_rounding
+            args: &common {input_range: [-1, 1]}
+          - family: biases
+            transform: deterministic_channel_rounding
+            args: {<<: *common, output_range: [-1, 1]}
+        """
+    )
+    assert str(error).startswith(
+        "r.yaml:5: params[1].args.input_range: unknown argument 'input_range' for "
+        "deterministic_channel_rounding"
+    )
+    error = recipe_error(
+        """
+        version: 1
+        params:
+          - &w
+            family: weights
+            transfrom: identity
+          - <<: *w
+            family: biases
+        """
+    )
+    assert str(error).startswith("r.yaml:5: params[0].transfrom: unknown key 'transfrom'")
+
+
+MERGED = """\
+version: 1
+params:
+  - family: weights
+    transform: identity
+    args: &a {{}}
+  - family: biases
+    transform: identity
+    args:
+      {}
+"""
+
+
+@pytest.mark.parametrize(
+    ("merge", "expected"),
+    [
+        (
+            "<<: 3",
+            "r.yaml:9: params[1].args.<<: a merge key (<<) takes a mapping (<<: *name) or a "
+            "list of mappings, got 3",
+        ),
+        (
+            "<<: [*a, [1]]",
+            "r.yaml:9: params[1].args.<<[1]: a merge key (<<) takes a mapping (<<: *name) or a "
+            "list of mappings, got [1]",
+        ),
+        (
+            "<<: *a\n      <<: *a",
+            "r.yaml:10: params[1].args.<<: duplicate key '<<' (first given on line 9); keep one",
+        ),
+        (
+            "&b {<<: *b}",
+            "r.yaml:9: params[1].args.<<: a merge key (<<) refers to the mapping that holds "
+            "it; recipe values cannot be recursive",
+        ),
+    ],
+)
+def test_bad_merge_keys(merge: str, expected: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(MERGED.format(merge), source="r.yaml")
+    assert str(info.value) == expected
+
+
+def test_a_merge_key_bomb_is_an_error() -> None:
+    parts = ["a0: &a0 {k: 1}"]
+    parts += [f"a{i}: &a{i} {{<<: [{', '.join([f'*a{i - 1}'] * 10)}]}}" for i in range(1, 9)]
+    text = f"version: 1\nparams: [{{family: weights, transform: identity, args: {{{', '.join(parts)}}}}}]"
+    with pytest.raises(RecipeError, match="expand to more than 100000 items"):
+        parse_recipe(text, source="r.yaml")
+
+
+def test_a_quoted_merge_key_is_an_ordinary_key() -> None:
+    error = recipe_error(MERGED.format("'<<': *a"))
+    assert str(error).startswith("r.yaml:9: params[1].args.<<: unknown argument '<<' for identity")
+
+
+# --- what depends on the tensor is checked against the tensor ----------------------------
+
+
+@pytest.mark.parametrize("dim", [2, 3, -3, -4])
+def test_a_channel_dim_of_a_conv_weight_is_accepted(dim: int) -> None:
+    recipe = parse_recipe(
+        "version: 1\nparams:\n  - family: weights\n    module: Conv2d\n"
+        "    transform: deterministic_channel_rounding\n"
+        f"    args: {{num_levels: 15, dim: {dim}}}\n"
+    )
+    weight = small_net()[0].weight.detach()
+    out = recipe.bind(recipe.params[0], "0.weight")(weight)
+    assert out.shape == weight.shape
+    for channel in range(weight.shape[dim]):
+        assert out.select(dim, channel).unique().numel() <= 15
+
+
+def test_a_users_transform_that_refuses_the_probe_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "rockq_positive.py").write_text(
+        "import torch\n\n"
+        "def log(x):\n"
+        "    if (x <= 0).any():\n"
+        "        raise ValueError('needs positive values')\n"
+        "    return torch.log(x)\n\n"
+        "def rows(x):\n"
+        "    return x[3]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("log", "rows"):
+        recipe = parse_recipe(
+            f"version: 1\nparams: [{{family: weights, transform: 'rockq_positive:{name}'}}]"
+        )
+        assert recipe.params[0].args == {}

@@ -8,6 +8,7 @@ import math
 import pickle
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -192,8 +193,10 @@ def test_user_function_by_reference(user_module: str) -> None:
     assert spec.summary == "Clip values to [-limit, limit]."
     assert [(a.name, a.kind) for a in spec.args] == [("limit", "float")]
     assert validate_args(spec, {"limit": 2}) == {"limit": 2.0}
-    error = check_error(f"{user_module}:clip", {"limit": -1})
-    assert (error.key, error.message) == ("limit", "must be positive, got -1.0")
+    # Its values are checked when it runs, on tensors of the real shape.
+    assert validate_args(spec, {"limit": -1}) == {"limit": -1.0}
+    with pytest.raises(ValueError, match=r"limit must be positive, got -1\.0"):
+        BoundTransform(spec, {"limit": -1.0})(torch.zeros(4))
     noisy = get_transform(f"{user_module}:noisy")
     assert noisy.uses_generator
     first = BoundTransform(noisy, {}, seed=3)(torch.zeros(4))
@@ -336,9 +339,9 @@ def test_type_errors(name: str, args: dict[str, object], key: str, message: str)
         ),
         (
             "stochastic_channel_rounding",
-            {"output_range": [-1, 1], "dim": 5},
+            {"output_range": [-1, 1], "dim": 64},  # no tensor has 65 dimensions
             "dim",
-            "must be an integer in [-2, 1], got 5",
+            "must be an integer in [-64, 63], got 64",
         ),
         ("int_quant", {"n_bits": 1}, "n_bits", "must be an integer >= 2, got 1"),
         ("dropout", {"dropout_prob": 1.5}, "dropout_prob", "must be a number in [0, 1], got 1.5"),
@@ -428,6 +431,11 @@ def test_repr_shows_name_and_given_args() -> None:
         ("stochastic_channel_rounding", {"output_range": [-1, 1], "num_levels": 2}, 1),
         ("int_quant", {"n_bits": 4}, 4),
         ("int_quant", {}, 8),
+        # map_to_max stretches the values to max_n_bits's integers, whatever n_bits says
+        ("int_quant", {"map_to_max": True, "max_n_bits": 4}, 4),
+        ("int_quant", {"map_to_max": True, "n_bits": 3}, 8),
+        ("int_quant", {"map_to_max": True, "n_bits": 6, "max_n_bits": 12}, 12),
+        ("int_quant", {"map_to_max": False, "n_bits": 6, "max_n_bits": 4}, 6),
         ("dropout", {}, None),
         ("t_decay", {}, None),
         ("identity", {}, None),
@@ -584,3 +592,224 @@ def test_a_user_function_must_return_a_tensor_of_the_same_shape(
 def test_a_copy_keeps_its_binding() -> None:
     T = _bound_for("deterministic_rounding", {"num_levels": 3})
     assert pickle.loads(pickle.dumps(T)).binding == T.binding
+
+
+# --- arguments that depend on the tensor -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["deterministic_channel_rounding", "stochastic_channel_rounding"])
+@pytest.mark.parametrize("dim", [2, 3, -3, -4])
+def test_a_channel_dim_the_probe_lacks_is_left_to_the_tensor(name: str, dim: int) -> None:
+    spec = get_transform(name)
+    args = {"output_range": [-1, 1], "num_levels": 15, "dim": dim}
+    assert validate_args(spec, args) == {**args, "output_range": [-1.0, 1.0]}
+    conv_weight = torch.linspace(-1, 1, 4 * 2 * 3 * 3).reshape(4, 2, 3, 3)
+    assert BoundTransform(spec, args, seed=0)(conv_weight).shape == conv_weight.shape
+    # The checks that do not depend on the tensor still hold, with the key at fault.
+    error = check_error(name, {**args, "num_levels": 1})
+    assert (error.key, error.message) == ("num_levels", "must be an integer >= 2, got 1")
+    # A tensor of the real shape is refused when it lacks that dimension.
+    with pytest.raises(ConfigError, match=r"'fc\.weight': dim must be an integer in \[-2, 1\]"):
+        _bound_for(name, args)(torch.ones(3, 3))
+
+
+def test_a_dim_no_tensor_can_have_is_refused_at_once() -> None:
+    error = check_error("deterministic_channel_rounding", {"dim": 64})
+    assert (error.key, error.message) == ("dim", "must be an integer in [-64, 63], got 64")
+    error = check_error("deterministic_channel_rounding", {"dim": -(10**30)})
+    assert error.key == "dim" and error.message.startswith("must be an integer in [-64, 63]")
+
+
+@pytest.fixture
+def fussy_module(user_module: str, tmp_path: Path) -> str:
+    (tmp_path / f"{user_module}.py").write_text(
+        textwrap.dedent(
+            '''
+            import torch
+
+            def log(x, base: float = 2.0):
+                """Logarithm of positive values."""
+                if (x <= 0).any():
+                    raise ValueError("needs positive values")
+                return torch.log(x) / torch.log(torch.tensor(base))
+
+            def index(x):
+                return x[5]
+
+            def runtime(x):
+                raise RuntimeError("no kernel for this")
+
+            def typed(x):
+                return x + "a"
+
+            def to_int(x):
+                return x.round().to(torch.int8)
+
+            def nothing(x, k: int = 1):
+                return x
+            '''
+        )
+    )
+    return user_module
+
+
+def test_a_users_transform_is_not_run_at_recipe_time(fussy_module: str) -> None:
+    for name in ("log", "index", "runtime", "typed"):
+        assert validate_args(get_transform(f"{fussy_module}:{name}"), {}) == {}
+    assert validate_args(get_transform(f"{fussy_module}:log"), {"base": 10}) == {"base": 10.0}
+    # Its signature is still checked: names and types.
+    error = check_error(f"{fussy_module}:log", {"bsae": 10})
+    assert error.key == "bsae" and "(did you mean 'base'?)" in error.message
+    error = check_error(f"{fussy_module}:log", {"base": "e"})
+    assert (error.key, error.message) == ("base", "must be a number, got 'e' (a string)")
+    T = BoundTransform(get_transform(f"{fussy_module}:log"), {"base": 10.0})
+    assert torch.allclose(T(torch.tensor([1.0, 100.0])), torch.tensor([0.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    ("function", "problem"),
+    [
+        ("log", "needs positive values"),
+        ("index", "IndexError: index 5 is out of bounds for dimension 0 with size 2"),
+        ("runtime", "RuntimeError: no kernel for this"),
+        ("typed", "TypeError: "),
+        ("to_int", "it returned a tensor of int8, not of a floating-point dtype"),
+    ],
+)
+def test_any_error_of_a_users_transform_names_the_rule(
+    fussy_module: str, function: str, problem: str
+) -> None:
+    T = _bound_for(f"{fussy_module}:{function}", {})
+    with pytest.raises(ConfigError) as info:
+        T(torch.zeros(2, 2))
+    prefix = f"r.yaml:7: params[1]: {fussy_module}:{function} cannot transform tensor 'fc.weight': "
+    assert str(info.value).startswith(prefix + problem)
+    assert str(info.value).endswith("; change the rule's args, or leave this tensor out of it")
+    activation = BoundTransform(
+        get_transform(f"{fussy_module}:{function}"), {}, binding=Binding("fc", "activations[0]")
+    )
+    with pytest.raises(ConfigError, match=r"cannot transform the output of 'fc': "):
+        activation(torch.zeros(2, 2))
+
+
+def test_a_library_transform_error_other_than_a_refusal_stays_internal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a bug in rockq")
+
+    monkeypatch.setattr(registry, "_LIBRARY", dict(registry._LIBRARY))
+    spec = register("broken", broken)
+    with pytest.raises(RuntimeError, match="a bug in rockq"):
+        BoundTransform(spec, {}, binding=Binding("fc.weight", "params[0]"))(torch.ones(2))
+
+
+# --- list arguments ----------------------------------------------------------------------
+
+
+def test_only_declared_ranges_are_ranges() -> None:
+    def codebook(
+        x: torch.Tensor,
+        levels: list[float] | None = None,
+        block: tuple[int, int] = (1, 1),
+        sizes: Sequence[int] = (),
+        pair: tuple[int, float] = (1, 2.0),
+        limits: tuple[float, float] = (-1.0, 1.0),
+    ) -> torch.Tensor:
+        return x
+
+    spec = make_spec("codebook", codebook)
+    assert [(a.name, a.kind, a.type) for a in spec.args] == [
+        ("levels", "list", "list[float] | None"),
+        ("block", "list", "[int, int]"),
+        ("sizes", "list", "list[int]"),
+        ("pair", "list", "[int, float]"),
+        ("limits", "list", "[float, float]"),
+    ]
+    cleaned = validate_args(
+        spec,
+        {
+            "levels": [-0.1, 0, 0.1],
+            "block": [2, 2],
+            "sizes": [],
+            "pair": [3, 4],
+            "limits": [-2, 2],
+        },
+    )
+    assert cleaned == {
+        "levels": [-0.1, 0.0, 0.1],
+        "block": [2, 2],
+        "sizes": [],
+        "pair": [3, 4.0],
+        "limits": [-2.0, 2.0],
+    }
+    assert [type(v) for v in cleaned["block"] + cleaned["pair"]] == [int, int, int, float]
+    assert validate_args(spec, {"levels": None}) == {"levels": None}
+    ranged = make_spec("codebook", codebook, ranges=("limits",))
+    assert ranged.arg("limits") == ArgSpec(
+        "limits", "[float, float]", (-1.0, 1.0), False, kind="range"
+    )
+    with pytest.raises(ValueError, match="'limts' is not an argument of codebook"):
+        make_spec("codebook", codebook, ranges=("limts",))
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "message"),
+    [
+        ({"levels": 0.5}, "levels", "must be a list of numbers or null, got 0.5"),
+        (
+            {"levels": [0, "0.5"]},
+            "levels",
+            "must be a list of numbers or null, got [0, '0.5'] (a list of 2; write the numbers "
+            "without quotes)",
+        ),
+        (
+            {"block": [2, 2, 2]},
+            "block",
+            "must be a list of 2 integers, got [2, 2, 2] (a list of 3)",
+        ),
+        ({"block": [2, 2.5]}, "block", "must be a list of 2 integers, got [2, 2.5] (a list of 2)"),
+        (
+            {"block": [2, True]},
+            "block",
+            "must be a list of 2 integers, got [2, True] (a list of 2)",
+        ),
+        ({"sizes": [1.0]}, "sizes", "must be a list of integers, got [1.0] (a list of 1)"),
+        ({"pair": [1.5, 2]}, "pair", "must be a list [int, float], got [1.5, 2] (a list of 2)"),
+    ],
+)
+def test_list_arguments_are_checked_item_by_item(
+    args: dict[str, object], key: str, message: str
+) -> None:
+    def codebook(
+        x: torch.Tensor,
+        levels: list[float] | None = None,
+        block: tuple[int, int] = (1, 1),
+        sizes: Sequence[int] = (),
+        pair: tuple[int, float] = (1, 2.0),
+    ) -> torch.Tensor:
+        return x
+
+    with pytest.raises(RecipeError) as info:
+        validate_args(make_spec("codebook", codebook), args)
+    assert (info.value.key, info.value.message) == (key, message)
+
+
+# --- numbers too large for a float -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "key"),
+    [
+        ("t_decay", {"dt": 10**400}, "dt"),
+        ("deterministic_rounding", {"input_range": [0, 10**400]}, "input_range"),
+        ("dropout", {"dropout_prob": -(10**309)}, "dropout_prob"),
+    ],
+)
+def test_an_integer_too_large_for_a_float_is_refused(
+    name: str, args: dict[str, object], key: str
+) -> None:
+    error = check_error(name, args)
+    assert error.key == key
+    assert "larger than the largest number (about 1.8e308)" in error.message
+    assert len(error.message) < 200

@@ -35,6 +35,10 @@ errors, each a :class:`~transform_core.errors.RecipeError` that names the file, 
 key path (``params[0].args.num_levels``). Transform names and arguments are checked by
 :mod:`transform_core.registry`.
 
+Plain values follow YAML 1.2's core schema: ``-.5``, ``1e3`` and ``0x10`` are numbers, ``010`` is
+10 (not octal 8), only ``true`` and ``false`` are booleans (``yes``, ``on`` and ``2024-01-31``
+are text). Anchors, aliases and merge keys (``<<: *name``) are read.
+
 Example:
     >>> recipe = parse_recipe('''
     ... version: 1
@@ -62,8 +66,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
-from yaml.constructor import SafeConstructor
-from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 from transform_core.errors import RecipeError, did_you_mean
@@ -279,21 +283,65 @@ class Recipe:
         return BoundTransform(rule.transform, dict(rule.args), seed=derived, binding=binding)
 
 
+# YAML 1.2's core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution), where PyYAML reads
+# YAML 1.1: there ``010`` is octal 8, ``-.5`` and ``1e3`` are text, ``yes`` and ``off`` are
+# booleans and ``2024-01-31`` is a date. The two number patterns do not overlap.
+_NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+_MERGE = re.compile(r"^(?:<<)$")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, which also reads an exponent without a dot or a sign as a
-    float, as YAML 1.2 does: ``1e-3`` and ``1.0e30`` are numbers, not strings.
+    """PyYAML's safe loader, reading plain values as YAML 1.2's core schema does.
 
     Example:
-        >>> yaml.load("[1e-3, 1.0e30, 2, 1e3x]", Loader=_RecipeLoader)
-        [0.001, 1e+30, 2, '1e3x']
+        >>> yaml.load("[1e-3, -.5, 010, 0o10, 0x10, +1, .inf, yes, On, 2024-01-31, ~, 1e3x]",
+        ...           Loader=_RecipeLoader)
+        [0.001, -0.5, 10, 8, 16, 1, inf, 'yes', 'On', '2024-01-31', None, '1e3x']
     """
 
 
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+# Only these resolvers: none of YAML 1.1's (timestamps, sexagesimal, ``=``) is inherited.
+_RecipeLoader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:null", _NULL, ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:bool", _BOOL, list("tTfF")),
+    ("tag:yaml.org,2002:int", _INT, list("-+0123456789")),
+    ("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789.")),
+    (_MERGE_TAG, _MERGE, ["<"]),
+):
+    _RecipeLoader.add_implicit_resolver(_tag, _pattern, _first)
+
+
+def _construct_int(constructor: Any, node: ScalarNode) -> int:
+    """A YAML 1.2 integer: decimal (``010`` is 10), ``0o`` octal or ``0x`` hexadecimal."""
+    text: str = constructor.construct_scalar(node)
+    if not _INT.match(text):  # an explicit ``!!int`` tag on something else
+        raise ConstructorError(None, None, f"'{text}' is not an integer", node.start_mark)
+    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+    try:
+        return int(text if base == 10 else text[2:], base)
+    except ValueError as exc:  # Python reads at most 4300 decimal digits
+        raise ConstructorError(
+            None,
+            None,
+            f"an integer of {len(text)} digits is too long; use a smaller value",
+            node.start_mark,
+        ) from exc
+
+
+class _RecipeConstructor(SafeConstructor):
+    """PyYAML's safe constructor, with YAML 1.2 integers."""
+
+
+for _owner in (_RecipeLoader, _RecipeConstructor):
+    _owner.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def _kind(node: Node) -> str:
@@ -320,8 +368,9 @@ class _Parser:
     def __init__(self, text: str, source: str) -> None:
         self.text = text
         self.source = source
-        self._constructor = SafeConstructor()
+        self._constructor = _RecipeConstructor()
         self._open: set[int] = set()
+        self._merging: set[int] = set()
         self._built = 0
 
     def error(self, message: str, node: Node | None, key: str | None) -> RecipeError:
@@ -329,23 +378,80 @@ class _Parser:
         return RecipeError(message, path=self.source, key=key, line=line)
 
     def items(self, node: Node, key: str | None, what: str) -> dict[str, tuple[Node, Node]]:
-        """Return a mapping node's entries, rejecting non-string and duplicate keys."""
+        """Return a mapping node's entries, rejecting non-string and duplicate keys.
+
+        A merge key (``<<: *name`` or ``<<: [*a, *b]``) adds the entries of those mappings
+        that the mapping does not give itself (of a list, an earlier mapping wins), each with
+        its own nodes, so that errors point at the line where a value is written.
+        """
         if not isinstance(node, MappingNode):
             raise self.error(f"{what} must be a mapping, got {_kind(node)}", node, key)
+        merged: dict[str, tuple[Node, Node]] = {}
         entries: dict[str, tuple[Node, Node]] = {}
-        for key_node, value_node in node.value:
-            name = self.value(key_node, key)
-            if not isinstance(name, str):
-                raise self.error(f"keys must be strings, got {_show(name)}", key_node, key)
-            if name in entries:
-                first = entries[name][0].start_mark.line + 1
+        merge_key: Node | None = None
+        self._merging.add(id(node))
+        try:
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    if merge_key is not None:
+                        first = merge_key.start_mark.line + 1
+                        raise self.error(
+                            f"duplicate key '<<' (first given on line {first}); keep one",
+                            key_node,
+                            _join(key, "<<"),
+                        )
+                    merge_key = key_node
+                    merged = self._merged(value_node, _join(key, "<<"))
+                    continue
+                name = self.value(key_node, key)
+                if not isinstance(name, str):
+                    raise self.error(f"keys must be strings, got {_show(name)}", key_node, key)
+                if name in entries:
+                    first = entries[name][0].start_mark.line + 1
+                    raise self.error(
+                        f"duplicate key '{name}' (first given on line {first}); keep one",
+                        key_node,
+                        _join(key, name),
+                    )
+                entries[name] = (key_node, value_node)
+        finally:
+            self._merging.discard(id(node))
+        return {**merged, **entries}
+
+    def _merged(self, node: Node, key: str | None) -> dict[str, tuple[Node, Node]]:
+        """The entries a merge key's value adds: of a mapping, or of a list of mappings."""
+        sources = node.value if isinstance(node, SequenceNode) else [node]
+        merged: dict[str, tuple[Node, Node]] = {}
+        for i, source in reversed(list(enumerate(sources))):
+            at = f"{key}[{i}]" if isinstance(node, SequenceNode) else key
+            if not isinstance(source, MappingNode):
                 raise self.error(
-                    f"duplicate key '{name}' (first given on line {first}); keep one",
-                    key_node,
-                    _join(key, name),
+                    "a merge key (<<) takes a mapping (<<: *name) or a list of mappings, got "
+                    f"{_show(self.value(source, at))}",
+                    source,
+                    at,
                 )
-            entries[name] = (key_node, value_node)
-        return entries
+            if id(source) in self._merging:
+                raise self.error(
+                    "a merge key (<<) refers to the mapping that holds it; recipe values "
+                    "cannot be recursive",
+                    source,
+                    at,
+                )
+            self._count(len(source.value), source, at)
+            merged.update(self.items(source, at, "a merged value"))
+        return merged
+
+    def _count(self, items: int, node: Node, key: str | None) -> None:
+        self._built += items
+        if self._built > _MAX_VALUE_NODES:
+            # Aliases of aliases can expand a small file into billions of values.
+            raise self.error(
+                f"the recipe's values expand to more than {_MAX_VALUE_NODES} items "
+                "(through YAML aliases?); write the values out plainly",
+                node,
+                key,
+            )
 
     def check_keys(
         self, entries: dict[str, tuple[Node, Node]], allowed: tuple[str, ...], key: str | None
@@ -370,15 +476,7 @@ class _Parser:
                     node,
                     key,
                 )
-            self._built += len(node.value)
-            if self._built > _MAX_VALUE_NODES:
-                # Aliases of aliases can expand a small file into billions of values.
-                raise self.error(
-                    f"the recipe's values expand to more than {_MAX_VALUE_NODES} items "
-                    "(through YAML aliases?); write the values out plainly",
-                    node,
-                    key,
-                )
+            self._count(len(node.value), node, key)
             self._open.add(id(node))
             try:
                 if isinstance(node, MappingNode):
@@ -764,7 +862,7 @@ def builtin_recipes() -> dict[str, str]:
     """
     recipes: dict[str, str] = {}
     for name, entry in sorted(_builtin_files().items()):
-        data = yaml.safe_load(entry.read_text(encoding="utf-8"))
+        data = yaml.load(entry.read_text(encoding="utf-8"), Loader=_RecipeLoader)
         recipes[name] = str(data.get("description", "")) if isinstance(data, dict) else ""
     return recipes
 

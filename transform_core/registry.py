@@ -7,9 +7,11 @@ and binds a transform and its arguments into a picklable callable ``T(x) -> x``.
 
 The argument list of a transform is derived from the function's own signature, so a new
 argument or default in :mod:`transform_core.quantise` shows up in recipes, in
-``rockq transforms`` and in the README without an edit here. Value ranges are checked by the
-function itself: :func:`validate_args` calls it on a small probe tensor and reports its
-``ValueError``, so every range lives in one place.
+``rockq transforms`` and in the README without an edit here. Value ranges of a library
+transform's arguments are checked by the function itself: :func:`validate_args` calls it on a
+small probe tensor and reports its ``ValueError``, so every range lives in one place. What
+depends on a tensor (its shape, its dtype, its values) is checked per tensor when a recipe is
+applied, and a user's own function is not run on a made-up tensor at all.
 
 The registry is an explicit table. Nothing is discovered by walking packages; a user's own
 function is reached only through an explicit ``"package.module:function"`` reference.
@@ -59,6 +61,8 @@ __all__ = [
 _REQUIRED: Any = inspect.Parameter.empty
 
 # Argument kinds understood by the recipe checker. Anything else is passed through unchecked.
+# A ``list`` is shown by its items (``list[float]``, ``[int, int]``); a ``range`` only when the
+# registry declares it one (``register(..., ranges=...)``), whatever the annotation.
 _KIND_TEXT = {
     "bool": "bool",
     "int": "int",
@@ -66,12 +70,29 @@ _KIND_TEXT = {
     "str": "str",
     "range": "[float, float]",
 }
+_EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+_ITEMS_TEXT = {
+    "bool": "true or false values",
+    "int": "integers",
+    "float": "numbers",
+    "str": "strings",
+}
 
-# Names of arguments that set a bit width, and how to turn their value into bits.
+# The ranges of the library's rounding transforms (the channel roundings have only the second).
+_RANGES = ("input_range", "output_range")
+
+# Names of arguments that set a bit width, and how to turn their value into bits; the first one
+# a transform has counts.
 _BIT_ARGS: dict[str, Callable[[Any], int]] = {
     "num_levels": lambda levels: math.ceil(math.log2(levels)),
     "n_bits": int,
 }
+
+# Arguments that name a dimension of the tensor: the recipe-time probe gets as many dimensions as
+# they need, since the number a real tensor has is checked per tensor. torch's operations take
+# at most 64 dimensions, so a dimension beyond that is refused at once.
+_DIM_ARGS = ("dim",)
+_MAX_DIMS = 64
 
 
 @dataclass(frozen=True)
@@ -81,17 +102,20 @@ class ArgSpec:
     Attributes:
         name: The keyword the recipe uses.
         type: The type as shown to users: ``int``, ``float``, ``bool``, ``str``,
-            ``[float, float]`` (a range), or the annotation's own text; ``| None`` is
-            appended when ``null`` is accepted.
+            ``[float, float]`` (a range), ``list[float]`` or ``[int, int]`` (a list), or the
+            annotation's own text; ``| None`` is appended when ``null`` is accepted.
         default: The default value; meaningless when ``required`` is true.
         required: Whether a recipe must give this argument.
         kind: What :func:`validate_args` checks: ``bool``, ``int``, ``float``, ``str``,
-            ``range`` or ``any`` (not checked).
+            ``range`` (two numbers), ``list`` (see ``items``) or ``any`` (not checked).
         nullable: Whether ``null`` (``None``) is accepted.
+        items: For a ``list``: the kind of its items (one, for a list of any length), or of
+            each item (for a list of ``length`` items).
+        length: For a ``list``: the number of items it must have, or ``None`` for any.
 
     Example:
         >>> ArgSpec("num_levels", "int", 256, False, kind="int")
-        ArgSpec(name='num_levels', type='int', default=256, required=False, kind='int', nullable=False)
+        ArgSpec(name='num_levels', type='int', default=256, required=False, kind='int', nullable=False, items=(), length=None)
     """
 
     name: str
@@ -100,6 +124,8 @@ class ArgSpec:
     required: bool
     kind: str = "any"
     nullable: bool = False
+    items: tuple[str, ...] = ()
+    length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +139,8 @@ class TransformSpec:
         args: The recipe arguments: every parameter after the first, except ``generator``.
         uses_generator: Whether the function takes a keyword-only ``generator``; a bound
             transform then passes its own seeded ``torch.Generator``.
-        probe_shape: Shape of the tensor used to check arguments by calling the function.
+        probe_shape: Shape of the tensor used to check arguments by calling the function
+            (with more dimensions where a ``dim`` argument needs them).
         probe_range: Value range of that probe tensor.
     """
 
@@ -137,6 +164,15 @@ class TransformSpec:
                 return spec
         return None
 
+    @property
+    def is_reference(self) -> bool:
+        """Whether this is a user's function, named ``"package.module:function"``.
+
+        Such a function is not run on a made-up tensor to check its arguments (it may rightly
+        refuse one), and anything it raises on a tensor is reported as that tensor's error.
+        """
+        return ":" in self.name
+
 
 def _summary(function: Callable[..., Any]) -> str:
     doc = inspect.getdoc(function) or ""
@@ -159,51 +195,85 @@ def _is_number_type(annotation: Any) -> bool:
     return annotation in (int, float)
 
 
-def _kind_of(annotation: Any, default: Any) -> tuple[str, bool, str | None]:
-    """Return (kind, nullable, annotation text for kind ``any``)."""
+@dataclass(frozen=True)
+class _Kind:
+    kind: str
+    nullable: bool
+    text: str | None = None  # the annotation's text, for kind ``any``
+    items: tuple[str, ...] = ()
+    length: int | None = None
+
+    def shown(self) -> str:
+        if self.kind == "list":
+            if self.length is None:
+                return f"list[{self.items[0]}]"
+            return f"[{', '.join(self.items)}]"
+        if self.kind == "any" and self.text:
+            return self.text
+        return _KIND_TEXT.get(self.kind, "any")
+
+
+# bool first: True is an int too.
+_SCALARS: dict[type, str] = {bool: "bool", int: "int", float: "float", str: "str"}
+
+
+def _scalar_kind(annotation: Any) -> str | None:
+    """The kind of a bool, int, float or str annotation (``int | float`` is a float), or None."""
+    for kind, name in _SCALARS.items():
+        if annotation is kind:
+            return name
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+        if all(_is_number_type(m) for m in members):
+            return "float"
+    return None
+
+
+def _list_kind(annotation: Any, nullable: bool) -> _Kind | None:
+    """The kind of a list, tuple or sequence annotation of scalars, or None."""
+    origin = typing.get_origin(annotation)
+    if origin not in (list, tuple, Sequence):
+        return None
+    args = typing.get_args(annotation)
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        kinds = [_scalar_kind(a) for a in args]
+        if not args or any(k is None for k in kinds):
+            return None
+        return _Kind("list", nullable, items=tuple(k for k in kinds if k), length=len(args))
+    item = _scalar_kind(args[0]) if args else None
+    return None if item is None else _Kind("list", nullable, items=(item,))
+
+
+def _kind_of(annotation: Any, default: Any) -> _Kind:
     nullable = default is None
     if annotation is inspect.Parameter.empty or isinstance(annotation, str):
-        if isinstance(default, bool):
-            return "bool", nullable, None
-        if isinstance(default, int):
-            return "int", nullable, None
-        if isinstance(default, float):
-            return "float", nullable, None
-        if isinstance(default, str):
-            return "str", nullable, None
+        for kind, name in _SCALARS.items():
+            if isinstance(default, kind):
+                return _Kind(name, nullable)
         text = annotation if isinstance(annotation, str) else None
-        return "any", nullable, text
+        return _Kind("any", nullable, text)
     ann = annotation
-    origin = typing.get_origin(ann)
-    if origin is typing.Union or origin is types.UnionType:
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
         members = typing.get_args(ann)
         if type(None) in members:
             nullable = True
         rest = [m for m in members if m is not type(None)]
         if len(rest) > 1:
-            # A recipe cannot hold a tensor; ``Sequence[float] | Tensor`` is a range to it.
+            # A recipe cannot hold a tensor; ``Sequence[float] | Tensor`` is a list to it.
             rest = [m for m in rest if m is not torch.Tensor]
         if len(rest) == 1:
             ann = rest[0]
-            origin = typing.get_origin(ann)
         elif rest and all(_is_number_type(m) for m in rest):
-            return "float", nullable, None
+            return _Kind("float", nullable)
         else:
-            return "any", nullable, inspect.formatannotation(annotation)
-    if ann is bool:
-        return "bool", nullable, None
-    if ann is int:
-        return "int", nullable, None
-    if ann is float:
-        return "float", nullable, None
-    if ann is str:
-        return "str", nullable, None
-    sequence = origin if origin is not None else ann
-    if sequence in (list, tuple, Sequence, typing.List, typing.Tuple, typing.Sequence):  # noqa: UP006
-        items = [a for a in typing.get_args(ann) if a is not Ellipsis]
-        if all(_is_number_type(a) for a in items):
-            return "range", nullable, None
-    return "any", nullable, inspect.formatannotation(ann)
+            return _Kind("any", nullable, inspect.formatannotation(annotation))
+    scalar = _scalar_kind(ann)
+    if scalar is not None:
+        return _Kind(scalar, nullable)
+    listed = _list_kind(ann, nullable)
+    if listed is not None:
+        return listed
+    return _Kind("any", nullable, inspect.formatannotation(ann))
 
 
 def make_spec(
@@ -212,18 +282,23 @@ def make_spec(
     *,
     probe_shape: tuple[int, ...] = (2, 4),
     probe_range: tuple[float, float] = (-1.0, 1.0),
+    ranges: Sequence[str] = (),
 ) -> TransformSpec:
     """Describe ``function`` as a transform, deriving its arguments from its signature.
 
     The first parameter receives the tensor. Every later parameter is a recipe argument, except
     a keyword-only ``generator``, which marks the transform as random (``uses_generator``).
-    ``*args`` and ``**kwargs`` are not recipe arguments.
+    ``*args`` and ``**kwargs`` are not recipe arguments. An argument annotated as a list, tuple
+    or sequence of ``bool``, ``int``, ``float`` or ``str`` is a list of such items
+    (``tuple[int, int]``: exactly two); one named in ``ranges`` is a range ``[min, max]`` of
+    two numbers.
 
     Args:
         name: The recipe name.
         function: The transform function ``function(tensor, **args) -> tensor``.
         probe_shape: Shape of the tensor :func:`validate_args` calls the function on.
         probe_range: Range of the values in that probe tensor.
+        ranges: The arguments that are ranges ``[min, max]``.
 
     Returns:
         The transform description.
@@ -231,13 +306,14 @@ def make_spec(
     Raises:
         RecipeError: If the signature cannot be read, has no first parameter for the tensor,
             or has a positional-only argument after it.
+        ValueError: If ``ranges`` names something that is not an argument.
 
     Example:
-        >>> def scale(x, factor: float = 2.0):
+        >>> def scale(x, factor: float = 2.0, block: tuple[int, int] = (1, 1)):
         ...     '''Multiply by a factor.'''
         ...     return x * factor
-        >>> make_spec("scale", scale).args
-        (ArgSpec(name='factor', type='float', default=2.0, required=False, kind='float', nullable=False),)
+        >>> [(arg.name, arg.type, arg.kind) for arg in make_spec("scale", scale).args]
+        [('factor', 'float', 'float'), ('block', '[int, int]', 'list')]
     """
     try:
         signature = _signature(function)
@@ -267,9 +343,11 @@ def make_spec(
                 f"transform '{name}' has a positional-only parameter '{param.name}'; "
                 "recipe arguments are passed by keyword, so make it an ordinary parameter"
             )
-        kind, nullable, text = _kind_of(param.annotation, param.default)
-        shown = text if kind == "any" and text else _KIND_TEXT.get(kind, "any")
-        if nullable and not shown.endswith("| None"):
+        kind = _kind_of(param.annotation, param.default)
+        if param.name in ranges:
+            kind = _Kind("range", kind.nullable)
+        shown = kind.shown()
+        if kind.nullable and not shown.endswith("| None"):
             shown += " | None"
         required = param.default is inspect.Parameter.empty
         args.append(
@@ -278,10 +356,15 @@ def make_spec(
                 type=shown,
                 default=None if required else param.default,
                 required=required,
-                kind=kind,
-                nullable=nullable,
+                kind=kind.kind,
+                nullable=kind.nullable,
+                items=kind.items,
+                length=kind.length,
             )
         )
+    unknown = [r for r in ranges if r not in {a.name for a in args}]
+    if unknown:
+        raise ValueError(f"'{unknown[0]}' is not an argument of {name}, so it cannot be a range")
     return TransformSpec(
         name=name,
         function=function,
@@ -302,6 +385,7 @@ def register(
     *,
     probe_shape: tuple[int, ...] = (2, 4),
     probe_range: tuple[float, float] = (-1.0, 1.0),
+    ranges: Sequence[str] = (),
 ) -> TransformSpec:
     """Add ``function`` to the library under the recipe name ``name``.
 
@@ -310,26 +394,32 @@ def register(
         function: The transform function ``function(tensor, **args) -> tensor``.
         probe_shape: Shape of the tensor used to check arguments.
         probe_range: Range of the probe tensor's values (``t_decay`` needs values in (0, 1)).
+        ranges: The arguments that are ranges ``[min, max]`` of two numbers.
 
     Returns:
         The registered description.
 
     Raises:
-        ValueError: If the name is taken or contains ``:``.
+        ValueError: If the name is taken or contains ``:``, or ``ranges`` names something
+            that is not an argument.
     """
     if name in _LIBRARY:
         raise ValueError(f"transform name '{name}' is already registered")
     if ":" in name:
         raise ValueError(f"transform name '{name}' must not contain ':'")
-    spec = make_spec(name, function, probe_shape=probe_shape, probe_range=probe_range)
+    spec = make_spec(
+        name, function, probe_shape=probe_shape, probe_range=probe_range, ranges=ranges
+    )
     _LIBRARY[name] = spec
     return spec
 
 
-register("stochastic_rounding", quantise.stochastic_rounding)
-register("deterministic_rounding", quantise.deterministic_rounding)
-register("stochastic_channel_rounding", quantise.stochastic_channel_rounding)
-register("deterministic_channel_rounding", quantise.deterministic_channel_rounding)
+register("stochastic_rounding", quantise.stochastic_rounding, ranges=_RANGES)
+register("deterministic_rounding", quantise.deterministic_rounding, ranges=_RANGES)
+register("stochastic_channel_rounding", quantise.stochastic_channel_rounding, ranges=_RANGES[1:])
+register(
+    "deterministic_channel_rounding", quantise.deterministic_channel_rounding, ranges=_RANGES[1:]
+)
 register("int_quant", quantise.int_quant)
 # Decays are factors exp(-dt/tau) in (0, 1); probe with values a real decay could take.
 register("t_decay", quantise.t_decay, probe_range=(0.05, 0.95))
@@ -423,7 +513,12 @@ def describe_value(value: Any) -> str:
 
 
 def _is_number_text(text: str) -> bool:
-    """Whether ``text`` spells a finite number (a number a recipe author put in quotes)."""
+    """Whether ``text`` spells a finite number (a number a recipe author put in quotes).
+
+    Not ``1_000``: a YAML 1.2 recipe reads that unquoted as text, and Python's float() does not.
+    """
+    if "_" in text or not text.isascii():
+        return False
     try:
         return math.isfinite(float(text))
     except ValueError:
@@ -434,44 +529,82 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_WRONG: Any = object()  # what _clean returns for a value of the wrong type
+
+
+def _clean(kind: str, value: Any) -> Any:
+    """``value`` cleaned for a scalar ``kind`` (an int given for a float becomes a float), or
+    ``_WRONG``; an int beyond the largest float raises OverflowError."""
+    if kind == "bool":
+        return value if isinstance(value, bool) else _WRONG
+    if kind == "int":
+        return value if isinstance(value, int) and not isinstance(value, bool) else _WRONG
+    if kind == "float":
+        return float(value) if _is_number(value) else _WRONG
+    if kind == "str":
+        return value if isinstance(value, str) else _WRONG
+    return value
+
+
+def _clean_list(arg: ArgSpec, value: Any) -> Any:
+    if not isinstance(value, (list, tuple)):
+        return _WRONG
+    if arg.length is not None and len(value) != arg.length:
+        return _WRONG
+    kinds = arg.items if arg.length is not None else arg.items * len(value)
+    cleaned = [_clean(kind, item) for kind, item in zip(kinds, value, strict=True)]
+    return _WRONG if any(item is _WRONG for item in cleaned) else cleaned
+
+
+def _expected_list(arg: ArgSpec) -> str:
+    if arg.length is None:
+        return f"a list of {_ITEMS_TEXT[arg.items[0]]}"
+    if len(set(arg.items)) == 1:
+        return f"a list of {arg.length} {_ITEMS_TEXT[arg.items[0]]}"
+    return f"a list [{', '.join(arg.items)}]"
+
+
 def _check_type(arg: ArgSpec, value: Any) -> Any:
     """Return ``value`` cleaned for ``arg``, or raise RecipeError keyed on the argument."""
     if value is None and arg.nullable:
         return None
     or_null = " or null" if arg.nullable else ""
-    if arg.kind == "bool":
-        if isinstance(value, bool):
+    try:
+        if arg.kind in _EXPECTED:
+            cleaned = _clean(arg.kind, value)
+            expected = _EXPECTED[arg.kind]
+        elif arg.kind == "range":
+            pair = ArgSpec(arg.name, arg.type, None, False, "list", items=("float",) * 2, length=2)
+            cleaned = _clean_list(pair, value)
+            expected = "a range [min, max] of two numbers"
+        elif arg.kind == "list":
+            cleaned = _clean_list(arg, value)
+            expected = _expected_list(arg)
+        else:
             return value
-        expected = "true or false"
-    elif arg.kind == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        expected = "an integer"
-    elif arg.kind == "float":
-        if _is_number(value):
-            return float(value)
-        expected = "a number"
-    elif arg.kind == "str":
-        if isinstance(value, str):
-            return value
-        expected = "a string"
-    elif arg.kind == "range":
-        if (
-            isinstance(value, (list, tuple))
-            and len(value) == 2
-            and all(_is_number(v) for v in value)
-        ):
-            return [float(v) for v in value]
-        expected = "a range [min, max] of two numbers"
-    else:
-        return value
+    except OverflowError as exc:  # float() of an integer of hundreds of digits
+        subject = "is" if arg.kind == "float" else "holds"
+        raise RecipeError(
+            f"{subject} an integer larger than the largest number (about 1.8e308); "
+            "use a smaller value",
+            key=arg.name,
+        ) from exc
+    if cleaned is not _WRONG:
+        return cleaned
     raise RecipeError(f"must be {expected}{or_null}, got {describe_value(value)}", key=arg.name)
 
 
-def _probe_tensor(spec: TransformSpec) -> torch.Tensor:
+def _probe_tensor(spec: TransformSpec, args: Mapping[str, Any]) -> torch.Tensor:
+    shape = spec.probe_shape
+    needed = len(shape)
+    for name in _DIM_ARGS:
+        dim = args.get(name)
+        if isinstance(dim, int) and not isinstance(dim, bool):
+            needed = max(needed, dim + 1 if dim >= 0 else -dim)
+    # Size 1 along the added dimensions: the probe stays small.
+    shape = shape + (1,) * (min(needed, _MAX_DIMS) - len(shape))
     low, high = spec.probe_range
-    count = math.prod(spec.probe_shape)
-    return torch.linspace(low, high, count).reshape(spec.probe_shape)
+    return torch.linspace(low, high, math.prod(shape)).reshape(shape)
 
 
 def _call_probe(spec: TransformSpec, args: Mapping[str, Any]) -> None:
@@ -480,7 +613,7 @@ def _call_probe(spec: TransformSpec, args: Mapping[str, Any]) -> None:
         # A private generator keeps validation from advancing torch's global random state.
         extra["generator"] = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        spec.function(_probe_tensor(spec), **args, **extra)
+        spec.function(_probe_tensor(spec, args), **args, **extra)
 
 
 # What a transform raises for argument values it refuses. OverflowError covers values so large
@@ -526,16 +659,22 @@ def validate_args(spec: TransformSpec, args: Mapping[str, Any] | None) -> dict[s
 
     Checks, in order: argument names (with a suggestion for a misspelling), required arguments,
     types from the annotations (an ``int`` rejects ``true`` and ``2.5``; a ``float`` accepts an
-    integer; a range is a list of two numbers), then value ranges, by calling the function on a
-    small probe tensor and reporting the ``ValueError`` it raises.
+    integer; a range is a list of two numbers; a ``list[float]`` or ``tuple[int, int]`` is a
+    list of such items), then, for a library transform, value ranges, by calling the function
+    on a small probe tensor and reporting the ``ValueError`` it raises. The probe has as many
+    dimensions as a ``dim`` argument needs: whether a tensor has them is checked per tensor.
+
+    A user's own function (``"package.module:function"``) is not called here: it may rightly
+    refuse a made-up tensor. It is tried on tensors of the real dtype and shape when the recipe
+    is applied, and its errors then name the tensor.
 
     Args:
         spec: The transform.
         args: The arguments a recipe gives, or ``None`` for none.
 
     Returns:
-        The given arguments, cleaned: integers given for floats become floats and ranges become
-        lists of two floats. Defaults are not filled in.
+        The given arguments, cleaned: integers given for floats become floats, ranges become
+        lists of two floats and lists become lists. Defaults are not filled in.
 
     Raises:
         RecipeError: With ``key`` set to the argument at fault (``None`` when no single one
@@ -576,6 +715,8 @@ def validate_args(spec: TransformSpec, args: Mapping[str, Any] | None) -> dict[s
     if missing:
         listed = ", ".join(f"{a.name} ({a.type})" for a in missing)
         raise RecipeError(f"{spec.name} needs the argument(s) {listed}; add them under 'args'")
+    if spec.is_reference:
+        return cleaned
     try:
         _call_probe(spec, cleaned)
     except _REFUSED as exc:
@@ -663,8 +804,10 @@ class BoundTransform:
         args: Its recipe arguments.
         seed: The seed of this tensor's random stream (see :func:`derive_seed`).
         binding: The tensor and rule it is for; then a value the transform refuses (its
-            ``ValueError``), or a result that is not a tensor of the input's shape, is a
-            :class:`~transform_core.errors.ConfigError` that names them.
+            ``ValueError``), any exception a user's own function raises, or a result that is
+            not a tensor of the input's shape (and, for a floating-point input, of a
+            floating-point dtype) is a :class:`~transform_core.errors.ConfigError` that names
+            them. Other exceptions of a library transform pass unchanged: they are bugs.
 
     Example:
         >>> T = BoundTransform(get_transform("stochastic_rounding"), {"num_levels": 3}, seed=7)
@@ -685,15 +828,25 @@ class BoundTransform:
             return self._apply(value)
         try:
             result = self._apply(value)
+        except RockqError:
+            raise
         except (ValueError, OverflowError) as err:
-            if isinstance(err, RockqError):
+            problem = str(err) or type(err).__name__
+            raise self.binding.error(self.spec.name, problem) from err
+        except Exception as err:
+            if not self.spec.is_reference:
                 raise
-            raise self.binding.error(self.spec.name, str(err)) from err
+            # The user's code: its IndexError or RuntimeError is a problem of the recipe's rule.
+            raise self.binding.error(self.spec.name, f"{type(err).__name__}: {err}") from err
         if not isinstance(result, torch.Tensor):
             problem = f"it returned {type(result).__name__}, not a tensor"
             raise self.binding.error(self.spec.name, problem)
         if self.binding.is_param and result.shape != value.shape:
             problem = f"it returned shape {tuple(result.shape)} for shape {tuple(value.shape)}"
+            raise self.binding.error(self.spec.name, problem)
+        if value.is_floating_point() and not result.is_floating_point():
+            dtype = str(result.dtype).removeprefix("torch.")
+            problem = f"it returned a tensor of {dtype}, not of a floating-point dtype"
             raise self.binding.error(self.spec.name, problem)
         return result
 
@@ -755,22 +908,30 @@ class BoundTransform:
     def bits(self) -> int | None:
         """The bit width the arguments imply, or ``None`` for a transform that sets none.
 
-        ``num_levels`` gives ``ceil(log2(num_levels))`` and ``n_bits`` gives itself; defaults
-        count when the argument is not given.
+        ``num_levels`` gives ``ceil(log2(num_levels))`` and ``n_bits`` gives itself, except
+        that with ``map_to_max: true`` ``max_n_bits`` does (``int_quant`` then maps the
+        largest magnitude to ``2**(max_n_bits-1) - 1``); defaults count when the argument is
+        not given.
 
         Example:
             >>> BoundTransform(get_transform("deterministic_rounding"), {"num_levels": 255}).bits
             8
+            >>> BoundTransform(get_transform("int_quant"), {"map_to_max": True, "max_n_bits": 4}).bits
+            4
             >>> BoundTransform(get_transform("dropout")).bits is None
             True
         """
-        for name, to_bits in _BIT_ARGS.items():
-            arg = self.spec.arg(name)
-            if arg is None:
-                continue
-            value: Any = self.args.get(name, None if arg.required else arg.default)
+        given = {
+            arg.name: self.args.get(arg.name, None if arg.required else arg.default)
+            for arg in self.spec.args
+        }
+        names = list(_BIT_ARGS)
+        if given.get("map_to_max") is True and "max_n_bits" in given:
+            names = ["max_n_bits"]
+        for name in names:
+            value: Any = given.get(name)
             if _is_number(value) and value >= 1:
-                return max(to_bits(value), 1)
+                return max(_BIT_ARGS.get(name, int)(value), 1)
         return None
 
     def __repr__(self) -> str:
