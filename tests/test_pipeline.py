@@ -217,21 +217,29 @@ def test_check_tries_each_transform_on_the_tensors_dtype_and_shape(seeded_mlp: n
         plan_network(seeded_mlp.half(), _recipe(int17)).check()
 
 
-def test_check_tries_a_users_transform_only_at_full_shape(
+def test_check_leaves_a_users_transform_to_the_real_values(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "rows_of_four.py").write_text(
-        "def clip(x, limit: float = 1.0):\n"
-        "    if x.shape[-1] % 4:\n"
-        "        raise ValueError('needs rows of four')\n"
-        "    return x.clamp(-limit, limit)\n"
+    (tmp_path / "positive_only.py").write_text(
+        "import torch\n"
+        "def log2_round(x):\n"
+        "    if (x <= 0).any():\n"
+        "        raise ValueError('needs positive values')\n"
+        "    return torch.exp2(torch.log2(x).round())\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    rule = "version: 1\nparams:\n  - family: weights\n    transform: rows_of_four:clip\n"
-    big = nn.Linear(400, 200)  # 80,000 values: a shrunken probe would have rows of two
-    plan_network(big, _recipe(rule)).check()
-    with pytest.raises(ConfigError, match="'weight': needs rows of four"):
-        plan_network(nn.Linear(6, 3), _recipe(rule)).check()
+    rule = "version: 1\nparams:\n  - family: weights\n    transform: positive_only:log2_round\n"
+    net = nn.Linear(3, 2)
+    with torch.no_grad():
+        net.weight.uniform_(0.5, 3.0)
+    plan_network(net, _recipe(rule)).check()  # made-up values would hold negatives
+    plan = plan_network(net, _recipe(rule))
+    burned, _ = burn_in(patch_network(net, plan), plan)
+    assert set(burned.weight.detach().flatten().tolist()) <= {0.5, 1.0, 2.0, 4.0}
+    with torch.no_grad():
+        net.weight.fill_(-1.0)
+    with pytest.raises(ConfigError, match=r"'weight'.*needs positive values"):
+        burn_in(patch_network(net, plan), plan)
 
 
 def test_check_leaves_the_random_streams_unused(seeded_mlp: nn.Module) -> None:

@@ -162,9 +162,9 @@ class Plan:
 
         Each transform is tried on a tensor of the same dtype and shape (or, for one of
         more than 65,536 values, at most two values along each dimension; a user's own
-        transform is tried only at full shape), so that a recipe that cannot transform a
-        tensor (a per-channel rounding of a bias, a range beyond float16) fails before any
-        work.
+        transform is not tried: it runs on the real values), so that a recipe that cannot
+        transform a tensor (a per-channel rounding of a bias, a range beyond float16)
+        fails before any work.
 
         Raises:
             RecipeError: Naming the rule, its line and its selector.
@@ -190,10 +190,12 @@ class Plan:
             dtype = getattr(torch, entry.info.dtype, None)
             if bound is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
                 continue
+            if bound.spec.is_reference:
+                # A user's function may need its tensor's true values (positive time
+                # constants); its errors on them name the rule and the tensor.
+                continue
             shape = entry.info.shape
             if entry.info.numel > _PROBE_ELEMENTS:
-                if ":" in bound.spec.name:
-                    continue  # a user's function may need the tensor's true sizes
                 shape = tuple(min(size, 2) for size in shape)
             low, high = bound.spec.probe_range
             probe = torch.linspace(low, high, math.prod(shape), dtype=dtype).reshape(shape)
