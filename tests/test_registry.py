@@ -707,18 +707,20 @@ def test_a_library_transform_error_other_than_a_refusal_stays_internal(
 # --- list arguments ----------------------------------------------------------------------
 
 
-def test_only_declared_ranges_are_ranges() -> None:
-    def codebook(
-        x: torch.Tensor,
-        levels: list[float] | None = None,
-        block: tuple[int, int] = (1, 1),
-        sizes: Sequence[int] = (),
-        pair: tuple[int, float] = (1, 2.0),
-        limits: tuple[float, float] = (-1.0, 1.0),
-    ) -> torch.Tensor:
-        return x
+def _codebook(
+    x: torch.Tensor,
+    levels: list[float] | None = None,
+    block: tuple[int, int] = (1, 1),
+    sizes: Sequence[int] = (),
+    pair: tuple[int, float] = (1, 2.0),
+    limits: tuple[float, float] = (-1.0, 1.0),
+) -> torch.Tensor:
+    """A user's transform with list arguments (``limits`` is not declared a range)."""
+    return x
 
-    spec = make_spec("codebook", codebook)
+
+def test_only_declared_ranges_are_ranges() -> None:
+    spec = make_spec("codebook", _codebook)
     assert [(a.name, a.kind, a.type) for a in spec.args] == [
         ("levels", "list", "list[float] | None"),
         ("block", "list", "[int, int]"),
@@ -745,12 +747,12 @@ def test_only_declared_ranges_are_ranges() -> None:
     }
     assert [type(v) for v in cleaned["block"] + cleaned["pair"]] == [int, int, int, float]
     assert validate_args(spec, {"levels": None}) == {"levels": None}
-    ranged = make_spec("codebook", codebook, ranges=("limits",))
+    ranged = make_spec("codebook", _codebook, ranges=("limits",))
     assert ranged.arg("limits") == ArgSpec(
         "limits", "[float, float]", (-1.0, 1.0), False, kind="range"
     )
     with pytest.raises(ValueError, match="'limts' is not an argument of codebook"):
-        make_spec("codebook", codebook, ranges=("limts",))
+        make_spec("codebook", _codebook, ranges=("limts",))
 
 
 @pytest.mark.parametrize(
@@ -781,17 +783,8 @@ def test_only_declared_ranges_are_ranges() -> None:
 def test_list_arguments_are_checked_item_by_item(
     args: dict[str, object], key: str, message: str
 ) -> None:
-    def codebook(
-        x: torch.Tensor,
-        levels: list[float] | None = None,
-        block: tuple[int, int] = (1, 1),
-        sizes: Sequence[int] = (),
-        pair: tuple[int, float] = (1, 2.0),
-    ) -> torch.Tensor:
-        return x
-
     with pytest.raises(RecipeError) as info:
-        validate_args(make_spec("codebook", codebook), args)
+        validate_args(make_spec("codebook", _codebook), args)
     assert (info.value.key, info.value.message) == (key, message)
 
 
