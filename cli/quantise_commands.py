@@ -360,13 +360,13 @@ def report(
     violation makes the command exit 3.
     """
     from transform_core.pipeline import checkpoint_report
-    from transform_core.recipe import load_recipe
+    from transform_core.recipe import load_recipe_limits
     from transform_core.safetensors_io import atomic_output, check_output_path
 
     read = read_files(checkpoint, reference, limits)
     if markdown is not None:
         check_output_path(markdown, force=force, inputs=read)  # before the work
-    chosen = load_recipe(limits).limits if limits is not None else None
+    chosen = load_recipe_limits(limits) if limits is not None else None  # imports nothing
     built = checkpoint_report(checkpoint, reference=reference, limits=chosen, trust=trust or ())
     if check and not built.limits:
         from transform_core.errors import CheckpointError

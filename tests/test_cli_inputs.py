@@ -442,3 +442,19 @@ def test_report_check_without_limits_and_limits_that_check_nothing_say_so(tmp_pa
     )
     shown = " ".join(ok("report", plain, "--limits", recipe, "--check").split())
     assert "limits for 'weight' (did you mean 'weights'?) checked no tensor" in shown
+
+
+def test_report_limits_from_a_recipe_file_import_nothing(tmp_path: Path, custom_code: Path) -> None:
+    plain = tmp_path / "w.safetensors"
+    save_file({"fc.weight": torch.tensor([[300.0, 1.0]])}, str(plain))
+    limits_only = tmp_path / "limits.yaml"
+    limits_only.write_text("version: 1\nlimits: {weights: {signed: true, bits: 8}}\n")
+    naming_code = tmp_path / "full.yaml"
+    naming_code.write_text(
+        "version: 1\nparams:\n  - {family: weights, transform: 'rq_named_code:halve'}\n"
+        "limits: {weights: {signed: true, bits: 8}}\n"
+    )
+    for recipe in (limits_only, naming_code):
+        result = runner().invoke(app, ["report", str(plain), "--limits", str(recipe), "--check"])
+        assert result.exit_code == 3, result.output
+    assert not custom_code.exists()

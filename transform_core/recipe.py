@@ -92,6 +92,7 @@ __all__ = [
     "builtin_recipe_text",
     "builtin_recipes",
     "load_recipe",
+    "load_recipe_limits",
     "parse_recipe",
     "parse_recipe_limits",
 ]
@@ -904,6 +905,25 @@ def load_recipe(ref: str | os.PathLike[str]) -> Recipe:
         >>> load_recipe("int8").params[0].transform.name
         'deterministic_rounding'
     """
+    return parse_recipe(*_recipe_text(ref))
+
+
+def load_recipe_limits(ref: str | os.PathLike[str]) -> dict[str, tuple[bool, int]]:
+    """The ``limits:`` of a recipe file or built-in recipe, read as :func:`parse_recipe_limits`
+    reads them: the rules are not read, so no custom transform is imported.
+
+    Raises:
+        RecipeError: As :func:`load_recipe`, for the file, the version and the limits.
+
+    Example:
+        >>> load_recipe_limits("xylo")["weights"]
+        (True, 8)
+    """
+    return parse_recipe_limits(*_recipe_text(ref))
+
+
+def _recipe_text(ref: str | os.PathLike[str]) -> tuple[str, str]:
+    """The text of a recipe file or built-in recipe, and its source for messages."""
     path = Path(ref)
     if path.is_file():
         try:
@@ -918,11 +938,11 @@ def load_recipe(ref: str | os.PathLike[str]) -> Recipe:
                 "save it as UTF-8",
                 path=str(ref),
             ) from exc
-        return parse_recipe(text, source=str(ref))
+        return text, str(ref)
     name = str(ref)
     files = _builtin_files()
     if name in files:
-        return parse_recipe(builtin_recipe_text(name), source=f"builtin:{name}")
+        return builtin_recipe_text(name), f"builtin:{name}"
     builtins = ", ".join(sorted(files))
     if path.exists() and not path.is_dir():  # a pipe or a device: never read, it may not end
         raise RecipeError(
