@@ -37,7 +37,8 @@ def finetune_command(
             "--output",
             "-o",
             parser=output_file,
-            help="Fine-tuned patched checkpoint (default CHECKPOINT.finetuned.safetensors).",
+            help="Fine-tuned patched checkpoint (default: CHECKPOINT's name without "
+            ".patched.safetensors, plus .finetuned.safetensors).",
         ),
     ] = None,
     device: Device = "auto",
