@@ -119,6 +119,9 @@ def test_table_marks_misses() -> None:
     doc = {"rows": [row], "skipped": {}, "machine": run.machine()}
     text = run.table(doc)
     assert "2.50x" in text and "MISS" in text
+    # A smoke run's small sizes are not judged against the targets.
+    quick = run.table({**doc, "options": {"quick": True}})
+    assert "2.50x" in quick and "MISS" not in quick
 
 
 @pytest.mark.slow
