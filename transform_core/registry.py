@@ -826,6 +826,7 @@ class BoundTransform:
     def __call__(self, value: torch.Tensor) -> torch.Tensor:
         if self.binding is None:
             return self._apply(value)
+        version = value._version  # counts in-place changes of the tensor
         try:
             result = self._apply(value)
         except RockqError:
@@ -838,6 +839,11 @@ class BoundTransform:
                 raise
             # The user's code: its IndexError or RuntimeError is a problem of the recipe's rule.
             raise self.binding.error(self.spec.name, f"{type(err).__name__}: {err}") from err
+        if self.binding.is_param and value._version != version:
+            # The raw value is gone: burn-in would report an error of zero against it.
+            # (A module's output may be changed in place, as torch's inplace ReLU does.)
+            problem = "it changed its input in place; return a new tensor (x * 2, not x.mul_(2))"
+            raise self.binding.error(self.spec.name, problem)
         if not isinstance(result, torch.Tensor):
             problem = f"it returned {type(result).__name__}, not a tensor"
             raise self.binding.error(self.spec.name, problem)
