@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -138,6 +139,9 @@ def is_safetensors(path: PathLike) -> bool:
     return 0 < length <= _MAX_HEADER and head[8:9] == b"{"
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def load_json_text(raw: bytes, label: str, what: str, expected: str = KNOWN_FORMATS) -> Any:
     r"""Parse UTF-8 JSON bytes that a file holds, refusing what no safetensors reader takes.
 
@@ -162,7 +166,8 @@ def load_json_text(raw: bytes, label: str, what: str, expected: str = KNOWN_FORM
         raise CheckpointError(
             f"{what} is JSON nested too deeply to read; re-create the file", path=label
         ) from None
-    for text in _strings(value):
+    # Only a \uD800-\uDFFF escape makes a surrogate: most headers need no walk.
+    for text in _strings(value) if _SURROGATE_ESCAPE.search(raw) else ():
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
